@@ -1,0 +1,28 @@
+PYTHON ?= python3.11
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+
+.PHONY: install train test bench clean
+
+install: $(STAMP)
+
+$(STAMP): requirements/cpu.txt requirements/cpu-nodeps.txt pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -r requirements/cpu.txt
+	$(PY) -m pip install -q --no-deps -r requirements/cpu-nodeps.txt
+	$(PY) -m pip install -q --no-deps --no-build-isolation -e .
+	touch $(STAMP)
+
+train: install
+	$(VENV)/bin/torchrun --standalone --nproc_per_node=$${NPROC:-1} train.py $(ARGS)
+
+test: install
+	$(PY) -m pytest -q tests $(PYTEST_ARGS)
+
+bench: install
+	$(PY) -m torchrec_shark.bench.tables $(ARGS)
+
+clean:
+	rm -rf outputs multirun .pytest_cache

@@ -1,0 +1,265 @@
+"""Structured configs for ``train.py`` and the passes.
+
+Every Hydra config group (``data``, ``model``, ``tables``, ``planner``, ``trainer``) is
+validated against the dataclasses below, so an unknown key or a wrong type fails at
+start with a message that names it.
+
+Example::
+
+    from omegaconf import OmegaConf
+    cfg = OmegaConf.merge(OmegaConf.structured(TrainConfig), {"trainer": {"max_steps": 10}})
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Dict, List, Optional
+
+SHARDING_TYPES = ("table_wise", "row_wise", "column_wise", "data_parallel")
+OPTIMIZERS = ("sgd", "adagrad", "rowwise_adagrad", "adam")
+COMPRESSION_KINDS = ("none", "fp16", "int8", "mixed_precision", "tensor_train")
+
+
+@dataclass
+class SyntheticDataConfig:
+    """Planted-model click data generated in memory (the default)."""
+
+    num_train_samples: int = 2_000_000
+    num_val_samples: int = 65_536
+    num_dense: int = 13
+    # One entry per sparse field; spans 10 .. 1e6 rows like Criteo's tables.
+    cardinalities: List[int] = field(
+        default_factory=lambda: [
+            1_000_000, 300_000, 100_000, 100_000, 30_000, 10_000, 10_000, 3_000,
+            3_000, 1_000, 1_000, 300, 300, 100, 100, 30, 30, 10,
+            300_000, 100_000, 10_000, 1_000, 100, 10,
+        ]
+    )
+    # Fraction of fields that carry no signal (chosen deterministically by seed).
+    num_noise_fields: int = 8
+    zipf_exponent: float = 1.1
+    max_bag_size: int = 3
+    # Fields with index in this list are multi-hot (bag length 1..max_bag_size).
+    multi_hot_fields: List[int] = field(default_factory=lambda: [3, 7, 12])
+    base_ctr: float = 0.25
+    signal_scale: float = 1.0
+    seed: int = 0
+
+
+@dataclass
+class DataConfig:
+    """Which data source and how to read it (``data=`` group)."""
+
+    source: str = "synthetic"  # synthetic | criteo_tsv | criteo_npy | tabular
+    path: Optional[str] = None
+    synthetic: SyntheticDataConfig = field(default_factory=SyntheticDataConfig)
+    # criteo_tsv / criteo_npy / tabular: rows per table (one value for all, or one per feature).
+    num_embeddings_per_feature: List[int] = field(default_factory=lambda: [100_000])
+    val_fraction: float = 0.1
+    strict: bool = False
+    # tabular files
+    label: str = "label"
+    dense: List[str] = field(default_factory=list)
+    sparse: List[str] = field(default_factory=list)
+    multi_hot_sep: str = "|"
+    file_format: str = "auto"  # auto | tsv | csv | parquet
+    # criteo_npy: day files used for training / validation
+    train_days: List[int] = field(default_factory=lambda: [0])
+    val_days: List[int] = field(default_factory=lambda: [1])
+
+
+@dataclass
+class ModelConfig:
+    """DLRM architecture (``model=`` group)."""
+
+    name: str = "dlrm"
+    dense_arch_layer_sizes: List[int] = field(default_factory=lambda: [64])
+    over_arch_layer_sizes: List[int] = field(default_factory=lambda: [128, 64, 1])
+    # Interaction width (last dense-arch layer); pooled embeddings of another width are projected to it.
+    interaction_dim: int = 32
+    projection: str = "linear"  # linear | zero_pad
+
+
+@dataclass
+class MixedPrecisionConfig:
+    """SHARK F-Quantization: per-row precision tiers chosen by a frequency priority."""
+
+    fp32_fraction: float = 0.10
+    fp16_fraction: float = 0.30
+    int8_fraction: float = 0.60
+    decay: float = 0.99
+    pos_weight: float = 1.0
+    neg_weight: float = 0.25
+    retier_every: int = 100
+    rounding: str = "stochastic"  # stochastic | nearest
+
+
+@dataclass
+class TensorTrainConfig:
+    """TT-Rec factorisation of a table into small 3-D cores."""
+
+    num_cores: int = 3
+    ranks: List[int] = field(default_factory=lambda: [32])
+    row_factors: Optional[List[int]] = None
+    col_factors: Optional[List[int]] = None
+    init: str = "sampled_gaussian"  # sampled_gaussian | naive
+    cache_fraction: float = 0.0
+    cache_refresh_every: int = 500
+    # Only tables with at least this many rows are factorised; smaller stay stock.
+    min_rows: int = 100_000
+
+
+@dataclass
+class CompressionConfig:
+    """How one table is stored. ``kind=none`` is a stock FBGEMM table."""
+
+    kind: str = "none"
+    mixed_precision: MixedPrecisionConfig = field(default_factory=MixedPrecisionConfig)
+    tensor_train: TensorTrainConfig = field(default_factory=TensorTrainConfig)
+
+
+@dataclass
+class TableConfig:
+    """One embedding table. ``num_embeddings``/``features`` default from the data source."""
+
+    features: List[str] = field(default_factory=list)
+    num_embeddings: Optional[int] = None
+    embedding_dim: Optional[int] = None
+    pooling: Optional[str] = None  # sum | mean; None: the collection's
+    compression: Optional[CompressionConfig] = None
+
+
+@dataclass
+class TablesConfig:
+    """The embedding collection (``tables=`` group).
+
+    With ``tables`` empty, one table per data feature is created (``t_<feature>``), with
+    ``embedding_dim`` and ``compression`` for all. An explicit ``tables`` mapping (what the
+    pruning and dimension-search passes write) is authoritative: features that no table
+    reads are dropped from the model.
+    """
+
+    name: str = "baseline"
+    embedding_dim: int = 32
+    pooling: str = "sum"
+    compression: CompressionConfig = field(default_factory=CompressionConfig)
+    tables: Dict[str, TableConfig] = field(default_factory=dict)
+    # Per-table overrides when tables are derived from the data: {table_name: TableConfig}.
+    overrides: Dict[str, TableConfig] = field(default_factory=dict)
+    # Warm start: per table, which columns of the source table to keep (dimension search).
+    init_columns: Dict[str, List[int]] = field(default_factory=dict)
+
+
+@dataclass
+class PlannerConfig:
+    """Sharding constraints for TorchRec's planner (``planner=`` group)."""
+
+    sharding_types: List[str] = field(default_factory=list)  # empty: let the planner choose
+    per_table: Dict[str, List[str]] = field(default_factory=dict)
+    # Per-rank memory budget in GiB for the planner's topology (None: the device's).
+    hbm_cap_gb: Optional[float] = None
+    ddr_cap_gb: Optional[float] = None
+
+
+@dataclass
+class TrainerConfig:
+    """Training loop (``trainer=`` group)."""
+
+    max_steps: int = 1500
+    batch_size: int = 2048  # global: split evenly across ranks
+    eval_every: int = 500
+    eval_batches: int = 16
+    seed: int = 0
+    embedding_optimizer: str = "rowwise_adagrad"
+    embedding_lr: float = 0.05
+    dense_optimizer: str = "adam"
+    dense_lr: float = 1e-3
+    checkpoint_every: int = 500
+    resume: bool = False
+    init_from: Optional[str] = None
+    progress: bool = True
+    log_every: int = 50
+    device: str = "auto"  # auto | cpu | cuda
+    num_threads: int = 0  # torch intra-op threads per rank; 0 = cores / ranks
+
+
+@dataclass
+class TrainConfig:
+    """Root config of ``train.py``."""
+
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    tables: TablesConfig = field(default_factory=TablesConfig)
+    planner: PlannerConfig = field(default_factory=PlannerConfig)
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
+
+
+class ConfigError(ValueError):
+    """A config value that cannot work, with the key that holds it."""
+
+
+def _check_choice(key: str, value: str, choices) -> None:
+    if value not in choices:
+        raise ConfigError(f"{key}={value!r} is not one of {list(choices)}")
+
+
+def validate(cfg: TrainConfig) -> None:
+    """Semantic checks that types alone cannot express. Raises :class:`ConfigError`."""
+    import os
+
+    _check_choice("data.source", cfg.data.source, ("synthetic", "criteo_tsv", "criteo_npy", "tabular"))
+    if cfg.data.source != "synthetic":
+        if not cfg.data.path:
+            raise ConfigError(f"data.path is required for data.source={cfg.data.source}")
+        if not os.path.exists(cfg.data.path):
+            raise ConfigError(f"data.path={cfg.data.path!r} does not exist")
+    if not 0.0 < cfg.data.val_fraction < 1.0:
+        raise ConfigError(f"data.val_fraction={cfg.data.val_fraction} must be in (0, 1)")
+    _check_choice("model.projection", cfg.model.projection, ("linear", "zero_pad"))
+    _check_choice("tables.pooling", cfg.tables.pooling, ("sum", "mean"))
+    _check_compression("tables.compression", cfg.tables.compression)
+    for group in ("tables", "overrides"):
+        for name, t in getattr(cfg.tables, group).items():
+            if t.compression is not None:
+                _check_compression(f"tables.{group}.{name}.compression", t.compression)
+            if t.embedding_dim is not None and (t.embedding_dim <= 0 or t.embedding_dim % 4):
+                raise ConfigError(
+                    f"tables.{group}.{name}.embedding_dim={t.embedding_dim} must be a positive multiple of 4"
+                )
+            if t.pooling is not None:
+                _check_choice(f"tables.{group}.{name}.pooling", t.pooling, ("sum", "mean"))
+    if cfg.tables.embedding_dim <= 0 or cfg.tables.embedding_dim % 4:
+        raise ConfigError(f"tables.embedding_dim={cfg.tables.embedding_dim} must be a positive multiple of 4")
+    for st in cfg.planner.sharding_types:
+        _check_choice("planner.sharding_types", st, SHARDING_TYPES)
+    for name, sts in cfg.planner.per_table.items():
+        for st in sts:
+            _check_choice(f"planner.per_table.{name}", st, SHARDING_TYPES)
+    t = cfg.trainer
+    _check_choice("trainer.embedding_optimizer", t.embedding_optimizer, OPTIMIZERS)
+    _check_choice("trainer.dense_optimizer", t.dense_optimizer, ("sgd", "adagrad", "adam"))
+    _check_choice("trainer.device", t.device, ("auto", "cpu", "cuda"))
+    for key in ("max_steps", "batch_size", "eval_every", "eval_batches", "checkpoint_every"):
+        if getattr(t, key) <= 0:
+            raise ConfigError(f"trainer.{key}={getattr(t, key)} must be positive")
+    if t.init_from is not None and not os.path.isdir(t.init_from):
+        raise ConfigError(f"trainer.init_from={t.init_from!r} is not a directory")
+
+
+def _check_compression(key: str, c: CompressionConfig) -> None:
+    _check_choice(f"{key}.kind", c.kind, COMPRESSION_KINDS)
+    mp = c.mixed_precision
+    fr = (mp.fp32_fraction, mp.fp16_fraction, mp.int8_fraction)
+    if any(f < 0 for f in fr) or abs(sum(fr) - 1.0) > 1e-6:
+        raise ConfigError(f"{key}.mixed_precision fractions {fr} must be >= 0 and sum to 1")
+    _check_choice(f"{key}.mixed_precision.rounding", mp.rounding, ("stochastic", "nearest"))
+    if not 0.0 <= mp.decay <= 1.0:
+        raise ConfigError(f"{key}.mixed_precision.decay={mp.decay} must be in [0, 1]")
+    tt = c.tensor_train
+    if not 2 <= tt.num_cores <= 4:
+        raise ConfigError(f"{key}.tensor_train.num_cores={tt.num_cores} must be 2, 3 or 4")
+    if any(r < 1 for r in tt.ranks):
+        raise ConfigError(f"{key}.tensor_train.ranks={list(tt.ranks)} must all be >= 1")
+    _check_choice(f"{key}.tensor_train.init", tt.init, ("sampled_gaussian", "naive"))
+    if not 0.0 <= tt.cache_fraction < 1.0:
+        raise ConfigError(f"{key}.tensor_train.cache_fraction={tt.cache_fraction} must be in [0, 1)")

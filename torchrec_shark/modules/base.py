@@ -1,0 +1,100 @@
+"""The contract every compressed table kind implements, and the registry of kinds.
+
+A table kind is an ``nn.Module`` that pools bags of ids into ``[B, D]`` and applies its
+sparse optimizer inside the backward pass (like FBGEMM's TBE), so it holds no dense
+gradient and no fp32 master copy. :class:`CompressedEmbeddingBagCollection` builds one
+per table through :func:`build_table`.
+"""
+
+from __future__ import annotations
+
+import abc
+from dataclasses import dataclass
+from typing import Callable, Dict, Optional, Type
+
+import torch
+from torch import nn
+from torchrec.modules.embedding_configs import PoolingType
+
+
+@dataclass(frozen=True)
+class SparseOptimizerSpec:
+    """Fused sparse optimizer applied in backward: ``sgd``, ``adagrad``, ``rowwise_adagrad``, ``adam``."""
+
+    name: str = "rowwise_adagrad"
+    lr: float = 0.05
+    eps: float = 1e-8
+    beta1: float = 0.9
+    beta2: float = 0.999
+    weight_decay: float = 0.0
+
+
+class CompressedTable(nn.Module, abc.ABC):
+    """One compressed embedding table.
+
+    ``forward(ids, offsets, per_sample_weights)`` returns pooled rows ``[B, D]`` where
+    bag ``b`` holds ``ids[offsets[b]:offsets[b+1]]``. Gradients flowing back are applied to
+    the table's own storage by its fused optimizer; nothing is left in ``.grad``.
+    """
+
+    num_embeddings: int
+    embedding_dim: int
+    pooling: PoolingType
+
+    @abc.abstractmethod
+    def forward(
+        self,
+        ids: torch.Tensor,
+        offsets: torch.Tensor,
+        per_sample_weights: Optional[torch.Tensor] = None,
+    ) -> torch.Tensor: ...
+
+    @abc.abstractmethod
+    def memory_bytes(self) -> Dict[str, int]:
+        """Bytes really allocated for the table (no optimizer state), by part; key ``total``."""
+
+    def fp32_bytes(self) -> int:
+        """Bytes of the same table as plain fp32 rows."""
+        return self.num_embeddings * self.embedding_dim * 4
+
+    @abc.abstractmethod
+    def full_weight(self) -> torch.Tensor:
+        """The table as an fp32 ``[num_embeddings, embedding_dim]`` tensor (debugging, tests, warm start)."""
+
+    @abc.abstractmethod
+    def optimizer_state(self) -> Dict[str, torch.Tensor]:
+        """Fused optimizer state tensors by name (exposed through the collection's KeyedOptimizer)."""
+
+    def record_labels(self, ids: torch.Tensor, offsets: torch.Tensor, labels: torch.Tensor) -> None:
+        """Count positive/negative samples per row (tables that track frequency override this)."""
+
+    def step_end(self) -> None:
+        """Called once per training step after the update (re-tiering, cache refresh)."""
+
+
+_REGISTRY: Dict[type, Callable[..., CompressedTable]] = {}
+
+
+def register_table_kind(spec_type: type) -> Callable[[Type[CompressedTable]], Type[CompressedTable]]:
+    """Class decorator: ``@register_table_kind(MixedPrecision)`` makes the collection build it for that spec."""
+
+    def wrap(cls: Type[CompressedTable]) -> Type[CompressedTable]:
+        _REGISTRY[spec_type] = cls
+        return cls
+
+    return wrap
+
+
+def build_table(config, optimizer: SparseOptimizerSpec, device: Optional[torch.device] = None) -> CompressedTable:
+    """Build the table kind registered for ``type(config.compression)``.
+
+    The class is called as ``cls(config, optimizer=optimizer, device=device)``.
+    """
+    spec = config.compression
+    cls = _REGISTRY.get(type(spec))
+    if cls is None:
+        raise ValueError(
+            f"table {config.name!r}: no table kind registered for compression {type(spec).__name__}; "
+            f"known: {[t.__name__ for t in _REGISTRY]}"
+        )
+    return cls(config, optimizer=optimizer, device=device)

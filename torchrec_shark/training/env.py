@@ -1,0 +1,64 @@
+"""Process-group set-up for ``torchrun`` (or a plain single-process ``python train.py``).
+
+gloo on CPU, NCCL on CUDA, chosen from the device.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+
+@dataclass(frozen=True)
+class DistEnv:
+    rank: int
+    world_size: int
+    local_rank: int
+    local_world_size: int
+    device: torch.device
+    backend: str
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def init_distributed(device: str = "auto", num_threads: int = 0) -> DistEnv:
+    """Join (or create, when not launched by torchrun) the default process group."""
+    if "RANK" not in os.environ:
+        os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", LOCAL_WORLD_SIZE="1")
+        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+        os.environ.setdefault("MASTER_PORT", str(_free_port()))
+    rank = int(os.environ["RANK"])
+    world_size = int(os.environ["WORLD_SIZE"])
+    local_rank = int(os.environ.get("LOCAL_RANK", rank))
+    local_world_size = int(os.environ.get("LOCAL_WORLD_SIZE", world_size))
+    use_cuda = device == "cuda" or (device == "auto" and torch.cuda.is_available())
+    if use_cuda:
+        torch.cuda.set_device(local_rank)
+        dev, backend = torch.device("cuda", local_rank), "nccl"
+    else:
+        dev, backend = torch.device("cpu"), "gloo"
+        # Ranks on one host share its cores; oversubscribing them slows every rank down.
+        threads = num_threads or max(1, (os.cpu_count() or 1) // local_world_size)
+        torch.set_num_threads(threads)
+    if not dist.is_initialized():
+        dist.init_process_group(backend=backend, rank=rank, world_size=world_size)
+    return DistEnv(rank, world_size, local_rank, local_world_size, dev, backend)
+
+
+def shutdown_distributed() -> None:
+    """Barrier, then destroy the group: avoids 'terminate called without an active exception' at exit."""
+    if dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()

@@ -1,0 +1,271 @@
+"""The training job behind ``train.py``: data, DLRM, planning and sharding, the loop, metrics, checkpoints.
+
+Example::
+
+    env = init_distributed()
+    metrics = Trainer(cfg, run_dir="outputs/run", env=env).run()
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+from typing import Dict, Iterator, List, Optional
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from omegaconf import OmegaConf
+from torchrec.datasets.utils import Batch
+from torchrec.distributed.train_pipeline import TrainPipelineSparseDist
+from torchrec.optim.keyed import CombinedOptimizer
+from tqdm import tqdm
+
+from torchrec_shark.config import TrainConfig
+from torchrec_shark import data as data_sources
+from torchrec_shark.distributed.model_parallel import plan_model, shard_model
+from torchrec_shark.distributed.planner import describe_plan
+from torchrec_shark.models.dlrm import DLRM, DLRMTrain
+from torchrec_shark.training import checkpoint as ckpt
+from torchrec_shark.training.env import DistEnv
+from torchrec_shark.training.metrics import EvalMetrics
+from torchrec_shark.training.optimizers import (
+    apply_embedding_optimizer,
+    dense_optimizer,
+    sparse_optimizer_spec,
+)
+from torchrec_shark.training.storage import embedding_storage
+from torchrec_shark.training.table_factory import build_collection, build_table_configs, is_compressed
+
+logger = logging.getLogger(__name__)
+
+
+class Trainer:
+    """Builds everything from a validated :class:`TrainConfig` and trains it.
+
+    Stock tables are planned by TorchRec's ``EmbeddingShardingPlanner`` and trained through
+    ``DistributedModelParallel`` + ``TrainPipelineSparseDist``; a collection with compressed
+    tables runs unsharded (one rank).
+    """
+
+    def __init__(self, cfg: TrainConfig, run_dir: str, env: DistEnv) -> None:
+        self.cfg = cfg
+        self.run_dir = run_dir
+        self.env = env
+        t = cfg.trainer
+        if t.batch_size % env.world_size:
+            raise ValueError(f"trainer.batch_size={t.batch_size} must be divisible by the world size {env.world_size}")
+        self.local_batch = t.batch_size // env.world_size
+        torch.manual_seed(t.seed)
+        np.random.seed(t.seed)
+
+        self.dataset = data_sources.build_dataset(cfg.data)
+        self.table_configs = build_table_configs(
+            cfg.tables, self.dataset.feature_names, self.dataset.num_embeddings_per_feature
+        )
+        self.feature_names = [f for c in self.table_configs for f in c.feature_names]
+        self.sharded = not is_compressed(self.table_configs)
+        if not self.sharded and env.world_size > 1:
+            raise ValueError("compressed tables run on one rank until they are sharded; use --nproc_per_node=1")
+        if env.is_main:
+            truth = self.dataset.truth()
+            if truth is not None:
+                self._write_json("data_truth.json", truth)
+        self._build_model()
+
+    # ---------------------------------------------------------------- set-up
+    def _build_model(self) -> None:
+        cfg, env = self.cfg, self.env
+        t = cfg.trainer
+        ebc_device = torch.device("meta") if self.sharded else env.device
+        ebc = build_collection(
+            self.table_configs, ebc_device, optimizer=sparse_optimizer_spec(t.embedding_optimizer, t.embedding_lr)
+        )
+        dlrm = DLRM(
+            ebc,
+            dense_in_features=self.dataset.num_dense,
+            dense_arch_layer_sizes=list(cfg.model.dense_arch_layer_sizes) + [cfg.model.interaction_dim],
+            over_arch_layer_sizes=list(cfg.model.over_arch_layer_sizes),
+            projection=cfg.model.projection,
+            dense_device=env.device,
+        )
+        train_model = DLRMTrain(dlrm)
+        self.plan = None
+        if self.sharded:
+            apply_embedding_optimizer(ebc, t.embedding_optimizer, t.embedding_lr)
+            self.plan = plan_model(
+                train_model,
+                env.world_size,
+                env.device.type,
+                self.local_batch,
+                [c.name for c in self.table_configs],
+                cfg.planner.sharding_types,
+                dict(cfg.planner.per_table),
+                cfg.planner.hbm_cap_gb,
+                cfg.planner.ddr_cap_gb,
+            )
+            self.model = shard_model(train_model, self.plan, env.device)
+            fused = self.model.fused_optimizer
+            self.plan_table = describe_plan(self.plan)
+            if env.is_main:
+                text = str(self.plan)
+                print(f"Sharding plan ({env.world_size} rank(s), {env.backend}):\n{text}", flush=True)
+                with open(os.path.join(self.run_dir, "plan.txt"), "w") as f:
+                    f.write(text + "\n")
+                self._write_json("plan.json", self.plan_table)
+        else:
+            self.model = train_model
+            fused = ebc.fused_optimizer
+            self.plan_table = {c.name: {"sharding_type": "unsharded", "compute_kernel": "compressed", "ranks": [0]}
+                               for c in self.table_configs}
+        self.optimizer = CombinedOptimizer([fused, dense_optimizer(self.model, t.dense_optimizer, t.dense_lr)])
+
+    def _write_json(self, name: str, obj) -> None:
+        with open(os.path.join(self.run_dir, name), "w") as f:
+            json.dump(obj, f, indent=2, default=str)
+
+    def _stateful(self) -> Dict[str, object]:
+        return {"model": self.model, "optim": self.optimizer}
+
+    @property
+    def collection(self):
+        return self._unwrapped().model.embedding_bag_collection
+
+    def _unwrapped(self) -> DLRMTrain:
+        m = self.model
+        return getattr(m, "module", m)
+
+    # ---------------------------------------------------------------- state
+    def _restore(self) -> int:
+        """Resume from this run's latest checkpoint, or warm-start from another run. Returns the step."""
+        t = self.cfg.trainer
+        if t.resume:
+            path = ckpt.latest_checkpoint(self.run_dir)
+            if path is not None:
+                meta = ckpt.load_checkpoint(path, self._stateful())
+                self._log(f"resumed from {path} at step {meta['step']}")
+                return int(meta["step"])
+            self._log("trainer.resume=true but no checkpoint in the run dir: starting from scratch")
+        if t.init_from:
+            report = ckpt.warm_start(t.init_from, self.model)
+            self._log(f"warm start from {t.init_from}: {len(report['loaded'])} tensors loaded, "
+                      f"{len(report['skipped'])} not in the source (fresh init)")
+            if self.env.is_main:
+                self._write_json("warm_start.json", report)
+        return 0
+
+    def _save(self, step: int, samples: int) -> None:
+        meta = {"step": step, "samples": samples, "data_position": step,
+                "config": OmegaConf.to_container(OmegaConf.structured(self.cfg), resolve=True)}
+        ckpt.save_checkpoint(self.run_dir, step, self._stateful(), meta)
+
+    def _log(self, msg: str) -> None:
+        if self.env.is_main:
+            logger.info(msg)
+            print(msg, flush=True)
+
+    # ---------------------------------------------------------------- loop
+    def _train_batches(self, start: int) -> Iterator[Batch]:
+        return self.dataset.batches("train", self.cfg.trainer.batch_size, self.env.rank, self.env.world_size, start)
+
+    def evaluate(self) -> Dict[str, float]:
+        """AUC and log loss over ``trainer.eval_batches`` validation batches, reduced over ranks."""
+        metrics = EvalMetrics(self.env.device)
+        self.model.eval()
+        batches = self.dataset.batches("val", self.cfg.trainer.batch_size, self.env.rank, self.env.world_size)
+        with torch.no_grad():
+            for i, batch in enumerate(batches):
+                if i >= self.cfg.trainer.eval_batches:
+                    break
+                _, (_, logits, labels) = self.model(batch.to(self.env.device))
+                metrics.update(logits, labels)
+        self.model.train()
+        return metrics.compute()
+
+    def run(self) -> Dict:
+        t = self.cfg.trainer
+        step = self._restore()
+        start_step = step
+        it = self._train_batches(step)
+        pipeline = TrainPipelineSparseDist(self.model, self.optimizer, self.env.device) if self.sharded else None
+        bar = tqdm(total=t.max_steps, initial=step, disable=not (self.env.is_main and t.progress),
+                   desc="train", dynamic_ncols=True, mininterval=1.0)
+        history: List[Dict] = []
+        train_time, loss_ema = 0.0, None
+        self.model.train()
+        while step < t.max_steps:
+            t0 = time.perf_counter()
+            if pipeline is not None:
+                loss, _, _ = pipeline.progress(it)
+            else:
+                loss = self._unsharded_step(next(it))
+            step += 1
+            dt = time.perf_counter() - t0
+            train_time += dt
+            lv = float(loss)
+            if not np.isfinite(lv):
+                raise FloatingPointError(f"training loss is {lv} at step {step}")
+            loss_ema = lv if loss_ema is None else 0.95 * loss_ema + 0.05 * lv
+            if step % t.log_every == 0 or step == t.max_steps:
+                sps = (step - start_step) * t.batch_size / max(train_time, 1e-9)
+                bar.set_postfix(loss=f"{loss_ema:.4f}", samples_per_s=f"{sps:,.0f}")
+            bar.update(1)
+            if step % t.eval_every == 0 or step == t.max_steps:
+                if pipeline is not None:
+                    pipeline.detach()  # the pipeline rewrote forward; call the model directly
+                m = self.evaluate()
+                history.append({"step": step, "val_auc": m["auc"], "val_logloss": m["logloss"],
+                                "train_loss": loss_ema})
+                bar.write(f"step {step}: val_auc={m['auc']:.4f} val_logloss={m['logloss']:.4f} "
+                          f"train_loss={loss_ema:.4f}") if self.env.is_main else None
+            if step % t.checkpoint_every == 0 or step == t.max_steps:
+                self._save(step, step * t.batch_size)
+        bar.close()
+        if not history:  # resumed at max_steps: still report the final model
+            m = self.evaluate()
+            history.append({"step": step, "val_auc": m["auc"], "val_logloss": m["logloss"], "train_loss": None})
+        sps = (step - start_step) * t.batch_size / train_time if train_time > 0 else 0.0
+        return self._finish(step, sps, history)
+
+    def _unsharded_step(self, batch: Batch) -> torch.Tensor:
+        loss, _ = self.model(batch.to(self.env.device))
+        self.optimizer.zero_grad()
+        loss.backward()
+        self.optimizer.step()
+        step_end = getattr(self.collection, "step_end", None)
+        if step_end is not None:
+            step_end()
+        return loss.detach()
+
+    def _finish(self, step: int, samples_per_s: float, history: List[Dict]) -> Dict:
+        storage = embedding_storage(self.collection, self.table_configs, self.sharded, self.model)
+        tables = {}
+        for c in self.table_configs:
+            info = dict(self.plan_table.get(c.name, {}))
+            info.update(kind=type(c.compression).__name__ if c.compression else "fp32",
+                        num_embeddings=c.num_embeddings, embedding_dim=c.embedding_dim,
+                        features=list(c.feature_names), bytes=storage["per_table"].get(c.name))
+            tables[c.name] = info
+        last = history[-1]
+        metrics = {
+            "val_auc": last["val_auc"],
+            "val_logloss": last["val_logloss"],
+            "train_samples_per_s": samples_per_s,
+            "steps": step,
+            "world_size": self.env.world_size,
+            "embedding_bytes": storage["total"],
+            "embedding_bytes_fp32": storage["fp32_total"],
+            "num_fields": len(self.feature_names),
+            "fields": self.feature_names,
+            "tables": tables,
+            "history": history,
+            **self.dataset.stats(),
+        }
+        if self.env.is_main:
+            self._write_json("metrics.json", metrics)
+            self._log(f"done: steps={step} val_auc={metrics['val_auc']:.4f} val_logloss={metrics['val_logloss']:.4f} "
+                      f"samples/s={samples_per_s:,.0f} embedding_bytes={storage['total']:,} "
+                      f"(fp32 {storage['fp32_total']:,})")
+        return metrics

@@ -1,0 +1,56 @@
+"""Train a sharded DLRM with TorchRec: ``torchrun --nproc_per_node=N train.py [hydra overrides]``.
+
+Examples::
+
+    torchrun --standalone --nproc_per_node=2 train.py planner.sharding_types=[row_wise]
+    torchrun --standalone --nproc_per_node=2 train.py data=criteo_tsv data.path=day_0.tsv
+    python train.py tables=shark trainer.max_steps=200
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import sys
+
+import hydra
+import torch.distributed as dist
+from hydra.core.hydra_config import HydraConfig
+from omegaconf import DictConfig, OmegaConf
+
+from torchrec_shark.config import ConfigError, TrainConfig, validate
+from torchrec_shark.conf_store import register_configs
+from torchrec_shark.training.env import init_distributed, shutdown_distributed
+from torchrec_shark.training.trainer import Trainer
+
+register_configs()
+
+
+def _shared_run_dir(own: str) -> str:
+    """Every rank uses rank 0's Hydra run dir (a time-stamped name can differ by a second)."""
+    obj = [own]
+    if dist.get_world_size() > 1:
+        dist.broadcast_object_list(obj, src=0)
+    if obj[0] != own and os.path.isdir(own) and set(os.listdir(own)) <= {".hydra", "train.log"}:
+        shutil.rmtree(own, ignore_errors=True)
+    return obj[0]
+
+
+@hydra.main(version_base="1.3", config_path="conf", config_name="config")
+def main(dcfg: DictConfig) -> None:
+    cfg: TrainConfig = OmegaConf.to_object(dcfg)  # type: ignore[assignment]
+    try:
+        validate(cfg)
+    except ConfigError as e:
+        print(f"config error: {e}", file=sys.stderr)
+        sys.exit(2)
+    env = init_distributed(cfg.trainer.device, cfg.trainer.num_threads)
+    try:
+        run_dir = _shared_run_dir(HydraConfig.get().runtime.output_dir)
+        Trainer(cfg, run_dir, env).run()
+    finally:
+        shutdown_distributed()
+
+
+if __name__ == "__main__":
+    main()
