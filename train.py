@@ -13,6 +13,8 @@ import os
 import shutil
 import sys
 
+import warnings
+
 import hydra
 import torch.distributed as dist
 from hydra.core.hydra_config import HydraConfig
@@ -24,6 +26,8 @@ from torchrec_shark.training.env import init_distributed, shutdown_distributed
 from torchrec_shark.training.trainer import Trainer
 
 register_configs()
+# TorchRec's DMP passes a deprecated DDP argument internally; nothing for a user to act on.
+warnings.filterwarnings("ignore", message=".*broadcast_buffers.*is deprecated")
 
 
 def _shared_run_dir(own: str) -> str:

@@ -9,9 +9,11 @@ Example::
 
 from __future__ import annotations
 
+import logging
 from typing import Dict, List, Optional, Sequence
 
 from torchrec.distributed.planner import EmbeddingShardingPlanner, ParameterConstraints, Topology
+from torchrec.distributed.planner.storage_reservations import FixedPercentageStorageReservation
 from torchrec.distributed.types import ShardingPlan
 
 GIB = 1024**3
@@ -49,15 +51,23 @@ def build_planner(
 
     ``batch_size`` is the per-rank batch the planner's perf model assumes.
     """
-    topology = Topology(
-        world_size=world_size,
-        compute_device=device_type,
-        hbm_cap=int(hbm_cap_gb * GIB) if hbm_cap_gb is not None else None,
-        ddr_cap=int(ddr_cap_gb * GIB) if ddr_cap_gb is not None else None,
-    )
+    # The direct constructor is what takes explicit capacities; silence its advisory warning.
+    types_logger = logging.getLogger("torchrec.distributed.planner.types")
+    level = types_logger.level
+    types_logger.setLevel(logging.ERROR)
+    try:
+        topology = Topology(
+            world_size=world_size,
+            compute_device=device_type,
+            hbm_cap=int(hbm_cap_gb * GIB) if hbm_cap_gb is not None else None,
+            ddr_cap=int(ddr_cap_gb * GIB) if ddr_cap_gb is not None else None,
+        )
+    finally:
+        types_logger.setLevel(level)
     return EmbeddingShardingPlanner(
         topology=topology,
         batch_size=batch_size,
+        storage_reservation=FixedPercentageStorageReservation(percentage=0.15),
         constraints=build_constraints(table_names, sharding_types, per_table),
         debug=False,
     )

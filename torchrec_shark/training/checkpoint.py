@@ -142,22 +142,60 @@ def checkpoint_tensor_shapes(checkpoint: str, prefix: str = "model.") -> Dict[st
     return out
 
 
-def warm_start(source_run_dir: str, model: torch.nn.Module) -> Dict[str, List[str]]:
+def warm_start(
+    source_run_dir: str, model: torch.nn.Module, columns: Optional[Dict[str, List[int]]] = None
+) -> Dict[str, List[str]]:
     """Load another run's model parameters where names and shapes match.
 
     Tables (and dense layers) absent from this model or of another shape are skipped, so a
-    pruned or re-dimensioned model starts from its parent. Returns ``{"loaded": [...], "skipped": [...]}``.
+    pruned or re-dimensioned model starts from its parent. ``columns[table]`` lists the
+    source columns a narrower table inherits (dimension search). Returns
+    ``{"loaded": [...], "skipped": [...]}``.
     """
     checkpoint = require_checkpoint(source_run_dir)
     saved = checkpoint_tensor_shapes(checkpoint)
     current = model.state_dict()
     wanted = {k: v for k, v in current.items() if k in saved and _global_shape(v) == saved[k]}
-    skipped = sorted(set(current) - set(wanted))
+    narrowed = _narrowed_tables(current, saved, columns or {})
+    skipped = sorted(set(current) - set(wanted) - set(narrowed))
     dcp.load({"model": wanted}, checkpoint_id=checkpoint, planner=DefaultLoadPlanner(allow_partial_load=True))
     model.load_state_dict(wanted, strict=False)
+    for key, cols in narrowed.items():
+        # Each rank reads the whole source table once and keeps its shard of the kept columns.
+        full = {key: torch.empty(saved[key], dtype=torch.float32)}
+        dcp.load({"model": full}, checkpoint_id=checkpoint, no_dist=True,
+                 planner=DefaultLoadPlanner(allow_partial_load=True))
+        _copy_global_into(current[key], full[key][:, cols])
     if _is_main():
-        logger.info("warm start from %s: %d tensors loaded, %d skipped", checkpoint, len(wanted), len(skipped))
-    return {"loaded": sorted(wanted), "skipped": skipped}
+        logger.info("warm start from %s: %d tensors loaded, %d narrowed, %d skipped",
+                    checkpoint, len(wanted), len(narrowed), len(skipped))
+    return {"loaded": sorted(wanted), "narrowed": sorted(narrowed), "skipped": skipped}
+
+
+def _narrowed_tables(current: Dict, saved: Dict, columns: Dict[str, List[int]]) -> Dict[str, List[int]]:
+    out = {}
+    for table, cols in columns.items():
+        key = next((k for k in current if k.endswith(f".embedding_bags.{table}.weight")), None)
+        if key is None or key not in saved:
+            continue
+        shape = _global_shape(current[key])
+        if shape is None or shape[0] != saved[key][0] or len(cols) != shape[1] or max(cols) >= saved[key][1]:
+            raise CheckpointError(
+                f"init_columns for table {table!r}: {len(cols)} columns (max {max(cols)}) cannot fill "
+                f"shape {tuple(shape or ())} from saved {tuple(saved[key])}"
+            )
+        out[key] = list(cols)
+    return out
+
+
+def _copy_global_into(dst: object, src: torch.Tensor) -> None:
+    """Copy a full tensor into a (possibly sharded) destination by its shard offsets."""
+    if hasattr(dst, "local_shards"):
+        for shard in dst.local_shards():  # type: ignore[attr-defined]
+            (r0, c0), (nr, nc) = shard.metadata.shard_offsets, shard.metadata.shard_sizes
+            shard.tensor.detach().copy_(src[r0:r0 + nr, c0:c0 + nc])
+    else:
+        dst.detach().copy_(src)  # type: ignore[attr-defined]
 
 
 def _global_shape(t: object) -> Optional[torch.Size]:

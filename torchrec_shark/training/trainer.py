@@ -149,7 +149,8 @@ class Trainer:
                 return int(meta["step"])
             self._log("trainer.resume=true but no checkpoint in the run dir: starting from scratch")
         if t.init_from:
-            report = ckpt.warm_start(t.init_from, self.model)
+            columns = {k: list(v) for k, v in self.cfg.tables.init_columns.items()}
+            report = ckpt.warm_start(t.init_from, self.model, columns)
             self._log(f"warm start from {t.init_from}: {len(report['loaded'])} tensors loaded, "
                       f"{len(report['skipped'])} not in the source (fresh init)")
             if self.env.is_main:

@@ -1,0 +1,129 @@
+"""Load a finished ``train.py`` run (config + latest checkpoint) and take gradients at its pooled embeddings.
+
+Both passes work on pooled embeddings, so they apply to every table kind and sharding.
+
+Example::
+
+    run = load_run("outputs/2026-01-01/12-00-00", out_dir=".", env=init_distributed())
+    for sample in pooled_gradients(run, num_batches=8):
+        sample.pooled["f00"], sample.grads["f00"]  # [b, D] each, this rank's slice of the batch
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import Dict, Iterator, List, Sequence
+
+import torch
+from omegaconf import OmegaConf
+from torch.nn import functional as F
+
+from torchrec_shark.config import TrainConfig, validate
+from torchrec_shark.models.dlrm import DLRM
+from torchrec_shark.training import checkpoint as ckpt
+from torchrec_shark.training.env import DistEnv
+from torchrec_shark.training.trainer import Trainer
+
+
+def run_config(run_dir: str) -> TrainConfig:
+    """The resolved config a run was trained with (Hydra's ``<run_dir>/.hydra/config.yaml``)."""
+    path = os.path.join(run_dir, ".hydra", "config.yaml")
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{run_dir!r} is not a train.py run dir: {path} is missing")
+    merged = OmegaConf.merge(OmegaConf.structured(TrainConfig), OmegaConf.load(path))
+    return OmegaConf.to_object(merged)  # type: ignore[return-value]
+
+
+def run_overrides(run_dir: str) -> List[str]:
+    """The command-line overrides the run was started with."""
+    path = os.path.join(run_dir, ".hydra", "overrides.yaml")
+    return list(OmegaConf.load(path)) if os.path.isfile(path) else []
+
+
+@dataclass
+class LoadedRun:
+    run_dir: str
+    cfg: TrainConfig
+    trainer: Trainer
+    checkpoint: str
+
+    @property
+    def dlrm(self) -> DLRM:
+        return self.trainer._unwrapped().model
+
+    @property
+    def env(self) -> DistEnv:
+        return self.trainer.env
+
+
+def load_run(run_dir: str, out_dir: str, env: DistEnv) -> LoadedRun:
+    """Rebuild a run's model (same data, tables, sharding) and load its latest checkpoint."""
+    checkpoint = ckpt.require_checkpoint(run_dir)
+    cfg = run_config(run_dir)
+    cfg.trainer.resume, cfg.trainer.init_from = False, None
+    validate(cfg)
+    trainer = Trainer(cfg, out_dir, env)
+    ckpt.load_checkpoint(checkpoint, {"model": trainer.model})
+    trainer.model.eval()
+    return LoadedRun(run_dir, cfg, trainer, checkpoint)
+
+
+@dataclass
+class PooledGradients:
+    """One evaluation batch (this rank's slice): pooled embeddings, per-sample loss gradients at them."""
+
+    dense: torch.Tensor
+    labels: torch.Tensor
+    pooled: Dict[str, torch.Tensor]
+    grads: Dict[str, torch.Tensor]
+    losses: torch.Tensor
+
+
+def pooled_gradients(run: LoadedRun, num_batches: int, split: str = "val") -> Iterator[PooledGradients]:
+    """Per-sample ``dL(x)/de_j(x)`` at every field's pooled embedding, one forward/backward per batch.
+
+    Each sample's loss depends only on its own pooled embeddings, so the gradient of the
+    summed loss at ``e_j(x)`` is exactly ``dL(x)/de_j(x)``.
+    """
+    t, env = run.cfg.trainer, run.env
+    batches = run.trainer.dataset.batches(split, t.batch_size, env.rank, env.world_size)
+    for i, batch in enumerate(batches):
+        if i >= num_batches:
+            break
+        batch = batch.to(env.device)
+        with torch.no_grad():
+            pooled = {k: v.detach() for k, v in run.dlrm.embed(batch.sparse_features).items()}
+        leaves = {k: v.clone().requires_grad_(True) for k, v in pooled.items()}
+        logits = run.dlrm.predict(batch.dense_features, leaves)
+        losses = F.binary_cross_entropy_with_logits(logits, batch.labels, reduction="none")
+        grads = torch.autograd.grad(losses.sum(), [leaves[k] for k in leaves])
+        yield PooledGradients(batch.dense_features, batch.labels, pooled, dict(zip(leaves, grads)), losses.detach())
+
+
+def predict_with(run: LoadedRun, dense: torch.Tensor, pooled: Dict[str, torch.Tensor]) -> torch.Tensor:
+    with torch.no_grad():
+        return run.dlrm.predict(dense, pooled)
+
+
+def retrain_command(run_dir: str, search_dir: str, tables_name: str, extra: Sequence[str] = (), nproc: int = 0) -> str:
+    """The ``torchrun train.py`` command that trains a rewritten tables config warm-started from ``run_dir``.
+
+    Every override of the source run is inherited except those the new config replaces.
+    """
+    replaced = ("tables", "hydra.", "trainer.resume", "trainer.init_from")
+    inherited = [o for o in run_overrides(run_dir) if not o.split("=", 1)[0].lstrip("+~").startswith(replaced)]
+    nproc = nproc or int(os.environ.get("WORLD_SIZE", "1"))
+    parts = [
+        f"torchrun --standalone --nproc_per_node={nproc} train.py",
+        f"hydra.searchpath=[file://{os.path.abspath(search_dir)}]",
+        f"tables={tables_name}",
+        f"trainer.init_from={os.path.abspath(run_dir)}",
+        *inherited,
+        *extra,
+    ]
+    return " ".join(_quote(p) for p in parts)
+
+
+def _quote(part: str) -> str:
+    return f"'{part}'" if any(c in part for c in "[]{}*?,") else part
