@@ -9,10 +9,10 @@ Examples::
 
 from __future__ import annotations
 
+import logging
 import os
 import shutil
 import sys
-
 import warnings
 
 import hydra
@@ -28,6 +28,8 @@ from torchrec_shark.training.trainer import Trainer
 register_configs()
 # TorchRec's DMP passes a deprecated DDP argument internally; nothing for a user to act on.
 warnings.filterwarnings("ignore", message=".*broadcast_buffers.*is deprecated")
+# TorchRec's pipeline tracing trips a torch.fx notice meant for torch.export users.
+logging.getLogger("torch.fx._symbolic_trace").setLevel(logging.ERROR)
 
 
 def _shared_run_dir(own: str) -> str:

@@ -35,13 +35,17 @@ class SyntheticDataConfig:
             300_000, 100_000, 10_000, 1_000, 100, 10,
         ]
     )
-    # Fraction of fields that carry no signal (chosen deterministically by seed).
+    # Number of fields that carry no signal (chosen deterministically by seed).
     num_noise_fields: int = 8
+    # Intrinsic dimensions of the interacting field pairs (one pair each, chosen by seed among
+    # fields with >= 8 * dim rows); the other informative fields have a main effect only (dim 1).
+    pair_dims: List[int] = field(default_factory=lambda: [16, 12, 8, 4, 2])
     zipf_exponent: float = 1.1
     max_bag_size: int = 3
     # Fields with index in this list are multi-hot (bag length 1..max_bag_size).
     multi_hot_fields: List[int] = field(default_factory=lambda: [3, 7, 12])
     base_ctr: float = 0.25
+    # Multiplies the variance of every planted logit term.
     signal_scale: float = 1.0
     seed: int = 0
 

@@ -1,0 +1,206 @@
+"""Any TSV / CSV (with a header row) or Parquet file with declared columns.
+
+``data.label`` is the 0/1 label column, ``data.dense`` the numeric columns (missing: 0) and
+``data.sparse`` the categorical ones, which become the sparse features of the same names.
+A categorical value is split by ``data.multi_hot_sep`` into a bag; every token is hashed
+with pandas' stable SipHash (:func:`pandas.util.hash_array`, not Python's salted ``hash``)
+modulo its table size; a missing value is id 0. Numbers in Parquet are hashed by their
+text, so a file hashes the same in either format. Data row ``i`` (counted from 0 over all
+files) is a validation row when ``i % round(1 / val_fraction) == 0``.
+
+Rows with a wrong number of columns, a label other than 0/1 or a non-numeric dense value
+are skipped and counted, or raise :class:`DataError` under ``data.strict``. Files are read
+in blocks with pyarrow.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Iterator, List, Tuple
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.csv as pcsv
+import pyarrow.parquet as pq
+
+from torchrec_shark.data.columns import Columns, StreamDataset, table_sizes, val_every
+from torchrec_shark.data.criteo_tsv import list_files
+from torchrec_shark.data.types import DataError
+
+BLOCK_BYTES = 1 << 22
+PARQUET_ROWS = 65536
+_FORMATS = {".tsv": "tsv", ".txt": "tsv", ".csv": "csv", ".parquet": "parquet", ".pq": "parquet"}
+
+
+def file_format(path: str, declared: str) -> str:
+    if declared != "auto":
+        if declared not in ("tsv", "csv", "parquet"):
+            raise DataError(f"data.file_format={declared!r} is not one of auto, tsv, csv, parquet")
+        return declared
+    name = path[:-3] if path.endswith(".gz") else path[:-4] if path.endswith(".bz2") else path
+    ext = os.path.splitext(name)[1].lower()
+    if ext not in _FORMATS:
+        raise DataError(f"cannot tell the format of {path!r} from its extension: set data.file_format")
+    return _FORMATS[ext]
+
+
+class Tabular(StreamDataset):
+    """The ``tabular`` source."""
+
+    def __init__(self, cfg):
+        super().__init__(bool(cfg.strict))
+        if not cfg.path:
+            raise DataError("data.path is required for data.source=tabular")
+        self.files = [(f, file_format(f, cfg.file_format)) for f in list_files(cfg.path)]
+        self.label = str(cfg.label)
+        self.dense = [str(c) for c in cfg.dense]
+        self.sparse = [str(c) for c in cfg.sparse]
+        if not self.sparse:
+            raise DataError("data.sparse is empty: declare the categorical columns of the file")
+        self.columns = [self.label] + self.dense + self.sparse
+        if len(set(self.columns)) != len(self.columns):
+            raise DataError(f"data.label, data.dense and data.sparse name a column twice: {self.columns}")
+        self.feature_names = list(self.sparse)
+        self.num_embeddings_per_feature = table_sizes(
+            cfg.num_embeddings_per_feature, self.feature_names, "data.num_embeddings_per_feature"
+        )
+        self.num_dense = len(self.dense)
+        self.sep = str(cfg.multi_hot_sep)
+        self.val_every = val_every(cfg.val_fraction)
+        for path, fmt in self.files:
+            names = pq.ParquetFile(path).schema_arrow.names if fmt == "parquet" else self._open_csv(path, fmt, None).schema.names
+            missing = [c for c in self.columns if c not in names]
+            if missing:
+                raise DataError(f"{path}: declared column(s) {missing} missing from the file (it has {names})")
+
+    def _open_csv(self, path: str, fmt: str, handler):
+        return pcsv.open_csv(
+            path,
+            read_options=pcsv.ReadOptions(block_size=BLOCK_BYTES),
+            parse_options=pcsv.ParseOptions(delimiter="\t" if fmt == "tsv" else ",", invalid_row_handler=handler),
+            convert_options=pcsv.ConvertOptions(
+                include_columns=None if handler is None else self.columns,
+                column_types={c: pa.string() for c in self.columns},
+                strings_can_be_null=True,
+                null_values=[""],
+            ),
+        )
+
+    def _blocks(self, path: str, fmt: str) -> Iterator[Tuple[pa.RecordBatch, List[pcsv.InvalidRow]]]:
+        """Record batches, each with the rows of wrong shape skipped while reading it."""
+        if fmt == "parquet":
+            for rb in pq.ParquetFile(path).iter_batches(batch_size=PARQUET_ROWS, columns=self.columns):
+                yield rb, []
+            return
+        invalid: List[pcsv.InvalidRow] = []
+
+        def handler(row):
+            invalid.append(row)
+            return "error" if self.strict else "skip"
+
+        reader = self._open_csv(path, fmt, handler)
+        while True:
+            try:
+                rb = reader.read_next_batch()
+            except StopIteration:
+                break
+            except pa.ArrowInvalid:
+                if not invalid:
+                    raise
+                rb = None
+            yield rb, invalid
+            invalid = []
+            if rb is None:
+                break
+
+    def chunks(self, split: str) -> Iterator[Columns]:
+        first = 0  # index of the block's first data row over all files
+        for path, fmt in self.files:
+            key, delivered = f"file {path}", 0
+            for rb, invalid in self._blocks(path, fmt):
+                self.skip_malformed(
+                    key,
+                    np.full(len(invalid), delivered),
+                    delivered + (0 if rb is None else rb.num_rows),
+                    lambda i: f"{path}: row {invalid[i].text[:200]!r} has {invalid[i].actual_columns} columns, "
+                    f"expected {invalid[i].expected_columns}",
+                )
+                if rb is None or rb.num_rows == 0:
+                    continue
+                index = first + np.arange(rb.num_rows)
+                keep = np.flatnonzero((index % self.val_every == 0) == (split == "val"))
+                first += rb.num_rows
+                delivered += rb.num_rows
+                yield self._convert(split, path, rb.take(pa.array(keep)), index[keep], first)
+
+    def _convert(self, split: str, path: str, rb: pa.RecordBatch, index: np.ndarray, upto: int) -> Columns:
+        label, label_ok = _numbers(rb.column(self.label))
+        label_ok &= (label == 0) | (label == 1)
+        dense = np.zeros((rb.num_rows, self.num_dense))
+        ok = label_ok.copy()
+        why = np.full(rb.num_rows, -1)  # column of the first bad value
+        why[~label_ok] = 0
+        for i, c in enumerate(self.dense):
+            x, x_ok = _numbers(rb.column(c), missing=0.0)
+            x_ok &= np.isfinite(x)
+            why[ok & ~x_ok] = i + 1
+            ok &= x_ok
+            dense[:, i] = x
+        bad = np.flatnonzero(~ok)
+
+        def describe(i: int) -> str:
+            r = bad[i]
+            c = self.columns[why[r]]
+            kind = "0 or 1" if why[r] == 0 else "a finite number"
+            return f"{path}: data row {index[r]} (0-based), column {c!r} value {rb.column(c)[r].as_py()!r} is not {kind}"
+
+        self.skip_malformed(split, index[bad], upto, describe)
+        if len(bad):
+            rb = rb.take(pa.array(np.flatnonzero(ok)))
+        ids, lengths = [], []
+        for c, n in zip(self.sparse, self.num_embeddings_per_feature):
+            v, ln = self._hash(rb.column(c), n)
+            ids.append(v)
+            lengths.append(ln)
+        return Columns(dense[ok].astype(np.float32), label[ok].astype(np.float32), ids, lengths)
+
+    def _hash(self, col: pa.Array, n: int) -> Tuple[np.ndarray, np.ndarray]:
+        """Ids of a categorical column (bags split by ``multi_hot_sep``; missing: id 0)."""
+        import pandas as pd
+
+        if not pa.types.is_string(col.type) and not pa.types.is_large_string(col.type):
+            col = pc.cast(col, pa.string())
+        present = pc.is_valid(col).to_numpy(zero_copy_only=False)
+        filled = pc.fill_null(col, "")
+        if self.sep:
+            bags = pc.split_pattern(filled, self.sep)  # a missing value: [""]
+            lengths = pc.list_value_length(bags).to_numpy(zero_copy_only=False).astype(np.int32)
+            tokens = pc.list_flatten(bags)
+        else:
+            lengths, tokens = np.ones(len(col), np.int32), filled
+        codes = pc.dictionary_encode(tokens)
+        words = codes.dictionary.to_numpy(zero_copy_only=False).astype(object)
+        ids = (pd.util.hash_array(words) % np.uint64(n)).astype(np.int64)[codes.indices.to_numpy(zero_copy_only=False)]
+        if not present.all():
+            ids[~np.repeat(present, lengths)] = 0
+        return ids, lengths
+
+
+def _numbers(col: pa.Array, missing: float = np.nan) -> Tuple[np.ndarray, np.ndarray]:
+    """A column as float64 and whether each value is a number (a missing one becomes ``missing``)."""
+    valid = pc.is_valid(col).to_numpy(zero_copy_only=False)
+    try:
+        x = pc.cast(col, pa.float64()).to_numpy(zero_copy_only=False)
+        ok = np.ones(len(col), bool)
+    except (pa.ArrowInvalid, pa.ArrowNotImplementedError):
+        values = col.to_pylist()
+        x, ok = np.empty(len(values)), np.ones(len(values), bool)
+        for i, v in enumerate(values):
+            try:
+                x[i] = float(v) if v is not None else missing
+            except (TypeError, ValueError):
+                x[i], ok[i] = 0.0, False
+    x = np.where(valid, x, missing)
+    ok &= valid | ~np.isnan(missing)
+    return x, ok
