@@ -78,7 +78,12 @@ class Tabular(StreamDataset):
         return pcsv.open_csv(
             path,
             read_options=pcsv.ReadOptions(block_size=BLOCK_BYTES),
-            parse_options=pcsv.ParseOptions(delimiter="\t" if fmt == "tsv" else ",", invalid_row_handler=handler),
+            parse_options=pcsv.ParseOptions(
+                delimiter="\t" if fmt == "tsv" else ",",
+                # Opening parses the first block: without a handler (the header check) a bad row there
+                # would fail before the rows are read and counted.
+                invalid_row_handler=handler or (lambda row: "skip"),
+            ),
             convert_options=pcsv.ConvertOptions(
                 include_columns=None if handler is None else self.columns,
                 column_types={c: pa.string() for c in self.columns},
@@ -99,7 +104,13 @@ class Tabular(StreamDataset):
             invalid.append(row)
             return "error" if self.strict else "skip"
 
-        reader = self._open_csv(path, fmt, handler)
+        try:
+            reader = self._open_csv(path, fmt, handler)
+        except pa.ArrowInvalid:  # strict: the handler stopped at a bad row of the first block
+            if not invalid:
+                raise
+            yield None, invalid
+            return
         while True:
             try:
                 rb = reader.read_next_batch()
