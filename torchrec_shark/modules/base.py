@@ -29,6 +29,13 @@ class SparseOptimizerSpec:
     weight_decay: float = 0.0
 
 
+class TableInputError(ValueError):
+    """Bad input to a table (ids out of range, non-finite per-id weights, labels or gradients).
+
+    The message names the table; the table is left unchanged.
+    """
+
+
 class CompressedTable(nn.Module, abc.ABC):
     """One compressed embedding table.
 
@@ -70,6 +77,11 @@ class CompressedTable(nn.Module, abc.ABC):
 
     def step_end(self) -> None:
         """Called once per training step after the update (re-tiering, cache refresh)."""
+
+    def set_learning_rate(self, lr: float) -> None:
+        """Learning rate of the fused optimizer from now on (the collection's ``KeyedOptimizer``
+        pushes its param group's ``lr`` here on ``step()``, so LR schedulers work); tables whose
+        optimizer has a learning rate override this."""
 
 
 _REGISTRY: Dict[type, Callable[..., CompressedTable]] = {}

@@ -22,13 +22,19 @@ from torchrec.modules.embedding_configs import EmbeddingBagConfig
 
 @dataclass(frozen=True)
 class Uniform:
-    """Every row stored in one precision: ``fp16`` or ``int8`` (row-wise scale and bias)."""
+    """Every row stored in one precision: ``fp16`` or ``int8`` (row-wise scale and bias).
+
+    ``rounding`` applies to optimizer updates, as in :class:`MixedPrecision`.
+    """
 
     dtype: str = "fp16"
+    rounding: str = "stochastic"  # stochastic | nearest
 
     def __post_init__(self) -> None:
         if self.dtype not in ("fp16", "int8"):
             raise ValueError(f"Uniform.dtype={self.dtype!r} must be 'fp16' or 'int8'")
+        if self.rounding not in ("stochastic", "nearest"):
+            raise ValueError(f"Uniform.rounding={self.rounding!r} must be 'stochastic' or 'nearest'")
 
 
 @dataclass(frozen=True)

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
-from typing import Dict, Iterator, List, Sequence
+from typing import Dict, Iterator, List, Sequence, Tuple
 
 import torch
 from omegaconf import OmegaConf
@@ -80,12 +80,17 @@ class PooledGradients:
     losses: torch.Tensor
 
 
-def pooled_gradients(run: LoadedRun, num_batches: int, split: str = "val") -> Iterator[PooledGradients]:
-    """Per-sample ``dL(x)/de_j(x)`` at every field's pooled embedding, one forward/backward per batch.
+@dataclass
+class PooledBatch:
+    """One evaluation batch (this rank's slice) at the pooled embeddings, no gradients."""
 
-    Each sample's loss depends only on its own pooled embeddings, so the gradient of the
-    summed loss at ``e_j(x)`` is exactly ``dL(x)/de_j(x)``.
-    """
+    dense: torch.Tensor
+    labels: torch.Tensor
+    pooled: Dict[str, torch.Tensor]
+
+
+def pooled_batches(run: LoadedRun, num_batches: int, split: str = "val") -> Iterator[PooledBatch]:
+    """Data loading + embedding lookups only (no grad): ``num_batches`` of this rank's slices."""
     t, env = run.cfg.trainer, run.env
     batches = run.trainer.dataset.batches(split, t.batch_size, env.rank, env.world_size)
     for i, batch in enumerate(batches):
@@ -94,11 +99,34 @@ def pooled_gradients(run: LoadedRun, num_batches: int, split: str = "val") -> It
         batch = batch.to(env.device)
         with torch.no_grad():
             pooled = {k: v.detach() for k, v in run.dlrm.embed(batch.sparse_features).items()}
-        leaves = {k: v.clone().requires_grad_(True) for k, v in pooled.items()}
-        logits = run.dlrm.predict(batch.dense_features, leaves)
-        losses = F.binary_cross_entropy_with_logits(logits, batch.labels, reduction="none")
+        yield PooledBatch(batch.dense_features, batch.labels, pooled)
+
+
+def loss_gradients(
+    run: LoadedRun, dense: torch.Tensor, labels: torch.Tensor, pooled: Dict[str, torch.Tensor]
+) -> Tuple[Dict[str, torch.Tensor], torch.Tensor]:
+    """Per-sample ``dL(x)/de_j(x)`` for every field and the per-sample losses, one forward/backward of ``predict``.
+
+    Each sample's loss depends only on its own pooled embeddings, so the gradient of the
+    summed loss at ``e_j(x)`` is exactly ``dL(x)/de_j(x)``. Only the pooled embeddings are
+    differentiated (no parameter gradients are formed).
+    """
+    leaves = {k: v.detach().clone().requires_grad_(True) for k, v in pooled.items()}
+    with torch.enable_grad():
+        logits = run.dlrm.predict(dense, leaves)
+        losses = F.binary_cross_entropy_with_logits(logits, labels, reduction="none")
         grads = torch.autograd.grad(losses.sum(), [leaves[k] for k in leaves])
-        yield PooledGradients(batch.dense_features, batch.labels, pooled, dict(zip(leaves, grads)), losses.detach())
+    return dict(zip(leaves, grads)), losses.detach()
+
+
+def pooled_gradients(run: LoadedRun, num_batches: int, split: str = "val") -> Iterator[PooledGradients]:
+    """Per-sample ``dL(x)/de_j(x)`` at every field's pooled embedding, one forward/backward per batch.
+
+    :func:`pooled_batches` followed by :func:`loss_gradients` on each batch.
+    """
+    for b in pooled_batches(run, num_batches, split):
+        grads, losses = loss_gradients(run, b.dense, b.labels, b.pooled)
+        yield PooledGradients(b.dense, b.labels, b.pooled, grads, losses)
 
 
 def predict_with(run: LoadedRun, dense: torch.Tensor, pooled: Dict[str, torch.Tensor]) -> torch.Tensor:
@@ -109,10 +137,15 @@ def predict_with(run: LoadedRun, dense: torch.Tensor, pooled: Dict[str, torch.Te
 def retrain_command(run_dir: str, search_dir: str, tables_name: str, extra: Sequence[str] = (), nproc: int = 0) -> str:
     """The ``torchrun train.py`` command that trains a rewritten tables config warm-started from ``run_dir``.
 
-    Every override of the source run is inherited except those the new config replaces.
+    Every override of the source run is inherited except those the new config replaces and
+    those whose key ``extra`` sets again (e.g. ``trainer.max_steps=200`` for fine-tuning).
     """
+    def key(o: str) -> str:
+        return o.split("=", 1)[0].lstrip("+~")
+
     replaced = ("tables", "hydra.", "trainer.resume", "trainer.init_from")
-    inherited = [o for o in run_overrides(run_dir) if not o.split("=", 1)[0].lstrip("+~").startswith(replaced)]
+    again = {key(o) for o in extra}
+    inherited = [o for o in run_overrides(run_dir) if not key(o).startswith(replaced) and key(o) not in again]
     nproc = nproc or int(os.environ.get("WORLD_SIZE", "1"))
     parts = [
         f"torchrun --standalone --nproc_per_node={nproc} train.py",

@@ -25,20 +25,29 @@ def write_tables_config(
     widths: Optional[Dict[str, int]] = None,
     init_columns: Optional[Dict[str, List[int]]] = None,
     header: str = "",
+    drop_features: Optional[Sequence[str]] = None,
 ) -> str:
     """Explicit per-table config (features, rows, width, compression) at ``<out_dir>/tables/<name>.yaml``.
 
     Tables keep the compression they were trained with (an explicit per-table override wins,
     else the collection-wide setting), so the rewritten config trains the same table kinds.
+    ``drop_features`` removes features from the tables that read them; a table left without
+    features is dropped, one shared with a kept feature stays. ``init_columns`` is keyed by
+    table name, or by a full model state-dict key of a 2-D dense weight (see
+    :func:`torchrec_shark.training.checkpoint.warm_start`).
     """
     src = OmegaConf.structured(source)
     keep = set(keep_tables) if keep_tables is not None else None
+    dropped = set(drop_features or ())
     tables = {}
     for c in table_configs:
         if keep is not None and c.name not in keep:
             continue
+        features = [f for f in c.feature_names if f not in dropped]
+        if not features:
+            continue
         entry = {
-            "features": list(c.feature_names),
+            "features": features,
             "num_embeddings": int(c.num_embeddings),
             "embedding_dim": int((widths or {}).get(c.name, c.embedding_dim)),
             "pooling": "mean" if str(c.pooling).endswith("MEAN") else "sum",

@@ -21,8 +21,9 @@ from __future__ import annotations
 import json
 import logging
 import os
+import dataclasses
 import shutil
-from typing import Dict, List, Optional
+from typing import Dict, List, Optional, Tuple
 
 import torch
 import torch.distributed as dist
@@ -149,15 +150,27 @@ def warm_start(
 
     Tables (and dense layers) absent from this model or of another shape are skipped, so a
     pruned or re-dimensioned model starts from its parent. ``columns[table]`` lists the
-    source columns a narrower table inherits (dimension search). Returns
-    ``{"loaded": [...], "skipped": [...]}``.
+    source columns a narrower table inherits (dimension search); a key that is a full
+    state-dict key of a 2-D tensor (e.g. the over arch's first weight after field pruning)
+    selects that tensor's source columns the same way. Stock tables (sharded or not) and
+    compressed row-store tables (fp16, int8, mixed precision: decoded, sliced, re-encoded, tiers
+    kept) narrow; a tensor-train table has no columns to keep and starts fresh. Returns
+    ``{"loaded": [...], "narrowed": [...], "skipped": [...], "fresh_tables": [...]}`` (tables with a
+    tensor the source lacks or holds in another shape start from their own initialisation).
     """
     checkpoint = require_checkpoint(source_run_dir)
     saved = checkpoint_tensor_shapes(checkpoint)
     current = model.state_dict()
     wanted = {k: v for k, v in current.items() if k in saved and _global_shape(v) == saved[k]}
-    narrowed = _narrowed_tables(current, saved, columns or {})
-    skipped = sorted(set(current) - set(wanted) - set(narrowed))
+    columns = dict(columns or {})
+    # Unsharded compressed tables store encoded pools; they narrow through their logical rows.
+    row_stores = {t: m for t, m in _row_store_tables(model, current).items() if t in columns}
+    narrowed = _narrowed_tables(current, saved, {t: c for t, c in columns.items() if t not in row_stores})
+    # A table loads whole or not at all: a tensor-train table at a new width may share a core's
+    # shape with its source, but a core of another factorisation means nothing here.
+    keep = {k.rsplit(".", 1)[0] for k in narrowed} | {prefix for prefix, _, _ in row_stores.values()}
+    fresh = _changed_tables(current, wanted, keep)
+    wanted = {k: v for k, v in wanted.items() if _table_prefix(k) not in fresh}
     dcp.load({"model": wanted}, checkpoint_id=checkpoint, planner=DefaultLoadPlanner(allow_partial_load=True))
     model.load_state_dict(wanted, strict=False)
     for key, cols in narrowed.items():
@@ -166,16 +179,110 @@ def warm_start(
         dcp.load({"model": full}, checkpoint_id=checkpoint, no_dist=True,
                  planner=DefaultLoadPlanner(allow_partial_load=True))
         _copy_global_into(current[key], full[key][:, cols])
+        # A sharded compressed table exports copies of its rows: hand them back through its load hook.
+        model.load_state_dict({key: current[key]}, strict=False)
+    narrowed_keys = set(narrowed)
+    for table, (prefix, module, config) in row_stores.items():
+        narrowed_keys |= _narrow_row_store(checkpoint, saved, prefix, module, config, columns[table])
+    skipped = sorted(set(current) - set(wanted) - narrowed_keys)
+    fresh_tables = sorted(p.rsplit(".", 1)[1] for p in fresh)
     if _is_main():
-        logger.info("warm start from %s: %d tensors loaded, %d narrowed, %d skipped",
-                    checkpoint, len(wanted), len(narrowed), len(skipped))
-    return {"loaded": sorted(wanted), "narrowed": sorted(narrowed), "skipped": skipped}
+        logger.info("warm start from %s: %d tensors loaded, %d narrowed, %d skipped, tables initialised afresh: %s",
+                    checkpoint, len(wanted), len(narrowed_keys), len(skipped), fresh_tables)
+    return {"loaded": sorted(wanted), "narrowed": sorted(narrowed_keys), "skipped": skipped,
+            "fresh_tables": fresh_tables}
+
+
+def _table_prefix(key: str) -> Optional[str]:
+    """``...embedding_bags.<table>`` of a table's state-dict key, else ``None``."""
+    head, sep, tail = key.partition("embedding_bags.")
+    if not sep or "." not in tail:
+        return None
+    return head + sep + tail.split(".", 1)[0]
+
+
+def _changed_tables(current: Dict, wanted: Dict, keep: set) -> set:
+    """Prefixes of tables (other than ``keep``) with a tensor the source lacks or has in another shape."""
+    out = set()
+    for k in current:
+        prefix = _table_prefix(k)
+        if prefix is not None and prefix not in keep and k not in wanted:
+            out.add(prefix)
+    return out
+
+
+def _row_store_tables(model: torch.nn.Module, current: Dict) -> Dict[str, Tuple[str, torch.nn.Module, object]]:
+    """Compressed tables whose own buffers are the state dict (unsharded): ``{table: (prefix, module, config)}``."""
+    out = {}
+    for cprefix, coll in model.named_modules():
+        bags = getattr(coll, "embedding_bags", None)
+        if not isinstance(bags, torch.nn.ModuleDict) or not hasattr(coll, "embedding_bag_configs"):
+            continue
+        configs = {c.name: c for c in coll.embedding_bag_configs()}
+        for name, table in bags.items():
+            prefix = f"{cprefix}.embedding_bags.{name}" if cprefix else f"embedding_bags.{name}"
+            keys = list(table.state_dict())
+            if hasattr(table, "load_logical_state_dict") and keys and all(f"{prefix}.{k}" in current for k in keys):
+                out[name] = (prefix, table, configs[name])
+    return out
+
+
+@torch.no_grad()
+def _narrow_row_store(
+    checkpoint: str, saved: Dict, prefix: str, table: torch.nn.Module, config, cols: List[int]
+) -> set:
+    """``table`` starts as the source table's rows restricted to ``cols`` (values, tiers, priorities).
+
+    The source is the same kind of table, wider: it is rebuilt at its saved width, loaded from
+    the checkpoint, and its logical rows (decoded to fp32) are sliced and re-encoded here.
+    Returns the state-dict keys whose shape the narrowing changed.
+    """
+    own = {k: v for k, v in table.state_dict().items()}
+    missing = [k for k in own if f"{prefix}.{k}" not in saved]
+    if missing:
+        raise CheckpointError(f"init_columns for table {table.name!r}: the source checkpoint has no "
+                              f"{[f'{prefix}.{k}' for k in missing]} (another table kind or sharding?)")
+    src_width = _saved_width(saved, prefix, own, table.embedding_dim)
+    if len(cols) != table.embedding_dim or max(cols) >= src_width:
+        raise CheckpointError(f"init_columns for table {table.name!r}: {len(cols)} columns (max {max(cols)}) "
+                              f"cannot fill width {table.embedding_dim} from saved width {src_width}")
+    source = type(table)(dataclasses.replace(config, embedding_dim=src_width), device=torch.device("cpu"))
+    src_state = {f"{prefix}.{k}": v for k, v in source.state_dict().items()
+                 if f"{prefix}.{k}" in saved and tuple(v.shape) == tuple(saved[f"{prefix}.{k}"])}
+    dcp.load({"model": src_state}, checkpoint_id=checkpoint, no_dist=True,
+             planner=DefaultLoadPlanner(allow_partial_load=True))
+    source.load_state_dict({k[len(prefix) + 1:]: v for k, v in src_state.items()}, strict=False)
+    full = source.logical_state_dict()
+    state = table.logical_state_dict()
+    state["weight"] = full["weight"][:, list(cols)].to(state["weight"])
+    for key in ("tier", "priority"):
+        if key in state and key in full:
+            state[key] = full[key]
+    table.load_logical_state_dict(state)
+    return {f"{prefix}.{k}" for k, v in own.items() if tuple(v.shape) != tuple(saved[f"{prefix}.{k}"])}
+
+
+def _saved_width(saved: Dict, prefix: str, own: Dict[str, object], width: int) -> int:
+    """The saved table's width: this one's plus the difference of any width-dependent 2-D tensor.
+
+    ``own`` maps this table's state-dict keys (without ``prefix``) to tensors; every kind of
+    table keeps its rows in 2-D tensors whose second dim is the width plus a constant.
+    """
+    for k, v in own.items():
+        shape, mine = saved.get(f"{prefix}.{k}" if prefix else k), _global_shape(v)
+        if shape is not None and mine is not None and len(shape) == 2 and len(mine) == 2 \
+                and shape[0] == mine[0] and shape[1] != mine[1]:
+            return width + int(shape[1]) - int(mine[1])
+    return width
 
 
 def _narrowed_tables(current: Dict, saved: Dict, columns: Dict[str, List[int]]) -> Dict[str, List[int]]:
     out = {}
     for table, cols in columns.items():
-        key = next((k for k in current if k.endswith(f".embedding_bags.{table}.weight")), None)
+        # A table name, or the full state-dict key of a 2-D dense weight (field pruning keeps the
+        # over-arch input columns of the remaining fields' interactions).
+        key = table if table in current else next(
+            (k for k in current if k.endswith(f".embedding_bags.{table}.weight")), None)
         if key is None or key not in saved:
             continue
         shape = _global_shape(current[key])
@@ -204,3 +311,50 @@ def _global_shape(t: object) -> Optional[torch.Size]:
     if isinstance(t, torch.Tensor):
         return t.shape
     return None
+
+
+def warm_start_projections(
+    source_run_dir: str,
+    model: torch.nn.Module,
+    columns: Dict[str, List[int]],
+    table_features: Dict[str, List[str]],
+) -> List[str]:
+    """Start the field projections of narrowed tables where the source model left off.
+
+    A field of table ``t`` that keeps source columns ``cols`` and now needs a linear
+    projection (width != interaction width) gets ``P_new = P_src[:, cols]``, where ``P_src``
+    is the source's projection of that field, or the identity (``[I | 0]`` for a narrower
+    zero-padded source) when the source field had none. The narrowed model then computes
+    exactly the source model with the dropped columns masked to zero, instead of sending the
+    inherited columns through a random map. Returns the state-dict keys it set.
+    """
+    checkpoint = require_checkpoint(source_run_dir)
+    saved = checkpoint_tensor_shapes(checkpoint)
+    current = model.state_dict()
+    done = []
+    for table, cols in columns.items():
+        own = {k: v for k, v in current.items() if f"embedding_bags.{table}." in k}
+        src_width = _saved_width(saved, "", own, len(cols)) if any(k in saved for k in own) else None
+        for feat in table_features.get(table, []):
+            key = next((k for k in current if k.endswith(f".projection.proj.{feat}.weight")), None)
+            if key is None:
+                continue  # the new width needs no projection (or zero_pad)
+            dst = current[key]
+            out_dim, width = dst.shape
+            if width != len(cols):
+                raise CheckpointError(f"init_columns for table {table!r}: {len(cols)} columns for projection "
+                                      f"{key} of width {width}")
+            if key in saved:
+                full = {key: torch.empty(saved[key], dtype=torch.float32)}
+                dcp.load({"model": full}, checkpoint_id=checkpoint, no_dist=True,
+                         planner=DefaultLoadPlanner(allow_partial_load=True))
+                src = full[key]
+            elif src_width is not None and src_width <= out_dim:
+                src = torch.eye(out_dim)[:, :src_width]
+            else:
+                continue
+            if src.shape[0] != out_dim or max(cols) >= src.shape[1]:
+                continue
+            dst.detach().copy_(src[:, list(cols)].to(dst.dtype))
+            done.append(key)
+    return done

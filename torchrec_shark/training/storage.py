@@ -4,6 +4,8 @@ Example::
 
     embedding_storage(collection, table_configs, sharded=True, model=dmp)
     # {"total": ..., "fp32_total": ..., "per_table": {"t_f00": ...}}
+    plan_table = compressed_plan_table(describe_plan(plan), table_configs, sharded_collection)
+    print(format_plan_table(plan_table))   # kind, sharding type, ranks, compressed bytes per table
 """
 
 from __future__ import annotations
@@ -32,17 +34,60 @@ def _table_total(report) -> int:
 def embedding_storage(collection: nn.Module, configs: Sequence, sharded: bool, model: nn.Module) -> Dict:
     names = [c.name for c in configs]
     fp32 = {c.name: c.num_embeddings * c.embedding_dim * 4 for c in configs}
-    if sharded:
+    if sharded and hasattr(collection, "table_shards"):  # compressed shards: what they allocate
+        per_table = _sum_over_ranks(names, _compressed_local_bytes(collection))
+    elif sharded:
         per_rank = dict.fromkeys(names, 0)
         for key, value in model.state_dict().items():
             if _TABLE_KEY in key and key.endswith(".weight"):
                 table = key.split(_TABLE_KEY, 1)[1].rsplit(".", 1)[0]
                 if table in per_rank:
                     per_rank[table] += _local_bytes(value)
-        counts = torch.tensor([per_rank[n] for n in names], dtype=torch.float64)
-        if dist.is_initialized() and dist.get_world_size() > 1:
-            dist.all_reduce(counts)
-        per_table = {n: int(v) for n, v in zip(names, counts.tolist())}
+        per_table = _sum_over_ranks(names, per_rank)
     else:
         per_table = {n: _table_total(collection.table_memory_bytes(n)) for n in names}
     return {"total": sum(per_table.values()), "fp32_total": sum(fp32.values()), "per_table": per_table}
+
+
+def _sum_over_ranks(names: Sequence[str], per_rank: Dict[str, int]) -> Dict[str, int]:
+    counts = torch.tensor([per_rank.get(n, 0) for n in names], dtype=torch.float64)
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.all_reduce(counts)
+    return {n: int(v) for n, v in zip(names, counts.tolist())}
+
+
+def _compressed_local_bytes(collection: nn.Module) -> Dict[str, int]:
+    """Table bytes (no optimizer state) of this rank's compressed shards."""
+    return {name: int(p["table"]) for name, p in collection.memory_bytes()["per_table"].items()}
+
+
+def compressed_plan_table(plan_table: Dict[str, Dict], configs: Sequence, collection: nn.Module) -> Dict[str, Dict]:
+    """``plan_table`` (from ``describe_plan``) with each table's kind and the bytes its shards really
+    allocate, summed over ranks (``bytes``: table storage; ``optimizer_bytes``: fused optimizer
+    state). A collective: every rank must call it."""
+    names = [c.name for c in configs]
+    per = collection.memory_bytes()["per_table"]
+    table = _sum_over_ranks(names, {n: p["table"] for n, p in per.items()})
+    optim = _sum_over_ranks(names, {n: p["optimizer"] for n, p in per.items()})
+    out = {}
+    for c in configs:
+        info = dict(plan_table.get(c.name, {}))
+        info.update(kind=type(c.compression).__name__ if c.compression is not None else "fp32",
+                    bytes=table[c.name], optimizer_bytes=optim[c.name],
+                    fp32_bytes=c.num_embeddings * c.embedding_dim * 4)
+        out[c.name] = info
+    return out
+
+
+def format_plan_table(plan_table: Dict[str, Dict]) -> str:
+    """One line per table: kind, sharding type, ranks, compressed bytes (and fp32 for comparison)."""
+    head = f"{'table':<12} {'kind':<15} {'sharding':<11} {'ranks':<8} {'bytes':>13} {'optim bytes':>12} {'fp32 bytes':>13}"
+    lines = [head]
+    for name, t in plan_table.items():
+        ranks = ",".join(str(r) for r in t.get("ranks", []))
+        lines.append(f"{name:<12} {t.get('kind', ''):<15} {t.get('sharding_type', ''):<11} {ranks:<8} "
+                     f"{t.get('bytes', 0):>13,} {t.get('optimizer_bytes', 0):>12,} {t.get('fp32_bytes', 0):>13,}")
+    total = sum(t.get("bytes", 0) for t in plan_table.values())
+    fp32 = sum(t.get("fp32_bytes", 0) for t in plan_table.values())
+    lines.append(f"total compressed bytes {total:,} (fp32 {fp32:,}, {total / max(fp32, 1):.3f}x)")
+    return "\n".join(lines)

@@ -25,7 +25,7 @@ from tqdm import tqdm
 
 from torchrec_shark.config import TrainConfig
 from torchrec_shark import data as data_sources
-from torchrec_shark.distributed.model_parallel import plan_model, shard_model
+from torchrec_shark.distributed.model_parallel import compressed_sharders, plan_model, shard_model
 from torchrec_shark.distributed.planner import describe_plan
 from torchrec_shark.models.dlrm import DLRM, DLRMTrain
 from torchrec_shark.training import checkpoint as ckpt
@@ -36,7 +36,7 @@ from torchrec_shark.training.optimizers import (
     dense_optimizer,
     sparse_optimizer_spec,
 )
-from torchrec_shark.training.storage import embedding_storage
+from torchrec_shark.training.storage import compressed_plan_table, embedding_storage, format_plan_table
 from torchrec_shark.training.table_factory import build_collection, build_table_configs, is_compressed
 
 logger = logging.getLogger(__name__)
@@ -47,7 +47,9 @@ class Trainer:
 
     Stock tables are planned by TorchRec's ``EmbeddingShardingPlanner`` and trained through
     ``DistributedModelParallel`` + ``TrainPipelineSparseDist``; a collection with compressed
-    tables runs unsharded (one rank).
+    tables goes the same way, planned from its real compressed bytes and sharded by
+    ``CompressedEmbeddingBagCollectionSharder`` (``DLRMTrain`` records each batch's labels with it
+    before the lookup; its fused optimizer's ``step()`` closes the tables' step).
     """
 
     def __init__(self, cfg: TrainConfig, run_dir: str, env: DistEnv) -> None:
@@ -66,9 +68,8 @@ class Trainer:
             cfg.tables, self.dataset.feature_names, self.dataset.num_embeddings_per_feature
         )
         self.feature_names = [f for c in self.table_configs for f in c.feature_names]
-        self.sharded = not is_compressed(self.table_configs)
-        if not self.sharded and env.world_size > 1:
-            raise ValueError("compressed tables run on one rank until they are sharded; use --nproc_per_node=1")
+        self.compressed = is_compressed(self.table_configs)
+        self.sharded = True  # compressed collections shard too (their own sharder)
         if env.is_main:
             truth = self.dataset.truth()
             if truth is not None:
@@ -79,7 +80,7 @@ class Trainer:
     def _build_model(self) -> None:
         cfg, env = self.cfg, self.env
         t = cfg.trainer
-        ebc_device = torch.device("meta") if self.sharded else env.device
+        ebc_device = env.device if self.compressed else torch.device("meta")
         ebc = build_collection(
             self.table_configs, ebc_device, optimizer=sparse_optimizer_spec(t.embedding_optimizer, t.embedding_lr)
         )
@@ -94,7 +95,9 @@ class Trainer:
         train_model = DLRMTrain(dlrm)
         self.plan = None
         if self.sharded:
-            apply_embedding_optimizer(ebc, t.embedding_optimizer, t.embedding_lr)
+            sharders = compressed_sharders() if self.compressed else None
+            if not self.compressed:
+                apply_embedding_optimizer(ebc, t.embedding_optimizer, t.embedding_lr)
             self.plan = plan_model(
                 train_model,
                 env.world_size,
@@ -105,12 +108,18 @@ class Trainer:
                 dict(cfg.planner.per_table),
                 cfg.planner.hbm_cap_gb,
                 cfg.planner.ddr_cap_gb,
+                sharders=sharders,
+                compressed_configs=self.table_configs if self.compressed else None,
             )
-            self.model = shard_model(train_model, self.plan, env.device)
+            self.model = shard_model(train_model, self.plan, env.device, sharders=sharders)
             fused = self.model.fused_optimizer
             self.plan_table = describe_plan(self.plan)
+            if self.compressed:  # kind, sharding, ranks and real bytes per table (a collective)
+                self.plan_table = compressed_plan_table(self.plan_table, self.table_configs, self.collection)
             if env.is_main:
                 text = str(self.plan)
+                if self.compressed:
+                    text += "\n" + format_plan_table(self.plan_table)
                 print(f"Sharding plan ({env.world_size} rank(s), {env.backend}):\n{text}", flush=True)
                 with open(os.path.join(self.run_dir, "plan.txt"), "w") as f:
                     f.write(text + "\n")
@@ -151,8 +160,17 @@ class Trainer:
         if t.init_from:
             columns = {k: list(v) for k, v in self.cfg.tables.init_columns.items()}
             report = ckpt.warm_start(t.init_from, self.model, columns)
+            if columns:  # narrowed tables: their fields' projections start as the source's, masked
+                features = {c.name: list(c.feature_names) for c in self.table_configs}
+                report["projections"] = ckpt.warm_start_projections(t.init_from, self.model, columns, features)
+                report["skipped"] = [k for k in report["skipped"] if k not in set(report["projections"])]
             self._log(f"warm start from {t.init_from}: {len(report['loaded'])} tensors loaded, "
+                      f"{len(report.get('narrowed', []))} narrowed to init_columns, "
+                      f"{len(report.get('projections', []))} projections from the source, "
                       f"{len(report['skipped'])} not in the source (fresh init)")
+            if report.get("fresh_tables"):
+                self._log(f"tables initialised afresh (absent from the source or of another shape, e.g. "
+                          f"tensor-train cores at a new width): {report['fresh_tables']}")
             if self.env.is_main:
                 self._write_json("warm_start.json", report)
         return 0
@@ -200,6 +218,8 @@ class Trainer:
             t0 = time.perf_counter()
             if pipeline is not None:
                 loss, _, _ = pipeline.progress(it)
+                if self.compressed:
+                    self.collection.step_end()
             else:
                 loss = self._unsharded_step(next(it))
             step += 1

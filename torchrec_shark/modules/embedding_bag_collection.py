@@ -1,0 +1,263 @@
+"""``CompressedEmbeddingBagCollection``: TorchRec's ``EmbeddingBagCollection`` contract over
+compressed tables (fp32, uniform fp16/int8, per-row mixed precision, tensor-train, ...).
+
+Every table is built by :func:`~torchrec_shark.modules.base.build_table` from its config's
+``compression`` (``None``: a stock fp32 table) and updates itself in backward with the fused
+sparse optimizer, like FBGEMM's TBE; :attr:`fused_optimizer` exposes that optimizer's state
+as a TorchRec ``KeyedOptimizer`` for ``CombinedOptimizer`` and checkpoints.
+
+Training-loop protocol (per step)::
+
+    ebc.record_labels(batch.sparse_features, batch.labels)   # before forward (label-aware kinds)
+    loss = model(batch); loss.backward()                      # tables update in backward
+    optimizer.step()                                          # CombinedOptimizer([ebc.fused_optimizer, dense])
+    ebc.step_end()                                            # priorities, re-tiering, caches
+
+Example::
+
+    ebc = CompressedEmbeddingBagCollection(
+        tables=[CompressedEmbeddingBagConfig(name="t", num_embeddings=1000, embedding_dim=64,
+                                             feature_names=["f"], compression=MixedPrecision())],
+        optimizer=SparseOptimizerSpec("rowwise_adagrad", lr=0.05),
+    )
+    kt = ebc(kjt)            # KeyedTensor, keys ["f"], values [B, 64]
+"""
+
+from __future__ import annotations
+
+import itertools
+import zlib
+from typing import Any, Dict, List, Optional, Tuple
+
+import torch
+from torch import nn
+from torchrec.modules.embedding_configs import EmbeddingBagConfig
+from torchrec.modules.embedding_modules import EmbeddingBagCollectionInterface, get_embedding_names_by_table
+from torchrec.optim.fused import FusedOptimizer, FusedOptimizerModule
+from torchrec.sparse.jagged_tensor import KeyedJaggedTensor, KeyedTensor
+
+# Importing the kinds registers them with build_table.
+import torchrec_shark.modules.mixed_precision  # noqa: F401
+from torchrec_shark.modules.base import CompressedTable, SparseOptimizerSpec, TableInputError, build_table
+from torchrec_shark.modules.kernels.lookup import bag_of_ids
+
+try:  # the tensor-train kind registers itself when present
+    import torchrec_shark.modules.tensor_train  # noqa: F401
+except ImportError:  # pragma: no cover
+    pass
+
+
+class CompressedTablesOptimizer(FusedOptimizer):
+    """The tables' fused optimizers as one ``KeyedOptimizer``.
+
+    ``params`` maps ``embedding_bags.<table>.weight`` to a zero-size handle tensor per table
+    (there is no fp32 weight to point at); ``state[handle]`` holds the table's live optimizer
+    state tensors as ``<table>.<name>`` (TBE's naming), so ``state_dict``/``load_state_dict``
+    read and write the tables' own state in place. ``step()`` applies nothing (updates happen
+    in backward) but pushes the param group's ``lr`` to the tables, so LR schedulers work.
+    """
+
+    def __init__(self, tables: Dict[str, CompressedTable], lr: float) -> None:
+        self._tables = tables
+        params: Dict[str, torch.Tensor] = {}
+        state: Dict[Any, Any] = {}
+        for name, table in tables.items():
+            handle = torch.empty(0)
+            params[f"embedding_bags.{name}.weight"] = handle
+            state[handle] = {f"{name}.{k}": v for k, v in table.optimizer_state().items()}
+        super().__init__(params, state, [{"params": list(params.values()), "lr": lr}])
+
+    def _push_lr(self) -> None:
+        lr = self.param_groups[0]["lr"]  # type: ignore[index]
+        for table in self._tables.values():
+            table.set_learning_rate(lr)
+
+    def step(self, closure: Any = None) -> None:
+        self._push_lr()
+
+    def zero_grad(self, set_to_none: bool = False) -> None:
+        self._push_lr()
+
+
+class CompressedEmbeddingBagCollection(EmbeddingBagCollectionInterface, FusedOptimizerModule):
+    """Pooled embeddings of compressed tables: KJT in, ``KeyedTensor`` out.
+
+    Same contract as ``torchrec.EmbeddingBagCollection``: output keys are the features in
+    config order (``feature@table`` when a feature feeds several tables), each of width its
+    table's ``embedding_dim``; SUM or MEAN pooling; per-id weights when ``is_weighted``;
+    multi-hot and empty bags; several features may share a table.
+
+    Tables live in ``embedding_bags`` (``nn.ModuleDict``); their storage and optimizer state
+    are buffers (never parameters), so ``state_dict()`` holds everything and DDP/dense
+    optimizers see nothing.
+
+    Args:
+        tables: one config per table (``compression=None``: stock fp32).
+        is_weighted: read per-id weights from ``KeyedJaggedTensor.weights()``.
+        device: where the tables live (default CPU).
+        optimizer: the fused sparse optimizer every table applies in backward.
+    """
+
+    def __init__(
+        self,
+        tables: List[EmbeddingBagConfig],
+        is_weighted: bool = False,
+        device: Optional[torch.device] = None,
+        optimizer: SparseOptimizerSpec = SparseOptimizerSpec(),
+    ) -> None:
+        super().__init__()
+        torch._C._log_api_usage_once(f"torchrec_shark.modules.{self.__class__.__name__}")
+        device = torch.device(device) if device is not None else torch.device("cpu")
+        if device.type == "meta":
+            raise ValueError("CompressedEmbeddingBagCollection allocates real (compressed) storage; use a real device")
+        self._device = device
+        self._is_weighted = is_weighted
+        self._optimizer_spec = optimizer
+        self._embedding_bag_configs = list(tables)
+        self.embedding_bags = nn.ModuleDict()
+        self._feature_order: List[str] = []
+        self._table_features: List[Tuple[int, int]] = []  # [first, last) into _feature_order
+        # Each table initialises from its own stream (the global seed and its name) and the
+        # global RNG is left as it was: a model built around this collection gets the same dense
+        # initialisation as with stock tables on "meta" (initialised later, by the sharder), so
+        # runs that differ only in table compression start from the same dense weights.
+        base_seed = torch.initial_seed()
+        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+            for cfg in self._embedding_bag_configs:
+                if cfg.name in self.embedding_bags:
+                    raise ValueError(f"Duplicate table name {cfg.name}")
+                if not cfg.feature_names:
+                    cfg.feature_names = [cfg.name]
+                if not hasattr(cfg, "compression"):
+                    cfg = _with_compression(cfg)
+                torch.manual_seed((base_seed + zlib.crc32(cfg.name.encode())) % 2**63)
+                self.embedding_bags[cfg.name] = build_table(cfg, optimizer, device)
+                first = len(self._feature_order)
+                self._feature_order.extend(cfg.feature_names)
+                self._table_features.append((first, len(self._feature_order)))
+        self._embedding_names: List[str] = list(
+            itertools.chain.from_iterable(get_embedding_names_by_table(self._embedding_bag_configs))
+        )
+        self._length_per_key: List[int] = [
+            cfg.embedding_dim for cfg in self._embedding_bag_configs for _ in cfg.feature_names
+        ]
+        self._permute_cache: Dict[Tuple[str, ...], Optional[List[int]]] = {}
+        self._fused_optimizer: Optional[CompressedTablesOptimizer] = None
+
+    # ------------------------------------------------------------------ contract
+    def embedding_bag_configs(self) -> List[EmbeddingBagConfig]:
+        return self._embedding_bag_configs
+
+    def is_weighted(self) -> bool:
+        return self._is_weighted
+
+    @property
+    def device(self) -> torch.device:
+        return self._device
+
+    @property
+    def fused_optimizer(self) -> CompressedTablesOptimizer:
+        if self._fused_optimizer is None:
+            self._fused_optimizer = CompressedTablesOptimizer(
+                dict(self.embedding_bags.items()), self._optimizer_spec.lr
+            )
+        return self._fused_optimizer
+
+    def _apply(self, fn, *args, **kwargs):
+        self._fused_optimizer = None  # buffers may have been replaced (.to(), .cuda())
+        return super()._apply(fn, *args, **kwargs)
+
+    # ------------------------------------------------------------------ input slicing
+    def _ordered(self, features: KeyedJaggedTensor) -> KeyedJaggedTensor:
+        """``features`` with this collection's features first, in table order."""
+        if features.variable_stride_per_key():
+            raise ValueError("CompressedEmbeddingBagCollection does not support variable batch size per feature")
+        keys = tuple(features.keys())
+        if keys not in self._permute_cache:
+            missing = [f for f in self._feature_order if f not in keys]
+            if missing:
+                raise ValueError(f"features {missing} are missing from the KeyedJaggedTensor (keys {list(keys)})")
+            idx = [keys.index(f) for f in self._feature_order]
+            self._permute_cache[keys] = None if idx == list(range(len(idx))) else idx
+        idx = self._permute_cache[keys]
+        return features if idx is None else features.permute(idx)
+
+    def _table_inputs(self, kjt: KeyedJaggedTensor):
+        """Per table: ``(table, ids, offsets, weights or None, num_features)`` with the bags of
+        its features concatenated (feature-major)."""
+        batch = kjt.stride()
+        values, offsets = kjt.values(), kjt.offsets()
+        weights = kjt.weights() if self._is_weighted else None
+        starts = kjt.offset_per_key()
+        for table, (f0, f1) in zip(self.embedding_bags.values(), self._table_features):
+            a, b = starts[f0], starts[f1]
+            offs = offsets[f0 * batch : f1 * batch + 1]
+            yield table, values[a:b], offs - a if a else offs, None if weights is None else weights[a:b], f1 - f0
+
+    # ------------------------------------------------------------------ forward
+    def forward(self, features: KeyedJaggedTensor) -> KeyedTensor:
+        kjt = self._ordered(features)
+        batch = kjt.stride()
+        pooled: List[torch.Tensor] = []
+        for table, ids, offs, weights, nf in self._table_inputs(kjt):
+            out = table(ids, offs, weights)
+            pooled.extend([out] if nf == 1 else out.view(nf, batch, -1).unbind(0))
+        return KeyedTensor(
+            keys=self._embedding_names,
+            length_per_key=self._length_per_key,
+            values=torch.cat(pooled, dim=1) if len(pooled) > 1 else pooled[0],
+            key_dim=1,
+        )
+
+    # ------------------------------------------------------------------ training hooks
+    def record_labels(self, features: KeyedJaggedTensor, labels: torch.Tensor) -> None:
+        """Give the label-aware tables (mixed precision) this step's labels; call before forward.
+
+        ``labels[b]`` is sample ``b``'s label. For each table the bags of all its features are
+        merged per sample, so a row counts once per sample that touched it through any of the
+        table's features. See :meth:`MixedPrecisionTable.record_labels
+        <torchrec_shark.modules.mixed_precision.MixedPrecisionTable.record_labels>` for how the
+        counts stay exact under row-wise sharding.
+        """
+        kjt = self._ordered(features)
+        batch = kjt.stride()
+        labels = labels.reshape(-1)
+        if labels.numel() != batch:
+            raise TableInputError(f"record_labels: {labels.numel()} labels for a batch of {batch}")
+        for table, ids, offs, _, nf in self._table_inputs(kjt):
+            if type(table).record_labels is CompressedTable.record_labels:
+                continue
+            if nf > 1:  # one bag per sample: the sample's ids from every feature of the table
+                sample = bag_of_ids(offs.long(), ids.numel()) % batch
+                order = torch.sort(sample, stable=True).indices
+                ids = ids.index_select(0, order)
+                counts = torch.bincount(sample, minlength=batch)
+                offs = torch.cat([counts.new_zeros(1), counts.cumsum(0)])
+            table.record_labels(ids, offs, labels)
+
+    def step_end(self) -> None:
+        """Close a training step (after ``optimizer.step()``): every table's :meth:`step_end`."""
+        for table in self.embedding_bags.values():
+            table.step_end()
+
+    # ------------------------------------------------------------------ accounting
+    def table_memory_bytes(self, name: str) -> Dict[str, int]:
+        return self.embedding_bags[name].memory_bytes()
+
+    def memory_bytes(self) -> Dict[str, Any]:
+        """``{"total": bytes, "per_table": {name: {part: bytes, ..., "total": bytes}}}`` (no optimizer state)."""
+        per_table = {name: t.memory_bytes() for name, t in self.embedding_bags.items()}
+        return {"total": sum(p["total"] for p in per_table.values()), "per_table": per_table}
+
+    def fp32_bytes(self) -> int:
+        """Bytes of the same tables as plain fp32 rows."""
+        return sum(t.fp32_bytes() for t in self.embedding_bags.values())
+
+
+def _with_compression(cfg: EmbeddingBagConfig):
+    """A plain ``EmbeddingBagConfig`` seen as an uncompressed one."""
+    from torchrec_shark.modules.specs import CompressedEmbeddingBagConfig
+    import dataclasses
+
+    fields = {f.name: getattr(cfg, f.name) for f in dataclasses.fields(cfg) if f.init}
+    return CompressedEmbeddingBagConfig(**fields, compression=None)

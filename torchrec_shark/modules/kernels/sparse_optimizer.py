@@ -1,0 +1,95 @@
+"""Fused sparse optimizers over row-indexed state, applied to the rows a batch touched.
+
+The update rules are FBGEMM TBE's (``EXACT_SGD``, ``EXACT_ADAGRAD``,
+``EXACT_ROWWISE_ADAGRAD``, ``ADAM`` with L2 weight decay folded into the gradient for the
+Adagrads), so an fp32 table trained here matches a stock table trained by TBE.
+
+State tensors are indexed by *row id* (never by storage slot): a row that moves between
+precision tiers keeps its state without any copy, and a row-wise shard's state is a slice.
+
+Example::
+
+    opt = RowOptimizer(SparseOptimizerSpec("rowwise_adagrad", lr=0.05), num_rows=1000, dim=64)
+    new_w = opt.apply(rows, w, g)   # rows: unique int64 [U]; w, g: fp32 [U, D]
+"""
+
+from __future__ import annotations
+
+from typing import Dict, Optional
+
+import torch
+from torch import nn
+
+from torchrec_shark.modules.base import SparseOptimizerSpec
+
+OPTIMIZERS = ("sgd", "adagrad", "rowwise_adagrad", "adam")
+
+
+class RowOptimizer(nn.Module):
+    """Optimizer state as buffers (so it is part of the owning table's ``state_dict``).
+
+    ``lr`` is a plain attribute: the collection's ``KeyedOptimizer`` pushes its param group's
+    ``lr`` here, so TorchRec/torch LR schedulers work as with TBE.
+    """
+
+    def __init__(self, spec: SparseOptimizerSpec, num_rows: int, dim: int, device: Optional[torch.device] = None) -> None:
+        super().__init__()
+        if spec.name not in OPTIMIZERS:
+            raise ValueError(f"sparse optimizer {spec.name!r} is not one of {OPTIMIZERS}")
+        self.spec = spec
+        self.lr = float(spec.lr)
+        if spec.name == "adagrad":
+            self.register_buffer("momentum1", torch.zeros(num_rows, dim, device=device))
+        elif spec.name == "rowwise_adagrad":
+            self.register_buffer("momentum1", torch.zeros(num_rows, device=device))
+        elif spec.name == "adam":
+            self.register_buffer("exp_avg", torch.zeros(num_rows, dim, device=device))
+            self.register_buffer("exp_avg_sq", torch.zeros(num_rows, dim, device=device))
+            self.register_buffer("iter", torch.zeros((), dtype=torch.int64, device=device))
+
+    def state(self) -> Dict[str, torch.Tensor]:
+        """The live state tensors by name (the same objects as the buffers)."""
+        return dict(self.named_buffers())
+
+    def state_rows(self, rows: torch.Tensor) -> Dict[str, torch.Tensor]:
+        """Per-row state (row-indexed tensors only) for ``rows``."""
+        return {k: v.index_select(0, rows) for k, v in self.named_buffers() if v.dim() > 0}
+
+    def load_state_rows(self, rows: torch.Tensor, state: Dict[str, torch.Tensor]) -> None:
+        for k, v in self.named_buffers():
+            if v.dim() > 0:
+                v.index_copy_(0, rows, state[k].to(v))
+
+    @torch.no_grad()
+    def apply(self, rows: torch.Tensor, w: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
+        """New values of ``rows`` (unique) given their values ``w`` and summed gradients ``g``."""
+        spec, lr = self.spec, self.lr
+        wd = spec.weight_decay
+        if spec.name == "sgd":
+            if wd:
+                g = g + wd * w
+            return w - lr * g
+        if spec.name == "rowwise_adagrad":
+            if wd:
+                g = g + wd * w
+            m = self.momentum1.index_select(0, rows) + g.square().mean(dim=1)
+            self.momentum1.index_copy_(0, rows, m)
+            return torch.addcmul(w, g, (-lr / (m.sqrt() + spec.eps)).unsqueeze(1))
+        if spec.name == "adagrad":
+            if wd:
+                g = g + wd * w
+            m = self.momentum1.index_select(0, rows).addcmul_(g, g)
+            self.momentum1.index_copy_(0, rows, m)
+            return torch.addcdiv(w, g, m.sqrt_().add_(spec.eps), value=-lr)
+        # adam (FBGEMM's: bias-corrected moments, decoupled weight decay)
+        self.iter += 1
+        t = int(self.iter)
+        m1 = self.exp_avg.index_select(0, rows).lerp_(g, 1 - spec.beta1)
+        m2 = self.exp_avg_sq.index_select(0, rows).mul_(spec.beta2).addcmul_(g, g, value=1 - spec.beta2)
+        self.exp_avg.index_copy_(0, rows, m1)
+        self.exp_avg_sq.index_copy_(0, rows, m2)
+        denom = (m2 / (1 - spec.beta2**t)).sqrt_().add_(spec.eps)
+        upd = (m1 / (1 - spec.beta1**t)).div_(denom)
+        if wd:
+            upd = upd + wd * w
+        return w - lr * upd

@@ -1,0 +1,200 @@
+"""Tensor-train row reconstruction: the chain of core-slice products, its backward, and dense materialisation.
+
+Cores are in the canonical layout ``(R_{k-1}, p_k, q_k, R_k)``. For ``U`` distinct rows with
+mixed-radix digits ``i_1 .. i_d`` the chain computes, left to right,
+
+    X_1 = G_1[i_1]                                  (U, q_1, R_1)
+    X_k = X_{k-1}.view(U m, R_{k-1}) @ G_k[i_k]      (U, m q_k, R_k),  m = q_1 ... q_{k-1}
+
+and the last ``X_d`` is the rows ``(U, D)``. How each product runs (BLAS only, no custom kernel):
+
+* **middle cores** (slices ``R_{k-1} x q_k R_k``: 16 KB and 16 K multiply-adds per row at rank 32 and
+  ``q_k = 4``, the bulk of the work): the rows are sorted by their digit ``i_k`` and one *grouped GEMM*
+  computes ``(c m, R_{k-1}) @ (R_{k-1}, q_k R_k)`` for every distinct slice, reading the core in place
+  (``torch._grouped_mm``; a loop of ``mm`` where that op does not take the dtype). A per-row batched
+  product would copy a slice per row (most of the time on CPU) or run ``U`` tiny GEMMs; a Python loop
+  over the groups costs a dispatch per slice, which at ``p_k`` of 100-200 outweighs the arithmetic.
+* **first and last cores** (slices ``q_1 x R_1`` and ``R_{d-1} x q_d``, at most 1 KB): gathered per row;
+  the first is the input of the first grouped GEMM, the last product is one batched ``bmm``.
+* between two middle stages (4 cores) the prefix products are permuted once to the next digit order.
+
+The backward runs the same products in reverse with the saved stage inputs and returns, per core, the
+gradient of each *touched* slice already summed over its rows (the grouped GEMMs produce the middle
+cores' sums directly; the first and last cores' are summed with ``index_add``), so a sparse optimizer
+updates ``(slice ids, slice grads)`` as they come, with no dense gradient of the cores.
+
+Example::
+
+    rows, saved = chain_forward(cores, split_ids(ids, layout.row_factors), save=True)
+    slice_grads = chain_backward(cores, saved, grad_rows)  # [(slice ids, grads (G, R, q, R')), ...] per core
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Dict, List, Optional, Sequence, Tuple
+
+import torch
+
+# (device type, dtype) -> whether torch._grouped_mm runs there; learnt on first use.
+_GROUPED_MM_OK: Dict[Tuple[str, torch.dtype], bool] = {}
+USE_GROUPED_MM = hasattr(torch, "_grouped_mm")  # False: always the mm loop (tests compare both)
+
+
+def grouped_mm(a: torch.Tensor, b: torch.Tensor, offs: torch.Tensor) -> torch.Tensor:
+    """``torch._grouped_mm`` semantics, with a loop of ``mm`` as fallback.
+
+    ``a (M, K)``, ``b (G, K, N)``: rows ``[offs[g-1], offs[g])`` of ``a`` times ``b[g]`` -> ``(M, N)``.
+    ``a (M, K)``, ``b (K, N)``: columns ``[offs[g-1], offs[g])`` of ``a`` times those rows of ``b``
+    -> ``(G, M, N)``. ``offs`` (int32, ascending) holds the group ends; empty groups are allowed.
+    """
+    key = (a.device.type, a.dtype)
+    if USE_GROUPED_MM and _GROUPED_MM_OK.get(key, True):
+        try:
+            return torch._grouped_mm(a, b, offs=offs)
+        except (RuntimeError, NotImplementedError):
+            _GROUPED_MM_OK[key] = False
+    ends = offs.tolist()
+    starts = [0] + ends[:-1]
+    if b.dim() == 3:
+        out = a.new_empty(a.shape[0], b.shape[2])
+        for g, (lo, hi) in enumerate(zip(starts, ends)):
+            if hi > lo:
+                torch.mm(a[lo:hi], b[g], out=out[lo:hi])
+        return out
+    out = a.new_zeros(len(ends), a.shape[0], b.shape[1])
+    for g, (lo, hi) in enumerate(zip(starts, ends)):
+        if hi > lo:
+            torch.mm(a[:, lo:hi], b[lo:hi], out=out[g])
+    return out
+
+
+@dataclass
+class _Stage:
+    """The grouped product with one middle core."""
+
+    a: torch.Tensor  # input, rows sorted by this core's digit: (U * m, R_{k-1})
+    order: torch.Tensor  # row j of this stage is id order[j]
+    inv: torch.Tensor  # id i is row inv[i] of this stage
+    counts: torch.Tensor  # ids per digit (all p_k digits)
+    offs: torch.Tensor  # int32 group ends in rows of ``a``
+
+
+@dataclass
+class ChainSaved:
+    first_digits: torch.Tensor  # first-core digit per row, in the row order of the first product
+    stages: List[_Stage]  # middle cores
+    last_digits: torch.Tensor  # last-core digit per row, in the row order of the last product
+    last_slices: torch.Tensor  # (U, R_{d-1}, q_d), gathered last-core slices in that order
+    last_in: torch.Tensor  # input of the last product (U, m, R_{d-1})
+
+
+def _slice_view(core: torch.Tensor) -> torch.Tensor:
+    """Middle core ``(R, p, q, R')`` as ``(p, R, q R')`` matrices (a view, no copy)."""
+    r_in, p, q, r_out = core.shape
+    return core.reshape(r_in, p, q * r_out).transpose(0, 1)
+
+
+def _last_slices(last: torch.Tensor, digits: torch.Tensor) -> torch.Tensor:
+    """Last-core slices ``(U, R_{d-1}, q_d)`` of ``digits`` (the core is small: one contiguous copy)."""
+    return last[..., 0].transpose(0, 1).contiguous().index_select(0, digits)
+
+
+def _sum_by(digits: torch.Tensor, per_row: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Distinct ``digits`` and the sums of ``per_row`` (U, ...) over each."""
+    ids, inverse = torch.unique(digits, return_inverse=True)
+    return ids, per_row.new_zeros(ids.numel(), *per_row.shape[1:]).index_add_(0, inverse, per_row)
+
+
+def chain_forward(
+    cores: Sequence[torch.Tensor], digits: Sequence[torch.Tensor], save: bool = False
+) -> Tuple[torch.Tensor, Optional[ChainSaved]]:
+    """Rows ``(U, D)`` for the ids whose digits are given; with ``save`` also what the backward needs."""
+    U, d = digits[0].numel(), len(cores)
+    D = math.prod(c.shape[2] for c in cores)
+    first, last = cores[0][0], cores[-1]  # (p_1, q_1, R_1), (R_{d-1}, p_d, q_d, 1)
+    if d == 2:  # one product per row, in the ids' order
+        x = first.index_select(0, digits[0])
+        s = _last_slices(last, digits[1])
+        rows = torch.bmm(x, s).view(U, D)
+        return rows, (ChainSaved(digits[0], [], digits[1], s, x) if save else None)
+
+    m = first.shape[1]
+    stages: List[_Stage] = []
+    first_digits = digits[0]
+    x: Optional[torch.Tensor] = None
+    inv = order = None
+    for k in range(1, d - 1):
+        r_in, p, q, r_out = cores[k].shape
+        digit = digits[k]
+        order = torch.argsort(digit)
+        if x is None:  # gather the first-core slices straight into this stage's order
+            first_digits = digits[0].index_select(0, order)
+            a = first.index_select(0, first_digits).view(U * m, r_in)
+        else:  # previous output, from its row order into this one's
+            a = x.view(U, m * r_in).index_select(0, inv.index_select(0, order)).view(U * m, r_in)
+        inv = torch.empty_like(order)
+        inv[order] = torch.arange(U, device=order.device)
+        counts = torch.bincount(digit, minlength=p)
+        offs = (counts * m).cumsum(0).to(torch.int32)
+        x = grouped_mm(a, _slice_view(cores[k]), offs)  # (U m, q R')
+        if save:
+            stages.append(_Stage(a, order, inv, counts, offs))
+        m *= q
+    last_in = x.view(U, m, last.shape[0])
+    last_digits = digits[-1].index_select(0, order)
+    s = _last_slices(last, last_digits)
+    rows = torch.bmm(last_in, s).view(U, D).index_select(0, inv)
+    return rows, (ChainSaved(first_digits, stages, last_digits, s, last_in) if save else None)
+
+
+def chain_backward(
+    cores: Sequence[torch.Tensor], saved: ChainSaved, grad_rows: torch.Tensor
+) -> List[Tuple[torch.Tensor, torch.Tensor]]:
+    """Per core: ``(distinct slice ids, their summed gradients (G_k, R_{k-1}, q_k, R_k))``."""
+    U, d = grad_rows.shape[0], len(cores)
+    if U == 0:  # nothing looked up through the cores (empty batch, or every row a cache hit)
+        ids = saved.first_digits.new_empty(0)
+        return [(ids, grad_rows.new_empty(0, c.shape[0], c.shape[2], c.shape[3])) for c in cores]
+    first, last = cores[0], cores[-1]
+    q1, r1 = first.shape[2], first.shape[3]
+    r_last, q_last = last.shape[0], last.shape[2]
+    s, x = saved.last_slices, saved.last_in
+    g = grad_rows if d == 2 else grad_rows.index_select(0, saved.stages[-1].order)
+    g = g.view(U, -1, q_last)
+    last_grad = _view_last(_sum_by(saved.last_digits, torch.bmm(x.transpose(1, 2), g)), r_last, q_last)
+    g = torch.bmm(g, s.transpose(1, 2))  # gradient of the last product's input (U, m, R_{d-1})
+    out: List[Tuple[torch.Tensor, torch.Tensor]] = [last_grad]
+    for k in range(d - 2, 0, -1):
+        st = saved.stages[k - 1]
+        r_in, _, q, r_out = cores[k].shape
+        if k < d - 2:  # from the next stage's row order into this one's
+            g = g.view(U, -1).index_select(0, saved.stages[k].inv.index_select(0, st.order))
+        g = g.reshape(-1, q * r_out)
+        present = st.counts.nonzero().squeeze(1)
+        dw = grouped_mm(st.a.t(), g, st.offs).index_select(0, present)
+        out.append((present, dw.view(-1, r_in, q, r_out)))
+        g = grouped_mm(g, _slice_view(cores[k]).transpose(1, 2), st.offs)  # (U m, R_{k-1})
+    out.append(_view_first(_sum_by(saved.first_digits, g.reshape(U, q1 * r1)), q1, r1))
+    return out[::-1]
+
+
+def _view_first(pair: Tuple[torch.Tensor, torch.Tensor], q: int, r: int) -> Tuple[torch.Tensor, torch.Tensor]:
+    return pair[0], pair[1].view(-1, 1, q, r)
+
+
+def _view_last(pair: Tuple[torch.Tensor, torch.Tensor], r: int, q: int) -> Tuple[torch.Tensor, torch.Tensor]:
+    return pair[0], pair[1].view(-1, r, q, 1)
+
+
+def materialize(cores: Sequence[torch.Tensor], first_slices: Optional[slice] = None) -> torch.Tensor:
+    """The dense rows of the cores, ``(p_1' * p_2 * ... * p_d, D)`` for the first-core slices ``first_slices``
+    (all by default): contraction over whole cores, independent of the chain above."""
+    x = cores[0][0] if first_slices is None else cores[0][0, first_slices]  # (P, M, R) with P=p1', M=q1
+    for core in cores[1:]:
+        r_in, p, q, r_out = core.shape
+        P, M, _ = x.shape
+        x = torch.matmul(x.reshape(P * M, r_in), core.reshape(r_in, p * q * r_out))
+        x = x.view(P, M, p, q, r_out).permute(0, 2, 1, 3, 4).reshape(P * p, M * q, r_out)
+    return x.squeeze(2)

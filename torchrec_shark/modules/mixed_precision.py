@@ -1,0 +1,504 @@
+"""Row-store tables: plain fp32, uniform fp16/int8, and SHARK's per-row mixed precision.
+
+All three kinds share one engine, :class:`RowStoreTable`: rows live in one or more
+*precision tiers* (an fp32, fp16 or int8 pool, see :mod:`torchrec_shark.modules.quantization`);
+a lookup dedupes the batch's ids, decodes only those rows (vectorised per tier) and pools
+them; backward sums each row's gradient, runs the fused sparse optimizer on those rows
+(:class:`~torchrec_shark.modules.kernels.sparse_optimizer.RowOptimizer`) and re-encodes them in
+their tier (stochastic rounding by default, so the expected stored value is the exact
+update). There is no fp32 master copy and no ``nn.Parameter``: storage and optimizer state
+are buffers, so DDP and dense optimizers never see them.
+
+* :class:`Fp32Table` (``compression=None``): one fp32 pool named ``weight``, initialised by
+  the config's ``init_fn`` exactly as ``torchrec.EmbeddingBagCollection`` does.
+* :class:`UniformTable` (:class:`~torchrec_shark.modules.specs.Uniform`): every row fp16, or int8.
+* :class:`MixedPrecisionTable` (:class:`~torchrec_shark.modules.specs.MixedPrecision`): three
+  pools of fixed sizes and a row -> slot map; rows move between tiers by label-weighted
+  priority every ``retier_every`` steps.
+
+Example::
+
+    cfg = CompressedEmbeddingBagConfig(name="t", num_embeddings=1000, embedding_dim=64,
+                                       feature_names=["f"], compression=MixedPrecision())
+    table = build_table(cfg, SparseOptimizerSpec("rowwise_adagrad", lr=0.05))
+    table.record_labels(ids, offsets, labels)   # each training step, before forward
+    table(ids, offsets).sum().backward()          # lookup; backward updates the rows
+    table.step_end()                              # priorities, and every retier_every steps re-tiering
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Dict, List, Optional, Sequence, Tuple
+
+import numpy as np
+import torch
+from torchrec.modules.embedding_configs import PoolingType
+
+from torchrec_shark.modules.base import CompressedTable, SparseOptimizerSpec, TableInputError, register_table_kind
+from torchrec_shark.modules.kernels.lookup import RowIndex, bag_of_ids, pooled_lookup, row_index
+from torchrec_shark.modules.kernels.sparse_optimizer import RowOptimizer
+from torchrec_shark.modules.quantization import CODECS, ROUNDING_MODES, Fp32Codec, Int8Codec, RoundingNoise
+from torchrec_shark.modules.specs import MixedPrecision, Uniform
+
+TIERS = ("fp32", "fp16", "int8")  # tier id = position; lower id = higher precision
+_INIT_CHUNK_ROWS = 1 << 16
+
+
+
+def _all_finite(x: torch.Tensor) -> bool:
+    """No NaN/inf in ``x`` (a sum first: one fast pass when, as usual, it is finite)."""
+    return bool(torch.isfinite(x.sum())) or bool(torch.isfinite(x).all())
+
+
+class RowStoreTable(CompressedTable):
+    """Rows in precision tiers with a fused sparse optimizer; the engine of every row-store kind.
+
+    Subclasses choose the tiers (``tiers``: ``(tier name, number of rows)``, their pools are
+    buffers ``pool_names``) and, when there is more than one, how rows map onto storage
+    slots (:meth:`slots_of`). Everything else (lookup, update, validation, byte accounting,
+    logical export) is shared.
+    """
+
+    def __init__(
+        self,
+        config,
+        optimizer: SparseOptimizerSpec,
+        device: Optional[torch.device],
+        tiers: Sequence[Tuple[str, int]],
+        pool_names: Sequence[str],
+        rounding: str = "stochastic",
+    ) -> None:
+        super().__init__()
+        if config.pooling not in (PoolingType.SUM, PoolingType.MEAN):
+            raise ValueError(f"table {config.name!r}: pooling {config.pooling} is not supported (SUM or MEAN)")
+        if rounding not in ROUNDING_MODES:
+            raise ValueError(f"table {config.name!r}: rounding={rounding!r} must be one of {ROUNDING_MODES}")
+        self.name: str = config.name
+        self.num_embeddings = int(config.num_embeddings)
+        self.embedding_dim = int(config.embedding_dim)
+        self.pooling = config.pooling
+        self.rounding = rounding
+        self.version = 0  # bumped on every write; a lookup's cached rows are reused only if unchanged
+        # Puts lookups in the autograd graph; its gradient is never computed (not a parameter).
+        self._anchor = torch.empty(0, requires_grad=True)
+        assert sum(n for _, n in tiers) == self.num_embeddings
+        self._tiers: List[Tuple[str, int, int]] = []  # (tier name, first global slot, rows)
+        self._pool_names: List[str] = list(pool_names)
+        start = 0
+        for (tier, count), pool in zip(tiers, pool_names):
+            codec = CODECS[tier]
+            self.register_buffer(
+                pool, torch.zeros(count, codec.width(self.embedding_dim), dtype=codec.dtype, device=device)
+            )
+            self._tiers.append((tier, start, count))
+            start += count
+        self.optim = RowOptimizer(optimizer, self.num_embeddings, self.embedding_dim, device)
+        self._noise = RoundingNoise()
+
+    # ------------------------------------------------------------------ storage
+    def _pool(self, k: int) -> torch.Tensor:
+        return getattr(self, self._pool_names[k])
+
+    def slots_of(self, rows: torch.Tensor) -> torch.Tensor:
+        """Global storage slot of each row (tier ``k`` owns slots ``[start_k, start_k + n_k)``)."""
+        return rows
+
+    def tier_bounds(self, sorted_slots: torch.Tensor) -> List[int]:
+        """``[0, end of tier 0, ..., len]``: the run of each tier in ascending ``sorted_slots``."""
+        starts = [start for _, start, _ in self._tiers[1:]]
+        if not starts:
+            return [0, sorted_slots.numel()]
+        cuts = torch.searchsorted(sorted_slots, torch.tensor(starts, dtype=sorted_slots.dtype)).tolist()
+        return [0, *cuts, sorted_slots.numel()]
+
+    def _runs(self, index: RowIndex):
+        """``(tier id, codec, pool, first, last, slots in pool)`` per non-empty tier run of ``index``."""
+        b = index.bounds
+        for k, (tier, start, _) in enumerate(self._tiers):
+            if b[k + 1] > b[k]:
+                seg = index.slots[b[k] : b[k + 1]]
+                yield k, CODECS[tier], self._pool(k), b[k], b[k + 1], seg - start if start else seg
+
+    def gather(self, index: RowIndex) -> torch.Tensor:
+        """fp32 values of ``index.slots``, ``[U, D]`` (only these rows are decoded)."""
+        out = torch.empty(index.slots.numel(), self.embedding_dim, device=self._pool(0).device)
+        for _, codec, pool, a, b, seg in self._runs(index):
+            if codec is Fp32Codec:
+                torch.index_select(pool, 0, seg, out=out[a:b])
+            else:
+                out[a:b] = codec.decode(pool.index_select(0, seg))
+        return out
+
+    def _scatter(self, index: RowIndex, values: torch.Tensor, rounding: str) -> None:
+        for _, codec, pool, a, b, seg in self._runs(index):
+            pool.index_copy_(0, seg, codec.encode(values[a:b], rounding, self._noise))
+        self.version += 1
+
+    def index_rows(self, rows: torch.Tensor) -> RowIndex:
+        """A :class:`RowIndex` for distinct ``rows`` (no pooling structure needed)."""
+        return row_index(self, rows)
+
+    def write_rows(self, rows: torch.Tensor, values: torch.Tensor, rounding: Optional[str] = None) -> None:
+        """Store fp32 ``values`` for distinct ``rows`` in whatever tier each row is in."""
+        index = self.index_rows(rows)
+        self._scatter(index, values.float().index_select(0, index.perm), rounding or self.rounding)
+
+    def read_rows(self, rows: torch.Tensor) -> torch.Tensor:
+        """fp32 values of ``rows`` (any order, repeats allowed)."""
+        index = self.index_rows(rows)
+        return self.gather(index).index_select(0, index.inverse)
+
+    @torch.no_grad()
+    def apply_gradients(self, index: RowIndex, grad: torch.Tensor, values: Optional[torch.Tensor] = None) -> None:
+        """The fused optimizer step on the rows of ``index`` with their summed gradients ``grad``.
+
+        ``values`` are the rows' current values if the table has not been written since they
+        were gathered. Non-finite gradients are rejected before anything is written.
+        """
+        if not _all_finite(grad):
+            bad = index.rows[~torch.isfinite(grad).all(dim=1)]
+            raise TableInputError(
+                f"table {self.name!r}: non-finite gradient for {bad.numel()} row(s) (first: {bad[:5].tolist()}); "
+                "the table was not updated"
+            )
+        if values is None:  # written since the lookup (e.g. re-tiered): locate the rows afresh
+            fresh = self.index_rows(index.rows)
+            grad = grad.index_select(0, fresh.perm)
+            index, values = fresh, self.gather(fresh)
+        new = self.optim.apply(index.rows, values, grad)
+        self._scatter(index, new, self.rounding)
+
+    def _init_rows(self, config) -> None:
+        """Initial values from the config's ``init_fn`` in row chunks (no full fp32 copy)."""
+        for a in range(0, self.num_embeddings, _INIT_CHUNK_ROWS):
+            b = min(a + _INIT_CHUNK_ROWS, self.num_embeddings)
+            chunk = torch.empty(b - a, self.embedding_dim, device=self._pool(0).device)
+            config.init_fn(chunk)
+            self.write_rows(torch.arange(a, b, device=chunk.device), chunk, rounding="nearest")
+
+    # ------------------------------------------------------------------ lookup
+    def _check_ids(self, ids: torch.Tensor) -> None:
+        if ids.numel() == 0:
+            return
+        if ids.dtype.is_floating_point or ids.dtype == torch.bool:
+            raise TableInputError(f"table {self.name!r}: ids must be integers, got {ids.dtype}")
+        lo, hi = torch.aminmax(ids)
+        lo, hi = int(lo), int(hi)
+        if lo < 0 or hi >= self.num_embeddings:
+            raise TableInputError(
+                f"table {self.name!r}: ids must be in [0, {self.num_embeddings}), got min {lo}, max {hi}"
+            )
+
+    def forward(
+        self,
+        ids: torch.Tensor,
+        offsets: torch.Tensor,
+        per_sample_weights: Optional[torch.Tensor] = None,
+    ) -> torch.Tensor:
+        self._check_ids(ids)
+        if offsets.numel() < 1 or int(offsets[-1]) != ids.numel():
+            raise TableInputError(
+                f"table {self.name!r}: offsets must have B + 1 entries ending at len(ids)={ids.numel()}"
+            )
+        if per_sample_weights is not None:
+            if per_sample_weights.numel() != ids.numel():
+                raise TableInputError(
+                    f"table {self.name!r}: {per_sample_weights.numel()} per-id weights for {ids.numel()} ids"
+                )
+            if not _all_finite(per_sample_weights):
+                raise TableInputError(f"table {self.name!r}: per-id weights contain NaN or inf")
+        return pooled_lookup(self, ids, offsets, per_sample_weights, self.pooling == PoolingType.MEAN, self._anchor)
+
+    # ------------------------------------------------------------------ contract
+    def full_weight(self) -> torch.Tensor:
+        return self.read_rows(torch.arange(self.num_embeddings, device=self._pool(0).device))
+
+    def optimizer_state(self) -> Dict[str, torch.Tensor]:
+        return self.optim.state()
+
+    def set_learning_rate(self, lr: float) -> None:
+        self.optim.lr = float(lr)
+
+    def tier_counts(self) -> Dict[str, int]:
+        return {tier: count for tier, _, count in self._tiers}
+
+    def tier_of_rows(self, rows: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """Tier id (0 fp32, 1 fp16, 2 int8) of ``rows`` (default: all), int8."""
+        tier = TIERS.index(self._tiers[0][0])
+        n = self.num_embeddings if rows is None else rows.numel()
+        return torch.full((n,), tier, dtype=torch.int8, device=self._pool(0).device)
+
+    def memory_bytes(self) -> Dict[str, int]:
+        """Bytes of every buffer except optimizer state, by part; ``total`` is their sum."""
+        parts: Dict[str, int] = {}
+        for name, buf in self.named_buffers():
+            if name.startswith("optim."):
+                continue
+            nbytes = buf.numel() * buf.element_size()
+            if name in self._pool_names:
+                tier = self._tiers[self._pool_names.index(name)][0]
+                if tier == "int8":
+                    sb = buf.shape[0] * Int8Codec.SCALE_BIAS_BYTES
+                    parts["int8_codes"] = parts.get("int8_codes", 0) + nbytes - sb
+                    parts["int8_scale_bias"] = parts.get("int8_scale_bias", 0) + sb
+                else:
+                    parts[f"{tier}_rows"] = parts.get(f"{tier}_rows", 0) + nbytes
+            else:
+                parts[name] = parts.get(name, 0) + nbytes
+        parts["total"] = sum(parts.values())
+        return parts
+
+    def _load_from_state_dict(self, *args, **kwargs) -> None:
+        super()._load_from_state_dict(*args, **kwargs)
+        self.version += 1
+
+    # ------------------------------------------------------------------ logical (layout-free) state
+    def logical_state_dict(self) -> Dict[str, torch.Tensor]:
+        """Per-row state independent of the storage layout, every tensor indexed by row id.
+
+        ``weight`` (fp32 values), ``tier`` and every row-indexed optimizer state tensor as
+        ``optim.<name>``; scalar optimizer state as well. A row-wise resharding slices these
+        by row range and loads each slice with :meth:`load_logical_state_dict`.
+        """
+        out = {"weight": self.full_weight(), "tier": self.tier_of_rows()}
+        out.update({f"optim.{k}": v.clone() for k, v in self.optim.state().items()})
+        return out
+
+    @torch.no_grad()
+    def load_logical_state_dict(self, state: Dict[str, torch.Tensor]) -> None:
+        """Inverse of :meth:`logical_state_dict` (values are re-encoded with nearest rounding)."""
+        rows = torch.arange(self.num_embeddings, device=self._pool(0).device)
+        self._load_logical_layout(state)
+        self.write_rows(rows, state["weight"], rounding="nearest")
+        for k, v in self.optim.state().items():
+            v.copy_(state[f"optim.{k}"])
+
+    def _load_logical_layout(self, state: Dict[str, torch.Tensor]) -> None:
+        """Restore the row -> tier layout (tiered subclasses)."""
+
+
+@register_table_kind(type(None))
+class Fp32Table(RowStoreTable):
+    """A stock fp32 table (``compression=None``) on the shared engine.
+
+    The pool is the buffer ``weight`` (the same state-dict key and shape as
+    ``EmbeddingBagCollection``'s parameter), initialised by ``config.init_fn`` on the whole
+    tensor like TorchRec does.
+    """
+
+    def __init__(self, config, optimizer: SparseOptimizerSpec = SparseOptimizerSpec(), device=None) -> None:
+        super().__init__(config, optimizer, device, [("fp32", int(config.num_embeddings))], ["weight"])
+        with torch.no_grad():
+            config.init_fn(self.weight)
+
+
+@register_table_kind(Uniform)
+class UniformTable(RowStoreTable):
+    """Every row in one precision (``Uniform.dtype``: fp16, or int8 with row-wise fp16 scale/bias)."""
+
+    def __init__(self, config, optimizer: SparseOptimizerSpec = SparseOptimizerSpec(), device=None) -> None:
+        spec: Uniform = config.compression
+        rounding = getattr(spec, "rounding", "stochastic")
+        super().__init__(config, optimizer, device, [(spec.dtype, int(config.num_embeddings))], ["weight"], rounding)
+        self._init_rows(config)
+
+
+@register_table_kind(MixedPrecision)
+class MixedPrecisionTable(RowStoreTable):
+    """SHARK F-Quantization: each row in fp32, fp16 or int8 by its label-weighted priority.
+
+    Storage: pools ``fp32_rows [n32, D]``, ``fp16_rows [n16, D]``, ``int8_rows [n8, D + 4]``
+    (sizes fixed by the spec's fractions, ``n32 + n16 + n8 = N``), and ``row_slot [N]`` int32:
+    a row's *global slot*, the fp32 slots first, then fp16, then int8, so one int32 encodes
+    both tier and slot.
+
+    Priority: ``P_t = decay * P_{t-1} + pos_weight * n_pos + neg_weight * n_neg`` for every row
+    at every :meth:`step_end`, with ``n_pos``/``n_neg`` the positive/negative samples of that
+    step whose bag holds the row (:meth:`record_labels`). Kept lazily and exactly: the buffer
+    ``priority`` holds ``Q = P / decay**age`` so a step only touches the rows it saw
+    (``Q[r] += c_r / decay**(age + 1)``), and ``Q`` is rescaled to ``P`` (``age = 0``) at every
+    re-tiering and before ``decay**-age`` could lose range. :meth:`priorities` returns ``P``.
+
+    Re-tiering (every ``retier_every`` steps): rows sorted by priority, descending, ties by
+    row id; the first ``n32`` go to fp32, the next ``n16`` to fp16, the rest to int8. Only
+    rows whose tier changes move: each is decoded and re-encoded (nearest rounding: a one-off
+    move should add the least error) into a slot another mover vacated. Optimizer state is
+    indexed by row id, so it stays with the row.
+    """
+
+    _RESCALE_LIMIT = 2.0**20  # rescale Q before decay**-(age + 1) exceeds this
+
+    def __init__(self, config, optimizer: SparseOptimizerSpec = SparseOptimizerSpec(), device=None) -> None:
+        spec: MixedPrecision = config.compression
+        n = int(config.num_embeddings)
+        n32 = int(round(spec.fp32_fraction * n))
+        n16 = int(round((spec.fp32_fraction + spec.fp16_fraction) * n)) - n32
+        n16 = max(0, min(n16, n - n32))
+        n8 = n - n32 - n16
+        super().__init__(
+            config,
+            optimizer,
+            device,
+            [("fp32", n32), ("fp16", n16), ("int8", n8)],
+            ["fp32_rows", "fp16_rows", "int8_rows"],
+            spec.rounding,
+        )
+        self.spec = spec
+        self._bounds = (n32, n32 + n16)
+        slot_dtype = torch.int32 if n < 2**31 else torch.int64
+        self.register_buffer("row_slot", torch.arange(n, dtype=slot_dtype, device=device))
+        self.register_buffer("priority", torch.zeros(n, device=device))
+        self.register_buffer("priority_age", torch.zeros((), dtype=torch.int64, device=device))
+        self.register_buffer("step", torch.zeros((), dtype=torch.int64, device=device))
+        self._age = self._step = 0  # mirrors of the two buffers (no tensor reads per step)
+        self._lazy = 1.0 / self._RESCALE_LIMIT <= spec.decay <= 1.0
+        self._pending: List[Tuple[torch.Tensor, torch.Tensor]] = []
+        self._init_rows(config)
+
+    # ------------------------------------------------------------------ layout
+    def _tier_of_slots(self, slots: torch.Tensor) -> torch.Tensor:
+        b1, b2 = self._bounds
+        return (slots >= b1).to(torch.int8) + (slots >= b2).to(torch.int8)
+
+    def slots_of(self, rows: torch.Tensor) -> torch.Tensor:
+        return self.row_slot.index_select(0, rows.reshape(-1).long())
+
+    def tier_of_rows(self, rows: Optional[torch.Tensor] = None) -> torch.Tensor:
+        slots = self.row_slot if rows is None else self.row_slot.index_select(0, rows)
+        return self._tier_of_slots(slots)
+
+    # ------------------------------------------------------------------ priorities
+    def record_labels(self, ids: torch.Tensor, offsets: torch.Tensor, labels: torch.Tensor) -> None:
+        """Count this step's positive/negative samples per row; applied at :meth:`step_end`.
+
+        Bag ``b`` is ``ids[offsets[b]:offsets[b+1]]`` and ``labels[b]`` its sample's label
+        (0/1; a soft label in [0, 1] counts fractionally). A row counts once per bag, however
+        often the bag holds it, so pass one bag per *sample* (the collection merges the bags of
+        features that share a table).
+
+        Row-wise sharding: the counts are a sum over (row, sample) pairs, so each rank can
+        count exactly the pairs whose row it owns, provided it sees every sample that touched
+        those rows. TorchRec's RW input dist already sends every id to its owner with the bag
+        structure of the *global* batch; a sharded collection gives each bag its label either by
+        all-gathering the ``B`` labels (in rank order, matching the global bag order) or by
+        routing a per-id label through the same input dist as per-id weights, then calls this
+        with local ids. Nothing here needs rows from other ranks.
+        """
+        self._check_ids(ids)
+        labels = labels.reshape(-1).float()
+        if labels.numel() != offsets.numel() - 1:
+            raise TableInputError(
+                f"table {self.name!r}: {labels.numel()} labels for {offsets.numel() - 1} bags"
+            )
+        if not _all_finite(labels):
+            raise TableInputError(f"table {self.name!r}: labels contain NaN or inf")
+        n = ids.numel()
+        if n == 0:
+            return
+        offsets = offsets.long()
+        ids = ids.reshape(-1).long()
+        bag = bag_of_ids(offsets, n)
+        if n > labels.numel() or int((offsets[1:] - offsets[:-1]).max()) > 1:  # a row counts once per bag
+            key = torch.unique(bag * self.num_embeddings + ids)
+            ids, bag = key % self.num_embeddings, key // self.num_embeddings
+        per_bag = labels * (self.spec.pos_weight - self.spec.neg_weight) + self.spec.neg_weight
+        self._pending.append((ids, per_bag.index_select(0, bag)))
+
+    def priorities(self) -> torch.Tensor:
+        """Current ``P`` per row, fp32 ``[N]``."""
+        return self.priority * (self.spec.decay**self._age)
+
+    def _set_age(self, age: int) -> None:
+        self._age = age
+        self.priority_age.fill_(age)
+
+    def _rescale(self) -> None:
+        if self._age:
+            self.priority.mul_(self.spec.decay**self._age)
+            self._set_age(0)
+
+    @torch.no_grad()
+    def step_end(self) -> None:
+        """Close a training step: fold in its label counts, decay, and re-tier when due."""
+        decay = self.spec.decay
+        rows = contrib = None
+        if self._pending:
+            rows = torch.cat([r for r, _ in self._pending])
+            contrib = torch.cat([c for _, c in self._pending])
+            self._pending = []
+        if self._lazy:
+            if rows is not None:
+                self.priority.index_add_(0, rows, contrib * decay ** -(self._age + 1))
+            self._set_age(self._age + 1)
+            if decay ** -(self._age + 1) > self._RESCALE_LIMIT:
+                self._rescale()
+        else:
+            self.priority.mul_(decay)
+            if rows is not None:
+                self.priority.index_add_(0, rows, contrib)
+        self._step += 1
+        self.step.fill_(self._step)
+        if self._step % self.spec.retier_every == 0:
+            self.retier()
+
+    def _load_from_state_dict(self, *args, **kwargs) -> None:
+        super()._load_from_state_dict(*args, **kwargs)
+        self._age, self._step = int(self.priority_age), int(self.step)
+        self._pending = []
+
+    # ------------------------------------------------------------------ re-tiering
+    def _target_tiers(self, order: torch.Tensor) -> torch.Tensor:
+        """Tier per row when rows are ranked by ``order`` (best first)."""
+        b1, b2 = self._bounds
+        target = torch.empty(self.num_embeddings, dtype=torch.int8, device=order.device)
+        target[order[:b1]] = 0
+        target[order[b1:b2]] = 1
+        target[order[b2:]] = 2
+        return target
+
+    @torch.no_grad()
+    def retier(self) -> int:
+        """Re-assign tiers by priority now; returns how many rows moved."""
+        self._rescale()
+        order = torch.sort(self.priority, descending=True, stable=True).indices
+        target = self._target_tiers(order)
+        current = self._tier_of_slots(self.row_slot)
+        movers = (target != current).nonzero().squeeze(1)
+        if movers.numel() == 0:
+            return 0
+        values = self.read_rows(movers)
+        old_slots = self.row_slot.index_select(0, movers).long()
+        src, dst = current.index_select(0, movers), target.index_select(0, movers)
+        new_slots = torch.empty_like(old_slots)
+        for k in range(len(self._tiers)):
+            leaving, arriving = (src == k).nonzero().squeeze(1), (dst == k).nonzero().squeeze(1)
+            assert leaving.numel() == arriving.numel(), "tier sizes must be invariant"
+            new_slots[arriving] = old_slots.index_select(0, leaving)
+        self.row_slot[movers] = new_slots.to(self.row_slot.dtype)
+        self.write_rows(movers, values, rounding="nearest")
+        return int(movers.numel())
+
+    # ------------------------------------------------------------------ logical state
+    def logical_state_dict(self) -> Dict[str, torch.Tensor]:
+        out = super().logical_state_dict()
+        out["priority"] = self.priorities()
+        return out
+
+    def _load_logical_layout(self, state: Dict[str, torch.Tensor]) -> None:
+        """Priorities from ``state``; tiers: the saved ``tier`` first (kept whenever the tier
+        sizes allow), then priority, then row id, cut at this table's exact tier sizes."""
+        priority = state["priority"].to(self.priority)
+        self.priority.copy_(priority)
+        self._set_age(0)
+        self._pending = []
+        order = torch.sort(priority, descending=True, stable=True).indices
+        if "tier" in state:
+            tier = state["tier"].to(device=order.device, dtype=torch.int64).index_select(0, order)
+            order = order.index_select(0, torch.sort(tier, stable=True).indices)
+        target = self._target_tiers(order)
+        # slots: tier by tier, rows in ascending order
+        by_tier = torch.sort(target.long() * self.num_embeddings + torch.arange(self.num_embeddings, device=order.device))
+        slots = torch.empty_like(order)
+        slots[by_tier.indices] = torch.arange(self.num_embeddings, device=order.device)
+        self.row_slot.copy_(slots)

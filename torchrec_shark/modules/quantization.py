@@ -1,0 +1,224 @@
+"""Row codecs for embedding storage: fp32, fp16 and int8 with row-wise scale and bias.
+
+A codec turns fp32 rows ``[n, D]`` into their stored form and back. Encoding rounds either
+to the nearest representable value or stochastically, so that the *expected* stored value
+equals the input exactly (an update smaller than the storage's step still moves the row on
+average instead of being lost).
+
+int8 rows use FBGEMM's fused layout (``FloatToFusedNBitRowwiseQuantizedSBHalf`` with
+``bit_rate=8``): ``D`` uint8 codes followed by an fp16 scale and an fp16 bias, value
+``code * scale + bias``; 68 bytes per row at ``D = 64``. Decoding uses FBGEMM's
+``FusedNBitRowwiseQuantizedSBHalfToFloat`` where it is available for the device.
+
+Scale and bias are recomputed from the row every time it is encoded: the bias is the row
+minimum rounded *down* to fp16 and the scale is ``(max - bias) / 255`` rounded *up*, so
+``[bias, bias + 255 * scale]`` always covers the row. Nothing is ever clipped, which is what
+keeps stochastic rounding unbiased, and the full 256 codes span the row's current range (the
+smallest step the format allows). Keeping an old scale/bias instead would clip values that
+grew out of the range (a biased error that never averages out).
+
+Example::
+
+    q = Int8Codec.encode(x, "stochastic")      # [n, D + 4] uint8
+    x_hat = Int8Codec.decode(q)                 # [n, D] fp32, E[x_hat] == x
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import numpy as np
+import torch
+
+try:  # FBGEMM's CPU ops (fbgemm-gpu-cpu) or CUDA ops (fbgemm-gpu)
+    import fbgemm_gpu  # noqa: F401
+
+    _HAS_FBGEMM = hasattr(torch.ops.fbgemm, "FusedNBitRowwiseQuantizedSBHalfToFloat")
+except Exception:  # pragma: no cover - FBGEMM is a hard dependency of torchrec
+    _HAS_FBGEMM = False
+
+ROUNDING_MODES = ("stochastic", "nearest")
+_FP16_MAX = 65504.0
+_FP16_MIN_NORMAL = 2.0**-14
+_FP16_SUBNORMAL_STEP = 2.0**-24
+_DROPPED_BITS = 13  # fp32 has 23 mantissa bits, fp16 has 10
+_DROPPED_MASK = (1 << _DROPPED_BITS) - 1
+
+
+def _check_rounding(rounding: str) -> None:
+    if rounding not in ROUNDING_MODES:
+        raise ValueError(f"rounding={rounding!r} must be one of {ROUNDING_MODES}")
+
+
+class RoundingNoise:
+    """Uniform random bits for stochastic rounding.
+
+    numpy's PCG64 raw output, 16 bits per element: several times cheaper than torch's CPU
+    RNG, which matters because every updated low-precision element needs fresh bits. Seeded
+    from torch's generator by default, so ``torch.manual_seed`` makes runs repeatable.
+    """
+
+    def __init__(self, seed: Optional[int] = None) -> None:
+        if seed is None:
+            seed = int(torch.randint(0, 2**62, ()))
+        self._bits = np.random.PCG64(seed)
+
+    def int16(self, shape, device=None) -> torch.Tensor:
+        """Uniform int16 bit patterns of ``shape`` (all 16 bits random)."""
+        n = int(np.prod(shape))
+        raw = self._bits.random_raw((n + 3) // 4)
+        out = torch.from_numpy(raw.view(np.int16)[:n]).view(shape)
+        return out if device is None or torch.device(device).type == "cpu" else out.to(device)
+
+    def int32(self, n: int, device=None) -> torch.Tensor:
+        """``n`` uniform int32 bit patterns."""
+        out = torch.from_numpy(self._bits.random_raw((n + 1) // 2).view(np.int32)[:n])
+        return out if device is None or torch.device(device).type == "cpu" else out.to(device)
+
+    def uniform(self, shape, device=None) -> torch.Tensor:
+        """fp32 uniform on (0, 1) with 15-bit resolution (midpoints of 2**15 cells)."""
+        r = self.int16(shape, device).bitwise_and_(0x7FFF).float()
+        return r.mul_(2.0**-15).add_(2.0**-16)
+
+
+def round_to_fp16(x: torch.Tensor, rounding: str = "nearest", noise: Optional[RoundingNoise] = None) -> torch.Tensor:
+    """fp32 -> fp16, nearest or stochastic (``E[result] == x`` for ``|x| <= 65504``).
+
+    Stochastic rounding adds a uniform random integer below ``2**13`` to the fp32 bit pattern
+    and clears the 13 mantissa bits fp16 does not keep: the carry rounds the magnitude up
+    with probability equal to the dropped fraction. Values in fp16's subnormal range, whose
+    step is the fixed ``2**-24``, are rounded on that grid instead.
+    """
+    _check_rounding(rounding)
+    y = x.float().clamp(-_FP16_MAX, _FP16_MAX)  # a new tensor: modified in place below
+    if rounding == "nearest" or y.numel() == 0:
+        return y.half()
+    noise = noise or RoundingNoise()
+    flat = y.view(-1)
+    r = noise.int32(flat.numel(), y.device).bitwise_and_(_DROPPED_MASK)
+    if y.device.type == "cpu":
+        tiny = torch.from_numpy(np.flatnonzero(np.abs(flat.numpy()) < _FP16_MIN_NORMAL))
+    else:
+        tiny = (flat.abs() < _FP16_MIN_NORMAL).nonzero().squeeze(1)
+    if tiny.numel():  # values in fp16's subnormal range: round on its fixed 2**-24 grid
+        u = (r.index_select(0, tiny).float() + 0.5) * (1.0 / (1 << _DROPPED_BITS))
+        sub = torch.floor(flat.index_select(0, tiny) * (1.0 / _FP16_SUBNORMAL_STEP) + u) * _FP16_SUBNORMAL_STEP
+    flat.view(torch.int32).add_(r).bitwise_and_(~_DROPPED_MASK)
+    if tiny.numel():
+        flat.index_copy_(0, tiny, sub)
+    return y.half()
+
+
+def _scale_bias(x: torch.Tensor) -> tuple:
+    """Per-row fp16 ``(scale, bias)`` with ``[bias, bias + 255 * scale]`` covering the row:
+    the bias is the row minimum rounded down, the scale ``(max - bias) / 255`` rounded up."""
+    lo = x.amin(dim=1).clamp_(-_FP16_MAX, _FP16_MAX)
+    hi = x.amax(dim=1).clamp_(-_FP16_MAX, _FP16_MAX)
+    if x.device.type == "cpu":  # [n]-sized work: numpy's per-call cost is a fraction of torch's
+        lo_np, hi_np = lo.numpy(), hi.numpy()
+        bias = lo_np.astype(np.float16)
+        down = bias.astype(np.float32) > lo_np
+        bias[down] = np.nextafter(bias[down], np.float16(-np.inf))
+        step = (hi_np - bias.astype(np.float32)) / np.float32(255.0)
+        scale = step.astype(np.float16)
+        up = scale.astype(np.float32) < step
+        scale[up] = np.nextafter(scale[up], np.float16(np.inf))
+        scale[scale <= 0] = np.float16(_FP16_SUBNORMAL_STEP)  # constant row: any positive scale
+        return torch.from_numpy(scale), torch.from_numpy(bias)
+    bias = lo.half()
+    bias = torch.where(bias.float() > lo, torch.nextafter(bias, torch.full_like(bias, -float("inf"))), bias)
+    step = (hi - bias.float()) / 255.0
+    scale = step.half()
+    scale = torch.where(scale.float() < step, torch.nextafter(scale, torch.full_like(scale, float("inf"))), scale)
+    scale = torch.where(scale > 0, scale, torch.full_like(scale, _FP16_SUBNORMAL_STEP))
+    return scale, bias
+
+
+class Fp32Codec:
+    """Rows stored as they are."""
+
+    name = "fp32"
+    dtype = torch.float32
+
+    @staticmethod
+    def width(dim: int) -> int:
+        return dim
+
+    @staticmethod
+    def encode(x: torch.Tensor, rounding: str = "nearest", noise: Optional[RoundingNoise] = None) -> torch.Tensor:
+        return x.float()
+
+    @staticmethod
+    def decode(q: torch.Tensor) -> torch.Tensor:
+        return q
+
+
+class Fp16Codec:
+    """Rows stored as fp16."""
+
+    name = "fp16"
+    dtype = torch.float16
+
+    @staticmethod
+    def width(dim: int) -> int:
+        return dim
+
+    @staticmethod
+    def encode(x: torch.Tensor, rounding: str = "nearest", noise: Optional[RoundingNoise] = None) -> torch.Tensor:
+        return round_to_fp16(x, rounding, noise)
+
+    @staticmethod
+    def decode(q: torch.Tensor) -> torch.Tensor:
+        return q.float()
+
+
+class Int8Codec:
+    """Rows stored as uint8 codes + fp16 scale + fp16 bias (FBGEMM's fused 8-bit SBHalf layout)."""
+
+    name = "int8"
+    dtype = torch.uint8
+    SCALE_BIAS_BYTES = 4
+
+    @staticmethod
+    def width(dim: int) -> int:
+        return dim + Int8Codec.SCALE_BIAS_BYTES
+
+    @staticmethod
+    def encode(x: torch.Tensor, rounding: str = "nearest", noise: Optional[RoundingNoise] = None) -> torch.Tensor:
+        _check_rounding(rounding)
+        x = x.float()
+        n, dim = x.shape
+        out = torch.empty(n, dim + Int8Codec.SCALE_BIAS_BYTES, dtype=torch.uint8, device=x.device)
+        if n == 0:
+            return out
+        scale, bias = _scale_bias(x)
+        inv = 1.0 / scale.float()
+        shift = -bias.float() * inv
+        if rounding == "stochastic":  # floor((x - bias) / scale + u), u ~ U(0, 1) at 15-bit resolution
+            y = torch.addcmul(shift.add_(2.0**-16).unsqueeze(1), x, inv.unsqueeze(1))
+            r = (noise or RoundingNoise()).int16(y.shape, y.device).bitwise_and_(0x7FFF)
+            y.add_(r, alpha=2.0**-15).floor_()
+        else:
+            y = torch.addcmul(shift.unsqueeze(1), x, inv.unsqueeze(1)).round_()
+        out[:, :dim] = y.clamp_(0, 255)
+        out[:, dim:] = torch.stack([scale, bias], dim=1).view(torch.uint8)
+        return out
+
+    @staticmethod
+    def decode(q: torch.Tensor) -> torch.Tensor:
+        if q.shape[0] == 0:
+            return torch.empty(0, q.shape[1] - Int8Codec.SCALE_BIAS_BYTES, device=q.device)
+        if _HAS_FBGEMM and q.device.type == "cpu":
+            return torch.ops.fbgemm.FusedNBitRowwiseQuantizedSBHalfToFloat(q, 8)
+        dim = q.shape[1] - Int8Codec.SCALE_BIAS_BYTES
+        sb = q[:, dim:].contiguous().view(torch.float16).float()
+        return torch.addcmul(sb[:, 1:2], q[:, :dim].float(), sb[:, 0:1])
+
+    @staticmethod
+    def step(q: torch.Tensor) -> torch.Tensor:
+        """Quantisation step (the scale) per row, fp32 ``[n]``."""
+        dim = q.shape[1] - Int8Codec.SCALE_BIAS_BYTES
+        return q[:, dim : dim + 2].contiguous().view(torch.float16).float().squeeze(1)
+
+
+CODECS = {"fp32": Fp32Codec, "fp16": Fp16Codec, "int8": Int8Codec}

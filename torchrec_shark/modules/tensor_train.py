@@ -1,0 +1,371 @@
+"""TT-Rec: an embedding table stored as tensor-train cores, with a fused sparse optimizer and an LFU cache.
+
+Example::
+
+    cfg = CompressedEmbeddingBagConfig(
+        name="t_user", num_embeddings=1_000_000, embedding_dim=64, feature_names=["user"],
+        compression=TensorTrain(num_cores=3, ranks=(32,)),
+    )
+    table = build_table(cfg, SparseOptimizerSpec("rowwise_adagrad", lr=0.05))
+    pooled = table(ids, offsets)          # [B, 64]; backward updates the touched core slices
+    table.memory_bytes()["total"], table.fp32_bytes()
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Dict, List, Optional, Tuple
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torchrec.modules.embedding_configs import PoolingType
+
+from torchrec_shark.modules.base import CompressedTable, SparseOptimizerSpec, TableInputError, register_table_kind
+from torchrec_shark.modules.kernels.sparse_optimizer import RowOptimizer
+from torchrec_shark.modules.kernels.tt_chain import chain_backward, chain_forward, materialize
+from torchrec_shark.modules.specs import TensorTrain
+from torchrec_shark.modules.tt_factorization import TTLayout, resolve_layout, split_ids
+
+# Rows materialised at a time by full_weight() (bounds its temporary memory to about this many rows).
+_MATERIALIZE_ROWS = 1 << 20
+
+
+class _TTRows(torch.autograd.Function):
+    """Rows of the distinct ids of a lookup; backward hands their summed gradients to the table.
+
+    ``anchor`` is a zero-size leaf with ``requires_grad=True`` that puts the lookup in the autograd
+    graph; its gradient is never computed (the table updates itself, or fills the cores' ``.grad``).
+    """
+
+    @staticmethod
+    def forward(ctx, anchor, table, rows):  # type: ignore[override]
+        values, ctx.located = table.gather(rows)
+        ctx.table, ctx.rows, ctx.version = table, rows, table.version
+        return values
+
+    @staticmethod
+    def backward(ctx, grad):  # type: ignore[override]
+        table = ctx.table
+        table.apply_gradients(ctx.rows, grad, ctx.located if table.version == ctx.version else None)
+        ctx.located = None
+        return None, None, None
+
+
+@register_table_kind(TensorTrain)
+class TensorTrainTable(CompressedTable):
+    """A ``num_embeddings x embedding_dim`` table as ``d`` tensor-train cores (TT-Rec).
+
+    **Layout.** Core ``k`` is the tensor ``core_k`` of shape ``(R_{k-1}, p_k, q_k, R_k)``, ``R_0 = R_d = 1``.
+    Row ``i`` uses slice ``p``-index ``i_k`` of every core, ``i = ((i1*p2)+i2)*p3+i3`` (first core most
+    significant, so a contiguous block of ``p2*...*pd`` rows owns one first-core slice: row-wise shards
+    aligned to that block own a slice range of ``core_0`` and replicate the others). Default factors:
+    :func:`~torchrec_shark.modules.tt_factorization.resolve_layout` (balanced; ``prod(p) >= N``, padding
+    rows never addressed; ``prod(q) == D`` in ascending order, the cheapest chain).
+
+    **Lookup.** Only the distinct ids of a batch are reconstructed (chain of per-slice GEMMs, see
+    :mod:`~torchrec_shark.modules.kernels.tt_chain`); bags are pooled with ``embedding_bag`` over those
+    rows through the inverse indices (sum, mean, per-sample weights; ``offsets`` has ``B + 1`` entries).
+
+    **Optimizer.** ``fused=True`` (default): the :class:`SparseOptimizerSpec` is applied in backward to
+    the touched core slices only (each core slice ``core_k[:, i]`` is one optimizer "row": row-wise
+    Adagrad keeps one accumulator per core slice, Adagrad/Adam one per element, flattened per slice);
+    cores are buffers and hold no ``.grad``. ``fused=False``: cores are ``nn.Parameter`` s that receive
+    dense gradients for a torch optimizer (no cache allowed then: a dense optimizer's state could not
+    follow cache repopulation).
+
+    **Init.** ``sampled_gaussian``: every core entry ~ N(0, s^2) with
+    ``s^(2d) * prod(R_1..R_{d-1}) = 1 / (3 N)``, so every reconstructed entry (a sum of ``prod R`` products
+    of ``d`` independent entries) has mean 0 and variance ``1/(3N)``, DLRM's ``U(-1/sqrt(N), 1/sqrt(N))``.
+    ``naive``: every core entry i.i.d. ``U(-1/sqrt(N), 1/sqrt(N))`` (reconstructed variance
+    ``prod(R) / (3N)^d``: vanishing; an ablation).
+
+    **LFU cache** (``cache_fraction > 0``): ``C = max(1, floor(cache_fraction * N))`` rows are kept
+    uncompressed (``cache_weight``, ids in the sorted ``cache_ids``, looked up by binary search, so the
+    index costs ``8 C`` bytes and no per-row map). Training forwards count id frequencies (``frequency``,
+    int32 per row); every ``cache_refresh_every`` :meth:`step_end` calls the cache is repopulated with the
+    ``C`` most frequent rows seen, then the counts are halved (LFU with ageing). Newly cached rows are
+    materialised from the cores; cached rows are trained directly (the cores get no gradient from them),
+    with their own optimizer state.
+
+    *Eviction folds the row back into the cores*: the first-core slices of the evicted rows get the
+    minimum-norm correction ``Delta`` that makes ``(G1[i1] + Delta) @ S_r`` best match the cached value
+    (``S_r``: the product of the other cores' slices; exact when ``p1``-groups of evicted rows are small,
+    least squares otherwise). Why: dropping the row would throw away everything it learned while cached
+    (the hottest rows train most), and a plain write-back has nowhere to go; the correction touches only
+    ``core_0``, which under row-wise sharding lives on the rank that owns the row, so no replicated core
+    changes and nothing must be all-reduced. Its cost: the other uncached rows sharing that first-core
+    slice move too, as they do under any update of the slice. Rows that stay cached keep their value and
+    state; newly cached rows start with zero optimizer state. Lookups through the cache equal lookups of
+    :meth:`full_weight` (the cores' rows with the cached rows overlaid).
+    """
+
+    def __init__(
+        self,
+        config,
+        optimizer: Optional[SparseOptimizerSpec] = None,
+        device: Optional[torch.device] = None,
+        *,
+        fused: bool = True,
+        dtype: torch.dtype = torch.float32,
+    ) -> None:
+        super().__init__()
+        spec = config.compression
+        if not isinstance(spec, TensorTrain):
+            raise ValueError(f"table {config.name!r}: TensorTrainTable needs a TensorTrain spec, got {spec!r}")
+        if config.pooling not in (PoolingType.SUM, PoolingType.MEAN):
+            raise ValueError(f"table {config.name!r}: pooling {config.pooling} is not supported (SUM or MEAN)")
+        self.name = config.name
+        self.num_embeddings = config.num_embeddings
+        self.embedding_dim = config.embedding_dim
+        self.pooling = config.pooling
+        self.spec = spec
+        self.layout: TTLayout = resolve_layout(config.name, config.num_embeddings, config.embedding_dim, spec)
+        self.fused = fused
+        self.version = 0  # bumped on every write: a lookup's saved products are reused only if unchanged
+        self._anchor = torch.empty(0, requires_grad=True)  # puts lookups in the autograd graph (no gradient)
+        self.optimizer_spec = optimizer if optimizer is not None else SparseOptimizerSpec()
+        cache_rows = max(1, int(spec.cache_fraction * self.num_embeddings)) if spec.cache_fraction > 0 else 0
+        if cache_rows and not fused:
+            raise ValueError(f"table {self.name!r}: cache_fraction > 0 needs fused=True (a dense optimizer's "
+                             "state cannot follow cache repopulation)")
+        self.cache_rows = cache_rows
+
+        lay = self.layout
+        for k in range(lay.num_cores):
+            t = torch.empty(lay.core_shape(k), device=device, dtype=dtype)
+            if fused:
+                self.register_buffer(f"core_{k}", t)
+            else:
+                self.register_parameter(f"core_{k}", nn.Parameter(t))
+        self.reset_parameters()
+
+        if fused:
+            self.core_optimizers = nn.ModuleList(
+                RowOptimizer(self.optimizer_spec, num_rows=p, dim=math.prod(lay.core_shape(k)) // p, device=device)
+                for k, p in enumerate(lay.row_factors)
+            )
+        if cache_rows:
+            n = self.num_embeddings
+            self.register_buffer("cache_ids", torch.full((cache_rows,), n, dtype=torch.int64, device=device))
+            self.register_buffer("cache_weight", torch.zeros(cache_rows, self.embedding_dim, device=device, dtype=dtype))
+            self.register_buffer("frequency", torch.zeros(n, dtype=torch.int32, device=device))
+            self.register_buffer("steps", torch.zeros((), dtype=torch.int64, device=device))
+            self.cache_optimizer = RowOptimizer(self.optimizer_spec, num_rows=cache_rows, dim=self.embedding_dim, device=device)
+
+    # ------------------------------------------------------------------ state
+    @property
+    def cores(self) -> List[torch.Tensor]:
+        return [getattr(self, f"core_{k}") for k in range(self.layout.num_cores)]
+
+    @torch.no_grad()
+    def reset_parameters(self) -> None:
+        n = self.num_embeddings
+        if self.spec.init == "sampled_gaussian":
+            d = self.layout.num_cores
+            std = (3.0 * n * math.prod(self.layout.ranks)) ** (-1.0 / (2 * d))
+            for c in self.cores:
+                c.normal_(0.0, std)
+        else:
+            for c in self.cores:
+                c.uniform_(-1.0 / math.sqrt(n), 1.0 / math.sqrt(n))
+
+    def _cached_count(self) -> int:
+        return int(torch.searchsorted(self.cache_ids, self.num_embeddings))
+
+    def memory_bytes(self) -> Dict[str, int]:
+        out = {"cores": sum(c.numel() * c.element_size() for c in self.cores)}
+        if self.cache_rows:
+            for key, buf in (("cache_rows", self.cache_weight), ("cache_index", self.cache_ids), ("frequency", self.frequency)):
+                out[key] = buf.numel() * buf.element_size()
+        out["total"] = sum(out.values())
+        return out
+
+    def optimizer_state(self) -> Dict[str, torch.Tensor]:
+        if not self.fused:
+            return {}
+        out = {f"core_{k}.{name}": t for k, opt in enumerate(self.core_optimizers) for name, t in opt.state().items()}
+        if self.cache_rows:
+            out.update({f"cache.{name}": t for name, t in self.cache_optimizer.state().items()})
+        return out
+
+    @torch.no_grad()
+    def full_weight(self) -> torch.Tensor:
+        """The table ``[num_embeddings, embedding_dim]`` in the cores' dtype (cached rows overlaid)."""
+        n, block = self.num_embeddings, self.layout.first_core_block
+        out = self.cores[0].new_empty(n, self.embedding_dim)
+        step = max(1, _MATERIALIZE_ROWS // block)
+        for s in range(0, self.layout.row_factors[0], step):
+            lo = s * block
+            if lo >= n:
+                break
+            part = materialize(self.cores, slice(s, s + step))
+            out[lo : lo + part.shape[0]] = part[: n - lo]
+        if self.cache_rows:
+            k = self._cached_count()
+            out[self.cache_ids[:k]] = self.cache_weight[:k]
+        return out
+
+    # ------------------------------------------------------------------ lookup
+    def forward(
+        self,
+        ids: torch.Tensor,
+        offsets: torch.Tensor,
+        per_sample_weights: Optional[torch.Tensor] = None,
+    ) -> torch.Tensor:
+        self._check_inputs(ids, offsets, per_sample_weights)
+        ids, offsets = ids.reshape(-1).long(), offsets.long()
+        if self.cache_rows and self.training:
+            self.frequency.index_add_(0, ids, torch.ones_like(ids, dtype=torch.int32))
+        uniq, inverse = torch.unique(ids, return_inverse=True)
+        anchor = self._anchor if torch.is_grad_enabled() else self._anchor.detach()
+        rows = _TTRows.apply(anchor, self, uniq)
+        if per_sample_weights is None:
+            mode = "sum" if self.pooling == PoolingType.SUM else "mean"
+            return F.embedding_bag(inverse, rows, offsets, mode=mode, include_last_offset=True)
+        out = F.embedding_bag(
+            inverse, rows, offsets, mode="sum", per_sample_weights=per_sample_weights.to(rows.dtype), include_last_offset=True
+        )
+        if self.pooling == PoolingType.MEAN:  # weighted mean as TBE: weighted sum / bag length
+            out = out / (offsets[1:] - offsets[:-1]).clamp(min=1).unsqueeze(1).to(out.dtype)
+        return out
+
+    def _check_inputs(self, ids, offsets, per_sample_weights) -> None:
+        where = f"table {self.name!r}"
+        if ids.dtype.is_floating_point or ids.dtype == torch.bool:
+            raise TableInputError(f"{where}: ids must be integers, got {ids.dtype}")
+        if ids.numel():
+            lo, hi = (int(v) for v in torch.aminmax(ids))
+            if lo < 0 or hi >= self.num_embeddings:
+                raise TableInputError(f"{where}: ids must be in [0, {self.num_embeddings}), got min {lo}, max {hi}")
+        if offsets.numel() < 1 or int(offsets[-1]) != ids.numel():
+            raise TableInputError(f"{where}: offsets must have B + 1 entries ending at len(ids)={ids.numel()}")
+        if per_sample_weights is not None:
+            if per_sample_weights.numel() != ids.numel():
+                raise TableInputError(f"{where}: {per_sample_weights.numel()} per-id weights for {ids.numel()} ids")
+            if not bool(torch.isfinite(per_sample_weights).all()):
+                raise TableInputError(f"{where}: per-id weights contain NaN or inf")
+
+    def gather(self, rows: torch.Tensor) -> Tuple[torch.Tensor, Tuple]:
+        """Values of ``rows`` (unique, ascending) and what their update reuses: the cache plan and the
+        chain's saved prefix products."""
+        plan = self._plan(rows)
+        tt_ids, miss, hit, slots = plan
+        tt_rows, saved = chain_forward(self.cores, split_ids(tt_ids, self.layout.row_factors), save=True)
+        if hit is None:
+            return tt_rows, (plan, saved)
+        values = tt_rows.new_empty(rows.numel(), self.embedding_dim)
+        values.index_copy_(0, miss, tt_rows)
+        values.index_copy_(0, hit, self.cache_weight.index_select(0, slots))
+        return values, (plan, saved)
+
+    def _plan(self, rows: torch.Tensor) -> Tuple:
+        """``(ids for the cores, their positions, positions of cache hits, their cache slots)``; no hit: ``(rows, None, None, None)``."""
+        if self.cache_rows:
+            slot = torch.searchsorted(self.cache_ids, rows).clamp_(max=self.cache_rows - 1)
+            hit = self.cache_ids.index_select(0, slot) == rows
+            if bool(hit.any()):
+                hit_pos = hit.nonzero().squeeze(1)
+                miss_pos = (~hit).nonzero().squeeze(1)
+                return rows.index_select(0, miss_pos), miss_pos, hit_pos, slot.index_select(0, hit_pos)
+        return rows, None, None, None
+
+    # ------------------------------------------------------------------ training
+    @torch.no_grad()
+    def apply_gradients(self, rows: torch.Tensor, grad: torch.Tensor, cached: Optional[Tuple] = None) -> None:
+        """Backward of a lookup: ``grad`` is the summed gradient of each of ``rows`` (unique); ``cached`` what
+        :meth:`gather` returned if the table is unchanged since. Fused: update the touched core slices and
+        cache rows; not fused: accumulate the cores' dense ``.grad``. Non-finite gradients change nothing."""
+        if not bool(torch.isfinite(grad).all()):
+            bad = rows[~torch.isfinite(grad).all(dim=1)]
+            raise TableInputError(
+                f"table {self.name!r}: non-finite gradient for {bad.numel()} row(s) (first: {bad[:5].tolist()}); "
+                "the table was not updated"
+            )
+        plan, saved = cached if cached is not None else self.gather(rows)[1]
+        _, miss, hit, slots = plan
+        grad = grad.to(self.cores[0].dtype)
+        core_grads = chain_backward(self.cores, saved, grad if hit is None else grad.index_select(0, miss))
+        if not self.fused:
+            for core, (ids, g) in zip(self.cores, core_grads):
+                dense = torch.zeros_like(core)
+                dense.transpose(0, 1).index_copy_(0, ids, g)
+                core.grad = dense if core.grad is None else core.grad + dense
+            return
+        for core, opt, (ids, g) in zip(self.cores, self.core_optimizers, core_grads):
+            slices = core.transpose(0, 1)  # (p, R, q, R'): one optimizer row per core slice
+            shape = (ids.numel(), slices[0].numel())
+            w = slices.index_select(0, ids).reshape(shape)
+            slices.index_copy_(0, ids, opt.apply(ids, w, g.reshape(shape)).view(-1, *slices.shape[1:]))
+        if hit is not None:
+            w = self.cache_weight.index_select(0, slots)
+            self.cache_weight.index_copy_(0, slots, self.cache_optimizer.apply(slots, w, grad.index_select(0, hit)))
+        self.version += 1
+
+    def set_learning_rate(self, lr: float) -> None:
+        if self.fused:
+            for opt in self.core_optimizers:
+                opt.lr = float(lr)
+            if self.cache_rows:
+                self.cache_optimizer.lr = float(lr)
+
+    def step_end(self) -> None:
+        if not self.cache_rows:
+            return
+        self.steps += 1
+        if int(self.steps) % self.spec.cache_refresh_every == 0:
+            self.refresh_cache()
+
+    @torch.no_grad()
+    def refresh_cache(self) -> None:
+        """Repopulate the cache with the most frequent rows (see the class docstring), then age the counts."""
+        n, C = self.num_embeddings, self.cache_rows
+        k_old = self._cached_count()
+        old_ids = self.cache_ids[:k_old]
+        k_new = min(C, int((self.frequency > 0).sum()))
+        new_ids = torch.sort(torch.topk(self.frequency, k_new).indices.long()).values
+        kept_old = torch.isin(old_ids, new_ids)
+        kept_new = torch.isin(new_ids, old_ids)
+        old_slots = kept_old.nonzero().squeeze(1)
+        new_slots = kept_new.nonzero().squeeze(1)
+        added = new_ids[~kept_new]
+        added_rows, _ = chain_forward(self.cores, split_ids(added, self.layout.row_factors))  # before any fold
+        evicted = ~kept_old
+        self._fold_into_first_core(old_ids[evicted], self.cache_weight[:k_old][evicted])
+
+        weight = self.cache_weight.new_zeros(self.cache_weight.shape)
+        weight[new_slots] = self.cache_weight[old_slots]
+        weight[(~kept_new).nonzero().squeeze(1)] = added_rows
+        self.cache_weight.copy_(weight)
+        for buf in self.cache_optimizer.state().values():
+            if buf.dim() > 0:
+                moved = torch.zeros_like(buf)
+                moved[new_slots] = buf[old_slots]
+                buf.copy_(moved)
+        self.cache_ids.fill_(n)
+        self.cache_ids[:k_new] = new_ids
+        self.frequency.bitwise_right_shift_(1)
+        self.version += 1
+
+    def _fold_into_first_core(self, ids: torch.Tensor, values: torch.Tensor) -> None:
+        """Minimum-norm change of the first-core slices so that rows ``ids`` best equal ``values``."""
+        if ids.numel() == 0:
+            return
+        cores, lay = self.cores, self.layout
+        digits = split_ids(ids, lay.row_factors)
+        e = ids.numel()
+        s = cores[-1][:, digits[-1], :, 0].permute(1, 0, 2).double()  # (E, R_{d-1}, q_d)
+        for k in range(lay.num_cores - 2, 0, -1):
+            r_in, _, q, r_out = cores[k].shape
+            g = cores[k][:, digits[k]].permute(1, 0, 2, 3).reshape(e, r_in * q, r_out).double()
+            s = torch.bmm(g, s).view(e, r_in, -1)  # (E, R_{k-1}, q_k * rest)
+        first = cores[0][0]  # (p1, q1, R1)
+        q1, r1 = first.shape[1:]
+        g1 = first.index_select(0, digits[0]).double()
+        err = values.double().view(e, q1, -1) - torch.bmm(g1, s)
+        st = s.transpose(1, 2)
+        slices, inverse = torch.unique(digits[0], return_inverse=True)
+        gram = s.new_zeros(slices.numel(), r1, r1).index_add_(0, inverse, torch.bmm(s, st))
+        rhs = s.new_zeros(slices.numel(), q1, r1).index_add_(0, inverse, torch.bmm(err, st))
+        delta = torch.bmm(rhs, torch.linalg.pinv(gram, hermitian=True, rtol=1e-10))
+        first.index_add_(0, slices, delta.to(first.dtype))

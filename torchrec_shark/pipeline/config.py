@@ -1,0 +1,45 @@
+"""Structured config of the compression pipeline (``conf/pipeline.yaml``)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import List, Optional
+
+from hydra.core.config_store import ConfigStore
+
+COMPARISONS = ("tt", "fp16", "int8", "shark", "baseline")
+
+
+@dataclass
+class PipelineConfig:
+    nproc: int = 1
+    train: List[str] = field(default_factory=list)
+    steps: Optional[int] = None
+    finetune_steps: int = 500
+    prune: List[str] = field(default_factory=lambda: ["tolerance=0.001"])
+    budget: float = 0.5
+    shark_tables: str = "mixed_precision"
+    comparisons: List[str] = field(default_factory=lambda: ["tt", "fp16", "int8"])
+    resume: bool = True
+
+
+def check(cfg: PipelineConfig) -> None:
+    """Reject values that would only fail minutes into the pipeline."""
+    if cfg.nproc < 1:
+        raise ValueError(f"nproc={cfg.nproc} must be >= 1")
+    if cfg.steps is not None and cfg.steps < 1 or cfg.finetune_steps < 1:
+        raise ValueError("steps and finetune_steps must be >= 1")
+    if not 0.0 < cfg.budget <= 1.0:
+        raise ValueError(f"budget={cfg.budget} must be in (0, 1]")
+    unknown = [c for c in cfg.comparisons if c not in COMPARISONS]
+    if unknown:
+        raise ValueError(f"comparisons {unknown} are not tables= groups; choose from {list(COMPARISONS)}")
+    if cfg.shark_tables not in ("mixed_precision", "fp16", "int8", "none"):
+        raise ValueError(f"shark_tables={cfg.shark_tables!r} must be mixed_precision, fp16, int8 or none")
+    for o in cfg.train:
+        if "=" not in o:
+            raise ValueError(f"train override {o!r} is not key=value")
+
+
+def register_configs() -> None:
+    ConfigStore.instance().store(name="pipeline_schema", node=PipelineConfig)

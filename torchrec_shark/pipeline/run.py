@@ -1,0 +1,130 @@
+"""Runs the pipeline's stages in order and writes the report (see ``python -m torchrec_shark.pipeline``)."""
+
+from __future__ import annotations
+
+import os
+from typing import Dict, List
+
+from omegaconf import OmegaConf
+
+from torchrec_shark.pipeline import plots
+from torchrec_shark.pipeline.config import PipelineConfig
+from torchrec_shark.pipeline.report import add_ratios, variant_row, write_report
+from torchrec_shark.pipeline.stages import StageRunner, read_json
+
+PRUNE_MODULE = "torchrec_shark.passes.prune_fields"
+DIMS_MODULE = "torchrec_shark.passes.dim_search"
+
+
+def run_pipeline(cfg: PipelineConfig, out_dir: str) -> str:
+    """Every stage, then ``report.md``; returns its path."""
+    runner = StageRunner(out_dir, resume=cfg.resume)
+    common = list(cfg.train) + ([f"trainer.max_steps={cfg.steps}"] if cfg.steps else [])
+    finetune = [f"trainer.max_steps={cfg.finetune_steps}"]
+    variants: List[tuple] = []  # (name, stage label)
+
+    runner.train("baseline", cfg.nproc, ["tables=baseline", *common])
+    variants.append(("baseline", "stock fp32 tables"))
+
+    prune = runner.run_pass("prune_fields", PRUNE_MODULE, cfg.nproc,
+                            [f"run_dir={runner.path('runs', 'baseline')}", *cfg.prune], "prune_report.json")
+    prune_report = read_json(os.path.join(prune.out_dir, "prune_report.json"))
+    source = "baseline"
+    if prune_report.get("command"):
+        runner.train_from_pass("pruned", prune_report["command"], [*cfg.train, *finetune])
+        variants.append(("pruned", "field pruning, fine-tuned"))
+        source = "pruned"
+
+    dims = runner.run_pass("dim_search", DIMS_MODULE, cfg.nproc,
+                           [f"run_dir={runner.path('runs', source)}", f"budget={cfg.budget}"], "widths.json")
+    widths = read_json(os.path.join(dims.out_dir, "widths.json"))
+    command = widths["retrain_command"]
+    runner.train_from_pass("pruned_dims", command, [*cfg.train, *finetune])
+    variants.append(("pruned_dims", f"+ dimension search (budget {cfg.budget}), retrained"))
+
+    if cfg.shark_tables != "none":
+        # The searched tables, now stored compressed, warm-started from the narrowed run (its tables
+        # already have the new widths: no column selection any more).
+        search_dir = compressed_tables_config(widths["tables_config"], runner.path("passes", "shark_tables"),
+                                              "shark", cfg.shark_tables)
+        runner.train_from_pass("shark", command, [
+            *cfg.train, *finetune, f"hydra.searchpath=[file://{search_dir}]", "tables=shark",
+            f"trainer.init_from={runner.path('runs', 'pruned_dims')}",
+        ])
+        variants.append(("shark", f"+ {cfg.shark_tables} tables, fine-tuned"))
+
+    for group in cfg.comparisons:
+        name = f"{group}_only"
+        runner.train(name, cfg.nproc, [f"tables={group}", *common])
+        variants.append((name, f"tables={group} from scratch"))
+
+    rows = []
+    for name, stage in variants:
+        res = runner.results[name]
+        metrics = read_json(os.path.join(res.out_dir, "metrics.json"))
+        rows.append(variant_row(name, stage, metrics, res.out_dir, res.seconds))
+    add_ratios(rows)
+    plot_files = _plots(runner, rows, prune.out_dir)
+    notes = _checks(rows, prune_report, widths)
+    extras = {
+        "config": {k: getattr(cfg, k) for k in cfg.__dataclass_fields__},
+        "stages": {n: {"kind": r.kind, "dir": r.out_dir, "seconds": r.seconds, "skipped": r.skipped,
+                       "command": r.command} for n, r in runner.results.items()},
+        "pruned_fields": prune_report.get("dropped", []),
+        "widths": widths.get("table_widths") or widths.get("widths"),
+    }
+    return write_report(out_dir, rows, extras, notes, plot_files)
+
+
+def compressed_tables_config(source_yaml: str, out_dir: str, name: str, kind: str) -> str:
+    """A copy of a written tables config with every table stored as ``kind`` and no column
+    selection; returns the folder to put on ``hydra.searchpath``."""
+    doc = OmegaConf.load(source_yaml)
+    doc.name = name
+    doc.compression.kind = kind
+    doc.init_columns = {}
+    for table in doc.tables.values():
+        if table.get("compression") is not None:
+            table.compression.kind = kind
+    os.makedirs(os.path.join(out_dir, "tables"), exist_ok=True)
+    OmegaConf.save(doc, os.path.join(out_dir, "tables", f"{name}.yaml"))
+    return out_dir
+
+
+def _plots(runner: StageRunner, rows: List[Dict], prune_dir: str) -> List[str]:
+    files = []
+    plots.auc_vs_bytes(runner.path("auc_vs_bytes.png"), rows)
+    files.append("auc_vs_bytes.png")
+    csv_path = os.path.join(prune_dir, "field_importance.csv")
+    if os.path.isfile(csv_path) and plots.field_importance(runner.path("field_importance.png"), csv_path):
+        files.append("field_importance.png")
+    shark = next((r for r in rows if r["name"] == "shark"), None)
+    if shark is not None:
+        history = read_json(os.path.join(shark["run_dir"], "metrics.json")).get("history", [])
+        if plots.tier_occupancy(runner.path("tier_occupancy.png"), history):
+            files.append("tier_occupancy.png")
+    return files
+
+
+def _checks(rows: List[Dict], prune_report: Dict, widths: Dict) -> List[str]:
+    """The targets, stated with the measured numbers, whether met or not."""
+    by = {r["name"]: r for r in rows}
+    notes = []
+    if "shark" in by and "baseline" in by:
+        s = by["shark"]
+        ok = s["bytes_vs_baseline"] <= 0.30 and s["delta_auc"] >= -0.002
+        notes.append(f"SHARK pipeline: {s['bytes_vs_baseline']:.1%} of baseline embedding bytes (target <= 30%), "
+                     f"Δ AUC {s['delta_auc']:+.4f} (target >= -0.002): {'met' if ok else 'NOT met'}")
+    if "tt_only" in by and "baseline" in by:
+        t = by["tt_only"]
+        ratio = t.get("compressed_tables_ratio")
+        ok = ratio is not None and ratio >= 10 and t["delta_auc"] >= -0.003
+        notes.append(f"TT: compressed tables {_x(ratio)} smaller (target >= 10×), Δ AUC {t['delta_auc']:+.4f} "
+                     f"(target >= -0.003): {'met' if ok else 'NOT met'}")
+    if prune_report.get("dropped") is not None:
+        notes.append(f"pruned fields: {', '.join(prune_report['dropped']) or 'none'}")
+    return notes
+
+
+def _x(v) -> str:
+    return "-" if v is None else f"{v:.1f}×"

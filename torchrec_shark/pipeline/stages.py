@@ -1,0 +1,125 @@
+"""The pipeline's stages: each one a ``train.py`` run or a pass, run as a subprocess.
+
+Stages are chained through files: a pass writes ``prune_report.json`` / ``widths.json``
+with the ``torchrun train.py`` command that trains its rewritten config warm-started from
+its source run; the next stage runs that command with its own run dir and step count.
+A stage whose output already exists is skipped (``resume``), so a crashed pipeline
+continues where it stopped.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shlex
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from typing import Dict, List, Optional, Sequence
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+def _bin(name: str) -> str:
+    """A console script of this interpreter's environment (torchrun), else the one on PATH."""
+    here = os.path.join(os.path.dirname(sys.executable), name)
+    return here if os.path.exists(here) else name
+
+
+def _key(override: str) -> str:
+    return override.split("=", 1)[0].lstrip("+~")
+
+
+def with_overrides(args: Sequence[str], overrides: Sequence[str]) -> List[str]:
+    """``args`` with every override whose key ``overrides`` sets again removed, then ``overrides``."""
+    again = {_key(o) for o in overrides}
+    return [a for a in args if "=" not in a or _key(a) not in again] + list(overrides)
+
+
+def torchrun(nproc: int, *args: str) -> List[str]:
+    return [_bin("torchrun"), "--standalone", f"--nproc_per_node={nproc}", *args]
+
+
+def command_from_pass(command: str, run_dir: str, overrides: Sequence[str]) -> List[str]:
+    """The ``torchrun ... train.py ...`` command a pass printed, with our run dir and overrides."""
+    args = shlex.split(command)
+    script = args.index("train.py")
+    launcher = [a for a in args[1:script] if not a.startswith("--nproc_per_node")]
+    nproc = next(a for a in args[1:script] if a.startswith("--nproc_per_node")).split("=", 1)[1]
+    rest = [a for a in args[script + 1:] if a != "hydra.run.dir=<NEW_RUN_DIR>"]
+    return torchrun(int(nproc), *[a for a in launcher if a != "--standalone"], "train.py",
+                    *with_overrides(rest, [*overrides, f"hydra.run.dir={run_dir}"]))
+
+
+@dataclass
+class StageResult:
+    name: str
+    kind: str  # train | pass
+    out_dir: str
+    seconds: float
+    skipped: bool
+    command: List[str] = field(default_factory=list)
+
+
+class StageRunner:
+    """Runs stages under ``out_dir``, logging each one's output to ``<stage dir>/stage.log``."""
+
+    def __init__(self, out_dir: str, resume: bool = True) -> None:
+        self.out_dir = os.path.abspath(out_dir)
+        self.resume = resume
+        self.results: Dict[str, StageResult] = {}
+
+    def path(self, *parts: str) -> str:
+        return os.path.join(self.out_dir, *parts)
+
+    def run(self, name: str, kind: str, out_dir: str, command: List[str], done_file: str) -> StageResult:
+        if self.resume and os.path.isfile(os.path.join(out_dir, done_file)):
+            result = StageResult(name, kind, out_dir, 0.0, True, command)
+            print(f"[pipeline] {name}: already done in {out_dir}", flush=True)
+        else:
+            os.makedirs(out_dir, exist_ok=True)
+            print(f"[pipeline] {name}: {' '.join(shlex.quote(c) for c in command)}", flush=True)
+            t0 = time.perf_counter()
+            with open(os.path.join(out_dir, "stage.log"), "w") as log:
+                proc = subprocess.run(command, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT,
+                                      env=dict(os.environ, PYTHONUNBUFFERED="1"))
+            seconds = time.perf_counter() - t0
+            if proc.returncode != 0 or not os.path.isfile(os.path.join(out_dir, done_file)):
+                tail = _tail(os.path.join(out_dir, "stage.log"))
+                raise RuntimeError(f"pipeline stage {name!r} failed (exit {proc.returncode}); "
+                                   f"last lines of {out_dir}/stage.log:\n{tail}")
+            result = StageResult(name, kind, out_dir, seconds, False, command)
+            print(f"[pipeline] {name}: done in {seconds:.0f} s", flush=True)
+        self.results[name] = result
+        return result
+
+    def train(self, name: str, nproc: int, overrides: Sequence[str]) -> StageResult:
+        run_dir = self.path("runs", name)
+        cmd = torchrun(nproc, "train.py", *overrides, f"hydra.run.dir={run_dir}", "trainer.progress=false")
+        return self.run(name, "train", run_dir, cmd, "metrics.json")
+
+    def train_from_pass(self, name: str, command: str, overrides: Sequence[str]) -> StageResult:
+        run_dir = self.path("runs", name)
+        cmd = command_from_pass(command, run_dir, [*overrides, "trainer.progress=false"])
+        return self.run(name, "train", run_dir, cmd, "metrics.json")
+
+    def run_pass(self, name: str, module: str, nproc: int, args: Sequence[str], done_file: str) -> StageResult:
+        out = self.path("passes", name)
+        cmd = torchrun(nproc, "-m", module, *args, f"hydra.run.dir={out}")
+        return self.run(name, "pass", out, cmd, done_file)
+
+
+def read_json(path: str) -> Optional[dict]:
+    if not os.path.isfile(path):
+        return None
+    with open(path) as f:
+        return json.load(f)
+
+
+def _tail(path: str, lines: int = 30) -> str:
+    try:
+        with open(path) as f:
+            return "".join(f.readlines()[-lines:])
+    except OSError:
+        return ""
