@@ -24,7 +24,9 @@ COMPRESSION_KINDS = ("none", "fp16", "int8", "mixed_precision", "tensor_train")
 class SyntheticDataConfig:
     """Planted-model click data generated in memory (the default)."""
 
-    num_train_samples: int = 2_000_000
+    # Rows are generated from (seed, block) on demand: a long cycle costs no memory and keeps every
+    # default run on fresh samples (a model trained past one epoch memorises ids of the noise tables).
+    num_train_samples: int = 1_000_000_000
     num_val_samples: int = 65_536
     num_dense: int = 13
     # One entry per sparse field; spans 10 .. 1e6 rows like Criteo's tables.
