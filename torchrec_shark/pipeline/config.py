@@ -16,7 +16,7 @@ class PipelineConfig:
     train: List[str] = field(default_factory=list)
     steps: Optional[int] = None
     finetune_steps: int = 500
-    prune: List[str] = field(default_factory=lambda: ["tolerance=0.001"])
+    prune: List[str] = field(default_factory=lambda: ["tolerance=0.03"])
     budget: float = 0.5
     shark_tables: str = "mixed_precision"
     comparisons: List[str] = field(default_factory=lambda: ["tt", "fp16", "int8"])

@@ -14,6 +14,8 @@ from torchrec_shark.pipeline.stages import StageRunner, read_json
 
 PRUNE_MODULE = "torchrec_shark.passes.prune_fields"
 DIMS_MODULE = "torchrec_shark.passes.dim_search"
+# Not a name in conf/tables: the repository's own group files take precedence over a search path.
+SHARK_TABLES = "searched_compressed"
 
 
 def run_pipeline(cfg: PipelineConfig, out_dir: str) -> str:
@@ -46,9 +48,9 @@ def run_pipeline(cfg: PipelineConfig, out_dir: str) -> str:
         # The searched tables, now stored compressed, warm-started from the narrowed run (its tables
         # already have the new widths: no column selection any more).
         search_dir = compressed_tables_config(widths["tables_config"], runner.path("passes", "shark_tables"),
-                                              "shark", cfg.shark_tables)
+                                              SHARK_TABLES, cfg.shark_tables)
         runner.train_from_pass("shark", command, [
-            *cfg.train, *finetune, f"hydra.searchpath=[file://{search_dir}]", "tables=shark",
+            *cfg.train, *finetune, f"hydra.searchpath=[file://{search_dir}]", f"tables={SHARK_TABLES}",
             f"trainer.init_from={runner.path('runs', 'pruned_dims')}",
         ])
         variants.append(("shark", f"+ {cfg.shark_tables} tables, fine-tuned"))
