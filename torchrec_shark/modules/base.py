@@ -36,6 +36,11 @@ class TableInputError(ValueError):
     """
 
 
+def all_finite(x: torch.Tensor) -> bool:
+    """No NaN/inf in ``x`` (a sum first: one fast pass when, as usual, it is finite)."""
+    return bool(torch.isfinite(x.sum())) or bool(torch.isfinite(x).all())
+
+
 class CompressedTable(nn.Module, abc.ABC):
     """One compressed embedding table.
 
@@ -82,6 +87,33 @@ class CompressedTable(nn.Module, abc.ABC):
         """Learning rate of the fused optimizer from now on (the collection's ``KeyedOptimizer``
         pushes its param group's ``lr`` here on ``step()``, so LR schedulers work); tables whose
         optimizer has a learning rate override this."""
+
+    def check_ids(self, ids: torch.Tensor) -> None:
+        """Raise :class:`TableInputError` for non-integer ids or ids outside ``[0, num_embeddings)``."""
+        if ids.dtype.is_floating_point or ids.dtype == torch.bool:
+            raise TableInputError(f"table {self.name!r}: ids must be integers, got {ids.dtype}")
+        if ids.numel():
+            lo, hi = (int(v) for v in torch.aminmax(ids))
+            if lo < 0 or hi >= self.num_embeddings:
+                raise TableInputError(
+                    f"table {self.name!r}: ids must be in [0, {self.num_embeddings}), got min {lo}, max {hi}"
+                )
+
+    def check_lookup(self, ids: torch.Tensor, offsets: torch.Tensor,
+                     per_sample_weights: Optional[torch.Tensor]) -> None:
+        """The checks of :meth:`forward`'s inputs every kind shares (ids, offsets, per-id weights)."""
+        self.check_ids(ids)
+        if offsets.numel() < 1 or int(offsets[-1]) != ids.numel():
+            raise TableInputError(
+                f"table {self.name!r}: offsets must have B + 1 entries ending at len(ids)={ids.numel()}"
+            )
+        if per_sample_weights is not None:
+            if per_sample_weights.numel() != ids.numel():
+                raise TableInputError(
+                    f"table {self.name!r}: {per_sample_weights.numel()} per-id weights for {ids.numel()} ids"
+                )
+            if not all_finite(per_sample_weights):
+                raise TableInputError(f"table {self.name!r}: per-id weights contain NaN or inf")
 
 
 _REGISTRY: Dict[type, Callable[..., CompressedTable]] = {}

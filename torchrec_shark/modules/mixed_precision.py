@@ -35,7 +35,13 @@ import numpy as np
 import torch
 from torchrec.modules.embedding_configs import PoolingType
 
-from torchrec_shark.modules.base import CompressedTable, SparseOptimizerSpec, TableInputError, register_table_kind
+from torchrec_shark.modules.base import (
+    CompressedTable,
+    SparseOptimizerSpec,
+    TableInputError,
+    all_finite,
+    register_table_kind,
+)
 from torchrec_shark.modules.kernels.lookup import RowIndex, bag_of_ids, pooled_lookup, row_index
 from torchrec_shark.modules.kernels.sparse_optimizer import RowOptimizer
 from torchrec_shark.modules.quantization import CODECS, ROUNDING_MODES, Fp32Codec, Int8Codec, RoundingNoise
@@ -44,11 +50,6 @@ from torchrec_shark.modules.specs import MixedPrecision, Uniform
 TIERS = ("fp32", "fp16", "int8")  # tier id = position; lower id = higher precision
 _INIT_CHUNK_ROWS = 1 << 16
 
-
-
-def _all_finite(x: torch.Tensor) -> bool:
-    """No NaN/inf in ``x`` (a sum first: one fast pass when, as usual, it is finite)."""
-    return bool(torch.isfinite(x.sum())) or bool(torch.isfinite(x).all())
 
 
 class RowStoreTable(CompressedTable):
@@ -156,7 +157,7 @@ class RowStoreTable(CompressedTable):
         ``values`` are the rows' current values if the table has not been written since they
         were gathered. Non-finite gradients are rejected before anything is written.
         """
-        if not _all_finite(grad):
+        if not all_finite(grad):
             bad = index.rows[~torch.isfinite(grad).all(dim=1)]
             raise TableInputError(
                 f"table {self.name!r}: non-finite gradient for {bad.numel()} row(s) (first: {bad[:5].tolist()}); "
@@ -178,36 +179,13 @@ class RowStoreTable(CompressedTable):
             self.write_rows(torch.arange(a, b, device=chunk.device), chunk, rounding="nearest")
 
     # ------------------------------------------------------------------ lookup
-    def _check_ids(self, ids: torch.Tensor) -> None:
-        if ids.numel() == 0:
-            return
-        if ids.dtype.is_floating_point or ids.dtype == torch.bool:
-            raise TableInputError(f"table {self.name!r}: ids must be integers, got {ids.dtype}")
-        lo, hi = torch.aminmax(ids)
-        lo, hi = int(lo), int(hi)
-        if lo < 0 or hi >= self.num_embeddings:
-            raise TableInputError(
-                f"table {self.name!r}: ids must be in [0, {self.num_embeddings}), got min {lo}, max {hi}"
-            )
-
     def forward(
         self,
         ids: torch.Tensor,
         offsets: torch.Tensor,
         per_sample_weights: Optional[torch.Tensor] = None,
     ) -> torch.Tensor:
-        self._check_ids(ids)
-        if offsets.numel() < 1 or int(offsets[-1]) != ids.numel():
-            raise TableInputError(
-                f"table {self.name!r}: offsets must have B + 1 entries ending at len(ids)={ids.numel()}"
-            )
-        if per_sample_weights is not None:
-            if per_sample_weights.numel() != ids.numel():
-                raise TableInputError(
-                    f"table {self.name!r}: {per_sample_weights.numel()} per-id weights for {ids.numel()} ids"
-                )
-            if not _all_finite(per_sample_weights):
-                raise TableInputError(f"table {self.name!r}: per-id weights contain NaN or inf")
+        self.check_lookup(ids, offsets, per_sample_weights)
         return pooled_lookup(self, ids, offsets, per_sample_weights, self.pooling == PoolingType.MEAN, self._anchor)
 
     # ------------------------------------------------------------------ contract
@@ -385,13 +363,13 @@ class MixedPrecisionTable(RowStoreTable):
         routing a per-id label through the same input dist as per-id weights, then calls this
         with local ids. Nothing here needs rows from other ranks.
         """
-        self._check_ids(ids)
+        self.check_ids(ids)
         labels = labels.reshape(-1).float()
         if labels.numel() != offsets.numel() - 1:
             raise TableInputError(
                 f"table {self.name!r}: {labels.numel()} labels for {offsets.numel() - 1} bags"
             )
-        if not _all_finite(labels):
+        if not all_finite(labels):
             raise TableInputError(f"table {self.name!r}: labels contain NaN or inf")
         n = ids.numel()
         if n == 0:

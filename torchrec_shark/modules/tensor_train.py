@@ -213,7 +213,7 @@ class TensorTrainTable(CompressedTable):
         offsets: torch.Tensor,
         per_sample_weights: Optional[torch.Tensor] = None,
     ) -> torch.Tensor:
-        self._check_inputs(ids, offsets, per_sample_weights)
+        self.check_lookup(ids, offsets, per_sample_weights)
         ids, offsets = ids.reshape(-1).long(), offsets.long()
         if self.cache_rows and self.training:
             self.frequency.index_add_(0, ids, torch.ones_like(ids, dtype=torch.int32))
@@ -229,22 +229,6 @@ class TensorTrainTable(CompressedTable):
         if self.pooling == PoolingType.MEAN:  # weighted mean as TBE: weighted sum / bag length
             out = out / (offsets[1:] - offsets[:-1]).clamp(min=1).unsqueeze(1).to(out.dtype)
         return out
-
-    def _check_inputs(self, ids, offsets, per_sample_weights) -> None:
-        where = f"table {self.name!r}"
-        if ids.dtype.is_floating_point or ids.dtype == torch.bool:
-            raise TableInputError(f"{where}: ids must be integers, got {ids.dtype}")
-        if ids.numel():
-            lo, hi = (int(v) for v in torch.aminmax(ids))
-            if lo < 0 or hi >= self.num_embeddings:
-                raise TableInputError(f"{where}: ids must be in [0, {self.num_embeddings}), got min {lo}, max {hi}")
-        if offsets.numel() < 1 or int(offsets[-1]) != ids.numel():
-            raise TableInputError(f"{where}: offsets must have B + 1 entries ending at len(ids)={ids.numel()}")
-        if per_sample_weights is not None:
-            if per_sample_weights.numel() != ids.numel():
-                raise TableInputError(f"{where}: {per_sample_weights.numel()} per-id weights for {ids.numel()} ids")
-            if not bool(torch.isfinite(per_sample_weights).all()):
-                raise TableInputError(f"{where}: per-id weights contain NaN or inf")
 
     def gather(self, rows: torch.Tensor) -> Tuple[torch.Tensor, Tuple]:
         """Values of ``rows`` (unique, ascending) and what their update reuses: the cache plan and the
