@@ -61,3 +61,44 @@ def test_warm_start_matches_by_name_and_skips_absent_or_reshaped(tmp_path):
     torch.testing.assert_close(dst.tables["d"], before_d)
     assert torch.all(dst.tables["c"] == 0)
     assert report["loaded"] == ["tables.a"] and report["skipped"] == ["tables.c", "tables.d"]
+
+
+def _adam(module):
+    from torchrec.optim.keyed import KeyedOptimizerWrapper
+
+    return KeyedOptimizerWrapper(dict(module.named_parameters()), lambda ps: torch.optim.Adam(ps, lr=0.1))
+
+
+def _train(module, opt, steps, seed):
+    gen = torch.Generator().manual_seed(seed)
+    for _ in range(steps):
+        opt.zero_grad()
+        loss = sum((p * torch.randn(p.shape, generator=gen)).sum() ** 2 for _, p in sorted(module.named_parameters()))
+        loss.backward()
+        opt.step()
+
+
+def test_warm_start_optimizer_continues_the_source_moments(tmp_path):
+    src = Holder(["a", "b"], seed=0)
+    src_opt = _adam(src)
+    _train(src, src_opt, 3, seed=5)
+    ckpt.save_checkpoint(str(tmp_path), 3, {"model": src, "optim": src_opt}, meta={"step": 3})
+    dst = Holder(["a", "b"], seed=1)
+    dst.tables["b"] = nn.Parameter(torch.zeros(5, 8))  # reshaped: its moments must not load
+    dst_opt = _adam(dst)
+    report = ckpt.warm_start(str(tmp_path), dst)
+    loaded = ckpt.warm_start_optimizer(str(tmp_path), dst_opt, report["loaded"])
+    assert loaded == ["tables.a/exp_avg", "tables.a/exp_avg_sq", "tables.a/step"]
+    state = dst_opt.state_dict()["state"]
+    torch.testing.assert_close(state["tables.a"]["exp_avg"], src_opt.state_dict()["state"]["tables.a"]["exp_avg"])
+    assert torch.all(state["tables.b"]["exp_avg"] == 0)
+    # A continued run takes the same next step as the uninterrupted source on the kept table; a fresh
+    # Adam would not (its first step is lr-sized whatever the gradient).
+    with torch.no_grad():
+        dst.tables["b"].zero_()
+    grad = torch.randn(5, 4, generator=torch.Generator().manual_seed(9))
+    for module, opt in ((src, src_opt), (dst, dst_opt)):
+        opt.zero_grad()
+        (module.tables["a"] * grad).sum().backward()
+        opt.step()
+    torch.testing.assert_close(dst.tables["a"], src.tables["a"])

@@ -172,7 +172,8 @@ def warm_start(
     fresh = _changed_tables(current, wanted, keep)
     wanted = {k: v for k, v in wanted.items() if _table_prefix(k) not in fresh}
     dcp.load({"model": wanted}, checkpoint_id=checkpoint, planner=DefaultLoadPlanner(allow_partial_load=True))
-    model.load_state_dict(wanted, strict=False)
+    # DistributedModelParallel's load hook renames the keys of the dict it is given: hand it a copy.
+    model.load_state_dict(dict(wanted), strict=False)
     for key, cols in narrowed.items():
         # Each rank reads the whole source table once and keeps its shard of the kept columns.
         full = {key: torch.empty(saved[key], dtype=torch.float32)}
@@ -311,6 +312,39 @@ def _global_shape(t: object) -> Optional[torch.Size]:
     if isinstance(t, torch.Tensor):
         return t.shape
     return None
+
+
+def warm_start_optimizer(source_run_dir: str, optimizer: object, params: List[str]) -> List[str]:
+    """Continue the optimizer state of ``params`` (state-dict keys) from another run's checkpoint.
+
+    A fine-tune that starts Adam's moments and Adagrad's accumulators from zero takes full-size
+    steps on every parameter at once (Adam's first updates are ~lr whatever the gradient), which
+    knocks a converged model off its optimum; carrying the state over keeps the step sizes the
+    source had reached. Only entries whose parameter is in ``params`` and whose saved shape
+    equals the current one load (a narrowed dense weight's moments do not; a narrowed table's
+    row-wise accumulator, one value per row, does). Returns ``["<param>/<state>", ...]`` loaded.
+    """
+    checkpoint = require_checkpoint(source_run_dir)
+    saved = checkpoint_tensor_shapes(checkpoint, prefix="optim.")
+    if hasattr(optimizer, "init_state"):
+        optimizer.init_state()  # type: ignore[attr-defined]  # lazy state must exist to be filled
+    full = optimizer.state_dict()  # type: ignore[attr-defined]
+    wanted_params = set(params)
+    subset: Dict[str, Dict[str, object]] = {}
+    for param, entries in full.get("state", {}).items():
+        if param not in wanted_params:
+            continue
+        for name, value in entries.items():
+            shape = _global_shape(value)
+            if shape is not None and saved.get(f"state.{param}.{name}") == shape:
+                subset.setdefault(param, {})[name] = value
+    if subset:
+        dcp.load({"optim": {"state": subset}}, checkpoint_id=checkpoint,
+                 planner=DefaultLoadPlanner(allow_partial_load=True))
+        for param, entries in subset.items():
+            full["state"][param].update(entries)
+        optimizer.load_state_dict(full)  # type: ignore[attr-defined]
+    return sorted(f"{p}/{n}" for p, entries in subset.items() for n in entries)
 
 
 def warm_start_projections(

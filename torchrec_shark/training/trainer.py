@@ -164,10 +164,13 @@ class Trainer:
                 features = {c.name: list(c.feature_names) for c in self.table_configs}
                 report["projections"] = ckpt.warm_start_projections(t.init_from, self.model, columns, features)
                 report["skipped"] = [k for k in report["skipped"] if k not in set(report["projections"])]
+            report["optimizer_state"] = ckpt.warm_start_optimizer(
+                t.init_from, self.optimizer, report["loaded"] + report.get("narrowed", []))
             self._log(f"warm start from {t.init_from}: {len(report['loaded'])} tensors loaded, "
                       f"{len(report.get('narrowed', []))} narrowed to init_columns, "
                       f"{len(report.get('projections', []))} projections from the source, "
-                      f"{len(report['skipped'])} not in the source (fresh init)")
+                      f"{len(report['skipped'])} not in the source (fresh init), "
+                      f"{len(report['optimizer_state'])} optimizer state tensors continued")
             if report.get("fresh_tables"):
                 self._log(f"tables initialised afresh (absent from the source or of another shape, e.g. "
                           f"tensor-train cores at a new width): {report['fresh_tables']}")
