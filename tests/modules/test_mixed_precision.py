@@ -352,3 +352,25 @@ def test_non_finite_gradients_rejected_and_not_written(trained, value):
     with pytest.raises(TableInputError, match=r"non-finite gradient.*not updated"):
         out.backward(grad)
     _assert_state_equal(before, _state(trained))
+
+
+def test_tier_activity_counts_lookups_by_the_tier_serving_them_and_rows_moved():
+    table = _table(n=20, spec=MixedPrecision(fp32_fraction=0.2, fp16_fraction=0.3, retier_every=1000))
+    _shuffle_tiers(table)
+    table.tier_activity(reset=True)  # the shuffle's own moves
+    ids, offsets = _bags(20)
+    tier = table.tier_of_rows().long()
+    expected = torch.zeros(3, dtype=torch.long)
+    for b in range(offsets.numel() - 1):  # a row counts once per bag
+        for r in torch.unique(ids[offsets[b] : offsets[b + 1]]).tolist():
+            expected[tier[r]] += 1
+    table.record_labels(ids, offsets, torch.ones(offsets.numel() - 1))
+    table.step_end()
+    activity = table.tier_activity()
+    assert activity["rows"] == {"fp32": 4, "fp16": 6, "int8": 10}
+    assert [activity["hits"][t] for t in ("fp32", "fp16", "int8")] == expected.tolist()
+    assert activity["moves"] == 0
+    table.priority.copy_(torch.arange(20, dtype=torch.float32))
+    moved = table.retier()
+    assert moved > 0 and table.tier_activity()["moves"] == moved
+    assert table.tier_activity() == {"rows": activity["rows"], "hits": {"fp32": 0, "fp16": 0, "int8": 0}, "moves": 0}

@@ -111,6 +111,36 @@ def test_saliency_equals_finite_differences_of_an_explicit_mask():
     assert math.isclose(sum(float(v.sum()) for v in saliency.values()), 1.0, rel_tol=1e-12)
 
 
+def _centred_masked_loss(model, batch, alpha):
+    """One batch's summed loss with each dimension's deviation from its batch mean masked."""
+    pooled = model.embed(batch.sparse_features)
+    masked = {f: v.mean(0, keepdim=True) + alpha[f] * (v - v.mean(0, keepdim=True)) for f, v in pooled.items()}
+    logits = model.predict(batch.dense_features, masked)
+    return F.binary_cross_entropy_with_logits(logits, batch.labels, reduction="sum")
+
+
+def test_centred_per_batch_saliency_equals_summed_abs_finite_differences():
+    model, seeds = _model(), [1, 2, 3]
+    got = sal.signed_sums(pooled_gradients(_fake_run(model, seeds), num_batches=len(seeds)),
+                          per_batch_abs=True, center=True)
+    plain = sal.signed_sums(pooled_gradients(_fake_run(model, seeds), num_batches=len(seeds)))
+    eps = 1e-6
+    with torch.no_grad():
+        for f, w in zip(got, WIDTHS):
+            ref = torch.zeros(w, dtype=torch.float64)
+            for s in seeds:
+                batch = _batch(s)
+                for d in range(w):
+                    up = {f"f{i}": torch.ones(n, dtype=torch.float64) for i, n in enumerate(WIDTHS)}
+                    dn = {k: v.clone() for k, v in up.items()}
+                    up[f][d] += eps
+                    dn[f][d] -= eps
+                    fd = (_centred_masked_loss(model, batch, up) - _centred_masked_loss(model, batch, dn)) / (2 * eps)
+                    ref[d] += abs(float(fd))
+            torch.testing.assert_close(got[f], ref, rtol=1e-6, atol=1e-8, msg=f)
+            assert not torch.allclose(got[f], plain[f].abs())  # a different quantity from the plain sums
+
+
 def test_num_batches_limits_the_accumulation():
     model = _model()
     one = sal.signed_sums(pooled_gradients(_fake_run(model, [1, 2, 3]), num_batches=1))

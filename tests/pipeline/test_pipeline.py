@@ -47,7 +47,8 @@ def test_tiny_pipeline_report_matches_the_runs(tmp_path):
     assert by["pruned_dims"]["mean_width"] < base["mean_width"]
     # The last stage stores the searched tables in mixed precision (at these tiny widths its per-row
     # tier map and priority may outweigh the savings, so bytes are not compared).
-    shark = json.loads((out / "runs" / "shark" / "metrics.json").read_text())["tables"]
+    shark_metrics = json.loads((out / "runs" / "shark" / "metrics.json").read_text())
+    shark = shark_metrics["tables"]
     dims = json.loads((out / "runs" / "pruned_dims" / "metrics.json").read_text())["tables"]
     assert {t["kind"] for t in shark.values()} == {"MixedPrecision"}
     assert {n: t["embedding_dim"] for n, t in shark.items()} == {n: t["embedding_dim"] for n, t in dims.items()}
@@ -56,3 +57,8 @@ def test_tiny_pipeline_report_matches_the_runs(tmp_path):
     for n in names:
         assert f"| {n} |" in md
     assert (out / "auc_vs_bytes.png").stat().st_size > 0
+    # tier activity: every mixed-precision row is in exactly one tier; lookups were counted
+    tiers = shark_metrics["tier_history"]
+    assert tiers and sum(tiers[-1]["rows"].values()) == sum(t["num_embeddings"] for t in shark.values())
+    assert sum(tiers[-1]["hits"].values()) > 0
+    assert (out / "tier_occupancy.png").stat().st_size > 0

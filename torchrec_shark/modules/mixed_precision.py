@@ -332,6 +332,10 @@ class MixedPrecisionTable(RowStoreTable):
         self._age = self._step = 0  # mirrors of the two buffers (no tensor reads per step)
         self._lazy = 1.0 / self._RESCALE_LIMIT <= spec.decay <= 1.0
         self._pending: List[Tuple[torch.Tensor, torch.Tensor]] = []
+        # Training traffic by tier and rows moved, since the last tier_activity(reset=True): shows
+        # whether the hot rows really sit in the precise tiers (the tier sizes themselves are fixed).
+        self._tier_hits = torch.zeros(len(TIERS), dtype=torch.int64, device=device)
+        self._moves = 0
         self._init_rows(config)
 
     # ------------------------------------------------------------------ layout
@@ -415,6 +419,9 @@ class MixedPrecisionTable(RowStoreTable):
             self.priority.mul_(decay)
             if rows is not None:
                 self.priority.index_add_(0, rows, contrib)
+        if rows is not None:
+            tiers = self._tier_of_slots(self.row_slot.index_select(0, rows)).long()
+            self._tier_hits += torch.bincount(tiers, minlength=len(TIERS))
         self._step += 1
         self.step.fill_(self._step)
         if self._step % self.spec.retier_every == 0:
@@ -455,7 +462,25 @@ class MixedPrecisionTable(RowStoreTable):
             new_slots[arriving] = old_slots.index_select(0, leaving)
         self.row_slot[movers] = new_slots.to(self.row_slot.dtype)
         self.write_rows(movers, values, rounding="nearest")
+        self._moves += int(movers.numel())
         return int(movers.numel())
+
+    def tier_activity(self, reset: bool = True) -> Dict[str, Dict[str, int]]:
+        """Rows per tier, training lookups (sample-row pairs) served by each tier, and rows moved
+        by re-tiering since the last reset.
+
+        Example::
+
+            table.tier_activity()  # {"rows": {"fp32": 10, ...}, "hits": {"fp32": 812, ...}, "moves": 37}
+        """
+        rows = {tier: 0 for tier in TIERS}
+        rows.update(self.tier_counts())
+        out = {"rows": rows, "hits": dict(zip(TIERS, (int(v) for v in self._tier_hits.tolist()))),
+               "moves": self._moves}
+        if reset:
+            self._tier_hits.zero_()
+            self._moves = 0
+        return out
 
     # ------------------------------------------------------------------ logical state
     def logical_state_dict(self) -> Dict[str, torch.Tensor]:

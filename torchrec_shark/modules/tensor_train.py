@@ -21,7 +21,8 @@ import torch.nn.functional as F
 from torch import nn
 from torchrec.modules.embedding_configs import PoolingType
 
-from torchrec_shark.modules.base import CompressedTable, SparseOptimizerSpec, TableInputError, register_table_kind
+from torchrec_shark.modules.base import CompressedTable, SparseOptimizerSpec, TableInputError, all_finite, register_table_kind
+from torchrec_shark.modules.kernels.lookup import bag_of_ids
 from torchrec_shark.modules.kernels.sparse_optimizer import RowOptimizer
 from torchrec_shark.modules.kernels.tt_chain import chain_backward, chain_forward, materialize
 from torchrec_shark.modules.specs import TensorTrain
@@ -31,25 +32,81 @@ from torchrec_shark.modules.tt_factorization import TTLayout, resolve_layout, sp
 _MATERIALIZE_ROWS = 1 << 20
 
 
-class _TTRows(torch.autograd.Function):
-    """Rows of the distinct ids of a lookup; backward hands their summed gradients to the table.
+class _TTBags(torch.autograd.Function):
+    """Pooled bags over the rows of a lookup's distinct ids; backward hands the rows' summed gradients to
+    the table.
 
-    ``anchor`` is a zero-size leaf with ``requires_grad=True`` that puts the lookup in the autograd
-    graph; its gradient is never computed (the table updates itself, or fills the cores' ``.grad``).
+    Pooling and its backward live here rather than in ``F.embedding_bag``'s autograd: that backward
+    sorts the ids again to sum each row's gradient (a dense ``[U, D]`` result through a sort of all ids),
+    while the inverse indices from the forward's ``unique`` already say where each id's gradient goes, so
+    one ``index_add_`` sums them. ``anchor`` is a zero-size leaf with ``requires_grad=True`` that puts the
+    lookup in the autograd graph; its gradient is never computed (the table updates itself, or fills the
+    cores' ``.grad``).
     """
 
     @staticmethod
-    def forward(ctx, anchor, table, rows):  # type: ignore[override]
-        values, ctx.located = table.gather(rows)
-        ctx.table, ctx.rows, ctx.version = table, rows, table.version
-        return values
+    def forward(ctx, anchor, per_sample_weights, table, rows, inverse, offsets, mean):  # type: ignore[override]
+        values, located = table.gather(rows)
+        psw = None if per_sample_weights is None else per_sample_weights.to(values.dtype)
+        if psw is None:
+            out = F.embedding_bag(inverse, values, offsets, mode="mean" if mean else "sum", include_last_offset=True)
+        else:
+            out = F.embedding_bag(inverse, values, offsets, mode="sum", per_sample_weights=psw, include_last_offset=True)
+            if mean:  # weighted mean as TBE: weighted sum / bag length
+                out = out / (offsets[1:] - offsets[:-1]).clamp(min=1).unsqueeze(1).to(out.dtype)
+        ctx.table, ctx.located, ctx.version, ctx.mean = table, located, table.version, mean
+        ctx.save_for_backward(rows, inverse, offsets, psw, values if ctx.needs_input_grad[1] else None)
+        return out
 
     @staticmethod
-    def backward(ctx, grad):  # type: ignore[override]
+    def backward(ctx, grad_out):  # type: ignore[override]
+        rows, inverse, offsets, psw, values = ctx.saved_tensors
         table = ctx.table
-        table.apply_gradients(ctx.rows, grad, ctx.located if table.version == ctx.version else None)
+        bag = bag_of_ids(offsets, inverse.numel())
+        per_id = grad_out.index_select(0, bag)  # (n, D): the gradient reaching each id of each bag
+        scale = psw
+        if ctx.mean:
+            inv_len = 1.0 / (offsets[1:] - offsets[:-1]).clamp(min=1).to(grad_out.dtype)
+            scale = inv_len.index_select(0, bag) if scale is None else scale * inv_len.index_select(0, bag)
+        grad_psw = None
+        if ctx.needs_input_grad[1]:
+            grad_psw = (per_id * values.index_select(0, inverse)).sum(1)
+            if ctx.mean:
+                grad_psw = grad_psw * inv_len.index_select(0, bag)
+        if scale is not None:
+            per_id = per_id * scale.unsqueeze(1)
+        grad_rows = per_id.new_zeros(rows.numel(), per_id.shape[1]).index_add_(0, inverse, per_id)
+        table.apply_gradients(rows, grad_rows, ctx.located if table.version == ctx.version else None)
         ctx.located = None
-        return None, None, None
+        return None, grad_psw, None, None, None, None, None
+
+
+def _update_every_slice(core: torch.Tensor, opt: RowOptimizer, grad: torch.Tensor) -> bool:
+    """``opt``'s update of every slice of ``core`` (R, p, q, R') given their gradients ``grad`` (p, R, q, R'),
+    written into the core in place; ``False`` (nothing done) for rules not written here.
+
+    Why: a batch of a few thousand ids usually touches every slice of every core, and the general path
+    (:meth:`RowOptimizer.apply` on the slices copied out, then copied back) moves the strided core out and
+    in again, which costs more than the update itself. These are the same operations as that method's,
+    in the same order (so the same values), on the core's own layout.
+    """
+    spec, lr, p = opt.spec, opt.lr, core.shape[1]
+    if spec.name not in ("sgd", "adagrad", "rowwise_adagrad"):
+        return False
+    g = grad.transpose(0, 1)  # the gradient in the core's layout (a view)
+    if spec.weight_decay:
+        g = g + spec.weight_decay * core
+    if spec.name == "sgd":
+        core.sub_(lr * g)
+    elif spec.name == "rowwise_adagrad":
+        rows = g.transpose(0, 1).reshape(p, -1)  # one row per slice, as the general path sees them
+        opt.momentum1.add_(rows.square().mean(dim=1))
+        core.addcmul_(g, (-lr / (opt.momentum1.sqrt() + spec.eps)).view(1, p, 1, 1))
+    else:  # adagrad: one accumulator per element, stored flattened per slice
+        m = opt.momentum1.view(p, *grad.shape[1:]).transpose(0, 1)
+        m.addcmul_(g, g)
+        core.addcdiv_(g, m.sqrt().add_(spec.eps), value=-lr)
+    return True
 
 
 @register_table_kind(TensorTrain)
@@ -219,16 +276,7 @@ class TensorTrainTable(CompressedTable):
             self.frequency.index_add_(0, ids, torch.ones_like(ids, dtype=torch.int32))
         uniq, inverse = torch.unique(ids, return_inverse=True)
         anchor = self._anchor if torch.is_grad_enabled() else self._anchor.detach()
-        rows = _TTRows.apply(anchor, self, uniq)
-        if per_sample_weights is None:
-            mode = "sum" if self.pooling == PoolingType.SUM else "mean"
-            return F.embedding_bag(inverse, rows, offsets, mode=mode, include_last_offset=True)
-        out = F.embedding_bag(
-            inverse, rows, offsets, mode="sum", per_sample_weights=per_sample_weights.to(rows.dtype), include_last_offset=True
-        )
-        if self.pooling == PoolingType.MEAN:  # weighted mean as TBE: weighted sum / bag length
-            out = out / (offsets[1:] - offsets[:-1]).clamp(min=1).unsqueeze(1).to(out.dtype)
-        return out
+        return _TTBags.apply(anchor, per_sample_weights, self, uniq, inverse, offsets, self.pooling == PoolingType.MEAN)
 
     def gather(self, rows: torch.Tensor) -> Tuple[torch.Tensor, Tuple]:
         """Values of ``rows`` (unique, ascending) and what their update reuses: the cache plan and the
@@ -260,7 +308,7 @@ class TensorTrainTable(CompressedTable):
         """Backward of a lookup: ``grad`` is the summed gradient of each of ``rows`` (unique); ``cached`` what
         :meth:`gather` returned if the table is unchanged since. Fused: update the touched core slices and
         cache rows; not fused: accumulate the cores' dense ``.grad``. Non-finite gradients change nothing."""
-        if not bool(torch.isfinite(grad).all()):
+        if not all_finite(grad):
             bad = rows[~torch.isfinite(grad).all(dim=1)]
             raise TableInputError(
                 f"table {self.name!r}: non-finite gradient for {bad.numel()} row(s) (first: {bad[:5].tolist()}); "
@@ -277,6 +325,8 @@ class TensorTrainTable(CompressedTable):
                 core.grad = dense if core.grad is None else core.grad + dense
             return
         for core, opt, (ids, g) in zip(self.cores, self.core_optimizers, core_grads):
+            if ids.numel() == core.shape[1] and _update_every_slice(core, opt, g):
+                continue
             slices = core.transpose(0, 1)  # (p, R, q, R'): one optimizer row per core slice
             shape = (ids.numel(), slices[0].numel())
             w = slices.index_select(0, ids).reshape(shape)

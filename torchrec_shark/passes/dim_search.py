@@ -65,6 +65,10 @@ class DimSearchConfig:
     budget_on: str = "selected"
     num_batches: int = 0  # evaluation batches (global batches of trainer.batch_size); 0: the whole split
     split: str = "val"
+    # batch: saliency = sum over batches of |dL_batch/dalpha| (mini-batch saliency);
+    # total: |dL/dalpha| of the whole evaluation set at once (on a trained model mostly noise).
+    aggregate: str = "batch"
+    center: bool = True  # mask each dimension's deviation from its batch mean (no bias channels)
     multiple: int = 4  # widths are rounded up to a multiple of this
     min_width: int = 4
     tables_name: str = "sseds"  # written to <out>/tables/<tables_name>.yaml
@@ -87,6 +91,8 @@ def check_config(cfg: DimSearchConfig) -> None:
             raise ValueError(f"{key}={v} must be a positive multiple of 4 (train.py's table widths are)")
     if cfg.num_batches < 0:
         raise ValueError(f"num_batches={cfg.num_batches} must be >= 0 (0: the whole split)")
+    if cfg.aggregate not in ("batch", "total"):
+        raise ValueError(f"aggregate={cfg.aggregate!r} must be 'batch' or 'total'")
     if cfg.split not in ("train", "val"):
         raise ValueError(f"split={cfg.split!r} must be 'train' or 'val'")
 
@@ -100,11 +106,13 @@ def search(cfg: DimSearchConfig, out_dir: str, env: DistEnv) -> Dict:
     tables = sal.table_infos(run.trainer.table_configs)
     fields = [f for t in tables for f in t.features]
     num_batches = cfg.num_batches or sys.maxsize
-    sums = sal.signed_sums(pooled_gradients(run, num_batches, split=cfg.split))
+    # reduced batch by batch (every rank holds the same fields): world-size-independent results
+    sums = sal.signed_sums(pooled_gradients(run, num_batches, split=cfg.split),
+                           per_batch_abs=cfg.aggregate == "batch", center=cfg.center, reduce=sal.all_reduce_sums)
     missing = [f for f in fields if f not in sums]
     if missing:
         raise RuntimeError(f"no evaluation batch reached features {missing} (split {cfg.split!r} empty?)")
-    sums = sal.all_reduce_sums(sums, fields)
+    sums = {f: sums[f] for f in fields}
     saliency = sal.normalise(sums)
     selection = sal.select_dims(saliency, tables, cfg.budget, cfg.multiple, cfg.min_width, cfg.budget_on)
     summary = _summary(cfg, run, tables, selection)

@@ -8,7 +8,9 @@ Saliency. Put a mask ``alpha_{j,d}`` on dimension ``d`` of field ``j``'s pooled 
 so no mask tensor is needed in the model: the signed sums are accumulated over the
 evaluation batches (:func:`signed_sums`), summed over ranks (:func:`all_reduce_sums`),
 and the saliency is ``|sum|`` normalised by the total over all fields and dims
-(:func:`normalise`). Taken at pooled embeddings, it applies to every table kind and
+(:func:`normalise`). The pass's default takes ``|.|`` per mini-batch and masks each
+dimension's deviation from its batch mean (see :func:`signed_sums` for why: on a trained
+model the plain whole-set gradient is noise). Taken at pooled embeddings, it applies to every table kind and
 every sharding.
 
 Selection (:func:`select_dims`). A table's columns are shared by every feature that reads
@@ -31,7 +33,8 @@ never exceeds the budget (unless even the minimum widths do).
 
 Example::
 
-    sums = all_reduce_sums(signed_sums(pooled_gradients(run, num_batches=16)))
+    sums = signed_sums(pooled_gradients(run, num_batches=16), per_batch_abs=True, center=True,
+                       reduce=all_reduce_sums)                 # every rank: the global sums
     sal = normalise(sums)                               # {field: [width]} summing to 1
     sel = select_dims(sal, table_infos(run.trainer.table_configs), budget=0.2)
     sel.table_widths, sel.columns                       # {table: width}, {table: sorted kept columns}
@@ -41,7 +44,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Dict, Iterable, List, Optional, Sequence, Tuple
+from typing import Callable, Dict, Iterable, List, Optional, Sequence, Tuple
 
 import torch
 import torch.distributed as dist
@@ -50,16 +53,49 @@ BUDGET_ON = ("selected", "final")
 
 
 # ---------------------------------------------------------------------------- saliency
-def signed_sums(samples: Iterable) -> Dict[str, torch.Tensor]:
-    """``sum_x g_{j,d}(x) * e_{j,d}(x)`` per field (float64 ``[width]``) over this rank's batches.
+_COUNT = "__samples__"  # the batch size, reduced with the per-field sums
+
+
+def signed_sums(
+    samples: Iterable,
+    per_batch_abs: bool = False,
+    center: bool = False,
+    reduce: Optional[Callable[[Dict[str, torch.Tensor]], Dict[str, torch.Tensor]]] = None,
+) -> Dict[str, torch.Tensor]:
+    """``sum_x g_{j,d}(x) * e_{j,d}(x)`` per field (float64 ``[width]``) over the batches.
 
     ``samples`` yields objects with ``pooled`` and ``grads`` dicts (``{field: [b, width]}``),
-    e.g. :func:`torchrec_shark.passes.run_loader.pooled_gradients`.
+    e.g. :func:`torchrec_shark.passes.run_loader.pooled_gradients`. ``reduce`` turns one
+    batch's per-rank sums into the global batch's (e.g. ``lambda d: all_reduce_sums(d)``), so
+    that the per-batch options below see whole batches whatever the world size; without it
+    the result is this rank's (sum it over ranks with :func:`all_reduce_sums`).
+
+    ``per_batch_abs``: add up ``|dL_batch/dalpha|`` instead, one batch at a time. On a
+    trained model the whole-set gradient of every mask is ~0 (scaling a trained table is a
+    direction the optimiser has already settled), so its remainder is noise; the size of the
+    per-batch gradient still says how much the loss leans on the dimension.
+    ``center``: mask the dimension's deviation from its batch mean,
+    ``e -> mean_b(e) + alpha * (e - mean_b(e))``, whose gradient is
+    ``sum g*e - mean_b(e) * sum g``. A dimension (nearly) constant over samples carries no
+    information about the sample but acts as a bias channel with a large per-batch gradient;
+    a noise field of a few rows is exactly that.
     """
     sums: Dict[str, torch.Tensor] = {}
     for s in samples:
+        parts: Dict[str, torch.Tensor] = {}
         for f, e in s.pooled.items():
-            contrib = (s.grads[f].double() * e.double()).sum(0).cpu()
+            g, e = s.grads[f].double(), e.double()
+            parts[f] = torch.stack([(g * e).sum(0), g.sum(0), e.sum(0)]).cpu()  # [3, width]
+            parts[_COUNT] = torch.tensor([float(e.shape[0])], dtype=torch.float64)
+        if not parts:
+            continue
+        if reduce is not None:
+            parts = reduce(parts)
+        count = float(parts.pop(_COUNT))
+        for f, (ge, g, e) in parts.items():
+            contrib = ge - (e / count) * g if center and count > 0 else ge
+            if per_batch_abs:
+                contrib = contrib.abs()
             sums[f] = sums[f] + contrib if f in sums else contrib
     return sums
 
@@ -82,7 +118,7 @@ def all_reduce_sums(sums: Dict[str, torch.Tensor], fields: Optional[Sequence[str
     out, i = {}, 0
     for f in names:
         n = sums[f].numel()
-        out[f] = flat[i:i + n].clone()
+        out[f] = flat[i:i + n].view_as(sums[f]).clone()
         i += n
     return out
 

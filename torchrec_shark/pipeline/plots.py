@@ -61,25 +61,33 @@ def field_importance(path: str, csv_path: str) -> bool:
     return True
 
 
-def tier_occupancy(path: str, history: Sequence[Dict]) -> bool:
-    """Rows per tier over training, from ``metrics.json`` history entries with ``tiers``."""
-    points = [(h["step"], h["tiers"]) for h in history if h.get("tiers")]
+def tier_occupancy(path: str, tier_history: Sequence[Dict]) -> bool:
+    """Where training lookups land, by tier, over training; and rows moved per interval.
+
+    Reads ``metrics.json``'s ``tier_history`` (entries with ``step``, ``rows``, ``hits`` and
+    ``moves`` per tier). The tier sizes are fixed by the spec, so what changes, and what shows
+    whether the frequency priority works, is the share of lookups the precise tiers serve.
+    """
+    points = [h for h in tier_history if h.get("hits") and sum(h["hits"].values()) > 0]
     if not points:
         return False
-    tiers = sorted({t for _, c in points for t in c}, key=["fp32", "fp16", "int8"].index)
-    steps = [s for s, _ in points]
-    fig, ax = plt.subplots(figsize=(7, 4))
-    ax.stackplot(steps, *[[c.get(t, 0) for _, c in points] for t in tiers], labels=tiers, alpha=0.8)
-    ax.set_xlabel("step")
-    ax.set_ylabel("rows")
-    ax.set_title("Mixed-precision tier occupancy (all tables)")
-    ax.legend(loc="upper right")
+    tiers = [t for t in ("fp32", "fp16", "int8") if any(h["rows"].get(t, 0) for h in points)]
+    steps = [h["step"] for h in points]
+    rows = points[-1]["rows"]
+    total_rows = max(sum(rows.values()), 1)
+    shares = [[h["hits"].get(t, 0) / sum(h["hits"].values()) for h in points] for t in tiers]
+    fig, (top, bottom) = plt.subplots(2, 1, figsize=(7, 5.5), sharex=True, height_ratios=[3, 1.4])
+    labels = [f"{t} ({rows.get(t, 0) / total_rows:.0%} of rows)" for t in tiers]
+    top.stackplot(steps, *shares, labels=labels, alpha=0.85)
+    top.set_ylim(0, 1)
+    top.set_ylabel("share of training lookups")
+    top.set_title("Mixed-precision tiers: lookups served per tier (all tables)")
+    top.legend(loc="lower right")
+    bottom.plot(steps, [h.get("moves", 0) for h in points], marker=".", color="k")
+    bottom.set_yscale("symlog")
+    bottom.set_ylabel("rows moved")
+    bottom.set_xlabel("step")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
     return True
-
-
-def tier_moves(history: Sequence[Dict]) -> Optional[int]:
-    moves = [h.get("tier_moves") for h in history if h.get("tier_moves") is not None]
-    return sum(moves) if moves else None

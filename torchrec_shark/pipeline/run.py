@@ -106,8 +106,8 @@ def _plots(runner: StageRunner, rows: List[Dict], prune_dir: str) -> List[str]:
         files.append("field_importance.png")
     shark = next((r for r in rows if r["name"] == "shark"), None)
     if shark is not None:
-        history = read_json(os.path.join(shark["run_dir"], "metrics.json")).get("history", [])
-        if plots.tier_occupancy(runner.path("tier_occupancy.png"), history):
+        tier_history = read_json(os.path.join(shark["run_dir"], "metrics.json")).get("tier_history", [])
+        if plots.tier_occupancy(runner.path("tier_occupancy.png"), tier_history):
             files.append("tier_occupancy.png")
     return files
 

@@ -38,6 +38,7 @@ from torchrec_shark.training.optimizers import (
 )
 from torchrec_shark.training.storage import compressed_plan_table, embedding_storage, format_plan_table
 from torchrec_shark.training.table_factory import build_collection, build_table_configs, is_compressed
+from torchrec_shark.training.tier_activity import collect_tier_activity
 
 logger = logging.getLogger(__name__)
 
@@ -215,6 +216,7 @@ class Trainer:
         bar = tqdm(total=t.max_steps, initial=step, disable=not (self.env.is_main and t.progress),
                    desc="train", dynamic_ncols=True, mininterval=1.0)
         history: List[Dict] = []
+        tier_history: List[Dict] = []
         train_time, loss_ema = 0.0, None
         self.model.train()
         while step < t.max_steps:
@@ -235,6 +237,10 @@ class Trainer:
             if step % t.log_every == 0 or step == t.max_steps:
                 sps = (step - start_step) * t.batch_size / max(train_time, 1e-9)
                 bar.set_postfix(loss=f"{loss_ema:.4f}", samples_per_s=f"{sps:,.0f}")
+                if self.compressed:  # a collective: every rank at the same steps
+                    activity = collect_tier_activity(self.collection, self.env.device)
+                    if activity is not None:
+                        tier_history.append({"step": step, **activity})
             bar.update(1)
             if step % t.eval_every == 0 or step == t.max_steps:
                 if pipeline is not None:
@@ -251,7 +257,7 @@ class Trainer:
             m = self.evaluate()
             history.append({"step": step, "val_auc": m["auc"], "val_logloss": m["logloss"], "train_loss": None})
         sps = (step - start_step) * t.batch_size / train_time if train_time > 0 else 0.0
-        return self._finish(step, sps, history)
+        return self._finish(step, sps, history, tier_history)
 
     def _unsharded_step(self, batch: Batch) -> torch.Tensor:
         loss, _ = self.model(batch.to(self.env.device))
@@ -263,7 +269,7 @@ class Trainer:
             step_end()
         return loss.detach()
 
-    def _finish(self, step: int, samples_per_s: float, history: List[Dict]) -> Dict:
+    def _finish(self, step: int, samples_per_s: float, history: List[Dict], tier_history: List[Dict]) -> Dict:
         storage = embedding_storage(self.collection, self.table_configs, self.sharded, self.model)
         tables = {}
         for c in self.table_configs:
@@ -285,6 +291,8 @@ class Trainer:
             "fields": self.feature_names,
             "tables": tables,
             "history": history,
+            # mixed-precision tables: rows per tier, lookups served per tier and rows moved per interval
+            "tier_history": tier_history,
             **self.dataset.stats(),
         }
         if self.env.is_main:

@@ -86,7 +86,6 @@ class ChainSaved:
     first_digits: torch.Tensor  # first-core digit per row, in the row order of the first product
     stages: List[_Stage]  # middle cores
     last_digits: torch.Tensor  # last-core digit per row, in the row order of the last product
-    last_slices: torch.Tensor  # (U, R_{d-1}, q_d), gathered last-core slices in that order
     last_in: torch.Tensor  # input of the last product (U, m, R_{d-1})
 
 
@@ -96,15 +95,22 @@ def _slice_view(core: torch.Tensor) -> torch.Tensor:
     return core.reshape(r_in, p, q * r_out).transpose(0, 1)
 
 
-def _last_slices(last: torch.Tensor, digits: torch.Tensor) -> torch.Tensor:
-    """Last-core slices ``(U, R_{d-1}, q_d)`` of ``digits`` (the core is small: one contiguous copy)."""
-    return last[..., 0].transpose(0, 1).contiguous().index_select(0, digits)
+def _last_slices(last: torch.Tensor, digits: torch.Tensor, transposed: bool = False) -> torch.Tensor:
+    """Last-core slices ``(U, R_{d-1}, q_d)`` of ``digits``, or ``(U, q_d, R_{d-1})`` with ``transposed``
+    (the core is small: one contiguous copy, then a row gather)."""
+    slices = last[..., 0].permute(1, 2, 0) if transposed else last[..., 0].transpose(0, 1)
+    return slices.contiguous().index_select(0, digits)
 
 
-def _sum_by(digits: torch.Tensor, per_row: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
-    """Distinct ``digits`` and the sums of ``per_row`` (U, ...) over each."""
-    ids, inverse = torch.unique(digits, return_inverse=True)
-    return ids, per_row.new_zeros(ids.numel(), *per_row.shape[1:]).index_add_(0, inverse, per_row)
+def _sum_by(digits: torch.Tensor, per_row: torch.Tensor, num_slices: int) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Distinct ``digits`` (ascending) and the sums of ``per_row`` (U, ...) over each.
+
+    Digits are below ``num_slices`` (a core's ``p_k``, at most a few hundred), so a dense accumulator over
+    all slices plus a ``bincount`` finds the present ones without the sort ``torch.unique`` would run;
+    ``index_add_`` adds in row order either way, so the sums are the same."""
+    present = torch.bincount(digits, minlength=num_slices).nonzero().squeeze(1)
+    dense = per_row.new_zeros(num_slices, *per_row.shape[1:]).index_add_(0, digits, per_row)
+    return present, (dense if present.numel() == num_slices else dense.index_select(0, present))
 
 
 def chain_forward(
@@ -118,7 +124,7 @@ def chain_forward(
         x = first.index_select(0, digits[0])
         s = _last_slices(last, digits[1])
         rows = torch.bmm(x, s).view(U, D)
-        return rows, (ChainSaved(digits[0], [], digits[1], s, x) if save else None)
+        return rows, (ChainSaved(digits[0], [], digits[1], x) if save else None)
 
     m = first.shape[1]
     stages: List[_Stage] = []
@@ -146,7 +152,7 @@ def chain_forward(
     last_digits = digits[-1].index_select(0, order)
     s = _last_slices(last, last_digits)
     rows = torch.bmm(last_in, s).view(U, D).index_select(0, inv)
-    return rows, (ChainSaved(first_digits, stages, last_digits, s, last_in) if save else None)
+    return rows, (ChainSaved(first_digits, stages, last_digits, last_in) if save else None)
 
 
 def chain_backward(
@@ -160,12 +166,15 @@ def chain_backward(
     first, last = cores[0], cores[-1]
     q1, r1 = first.shape[2], first.shape[3]
     r_last, q_last = last.shape[0], last.shape[2]
-    s, x = saved.last_slices, saved.last_in
+    x = saved.last_in
     g = grad_rows if d == 2 else grad_rows.index_select(0, saved.stages[-1].order)
     g = g.view(U, -1, q_last)
-    last_grad = _view_last(_sum_by(saved.last_digits, torch.bmm(x.transpose(1, 2), g)), r_last, q_last)
-    g = torch.bmm(g, s.transpose(1, 2))  # gradient of the last product's input (U, m, R_{d-1})
-    out: List[Tuple[torch.Tensor, torch.Tensor]] = [last_grad]
+    # The two last-stage products are U tiny GEMMs; BLAS runs them about twice as fast when the narrow
+    # (q_d) side is the contiguous left operand, so the slices' gradient is formed transposed,
+    # g^T @ x (U, q_d, R_{d-1}), and the input's gradient from the slices gathered transposed.
+    last_ids, last_sum = _sum_by(saved.last_digits, torch.bmm(g.transpose(1, 2), x), last.shape[1])
+    out: List[Tuple[torch.Tensor, torch.Tensor]] = [(last_ids, last_sum.transpose(1, 2).reshape(-1, r_last, q_last, 1))]
+    g = torch.bmm(g, _last_slices(last, saved.last_digits, transposed=True))  # input's gradient (U, m, R_{d-1})
     for k in range(d - 2, 0, -1):
         st = saved.stages[k - 1]
         r_in, _, q, r_out = cores[k].shape
@@ -173,19 +182,14 @@ def chain_backward(
             g = g.view(U, -1).index_select(0, saved.stages[k].inv.index_select(0, st.order))
         g = g.reshape(-1, q * r_out)
         present = st.counts.nonzero().squeeze(1)
-        dw = grouped_mm(st.a.t(), g, st.offs).index_select(0, present)
+        dw = grouped_mm(st.a.t(), g, st.offs)  # (p_k, R_{k-1}, q_k R_k), zero for absent slices
+        if present.numel() < dw.shape[0]:  # a large batch touches every slice: no copy then
+            dw = dw.index_select(0, present)
         out.append((present, dw.view(-1, r_in, q, r_out)))
         g = grouped_mm(g, _slice_view(cores[k]).transpose(1, 2), st.offs)  # (U m, R_{k-1})
-    out.append(_view_first(_sum_by(saved.first_digits, g.reshape(U, q1 * r1)), q1, r1))
+    first_ids, first_sum = _sum_by(saved.first_digits, g.reshape(U, q1 * r1), first.shape[1])
+    out.append((first_ids, first_sum.view(-1, 1, q1, r1)))
     return out[::-1]
-
-
-def _view_first(pair: Tuple[torch.Tensor, torch.Tensor], q: int, r: int) -> Tuple[torch.Tensor, torch.Tensor]:
-    return pair[0], pair[1].view(-1, 1, q, r)
-
-
-def _view_last(pair: Tuple[torch.Tensor, torch.Tensor], r: int, q: int) -> Tuple[torch.Tensor, torch.Tensor]:
-    return pair[0], pair[1].view(-1, r, q, 1)
 
 
 def materialize(cores: Sequence[torch.Tensor], first_slices: Optional[slice] = None) -> torch.Tensor:
