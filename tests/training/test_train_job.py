@@ -51,6 +51,17 @@ def test_two_ranks_train_and_write_metrics(tmp_path, sharding_type):
     assert losses[-1] < losses[0], losses
     assert "Sharding plan" in out and os.path.isfile(tmp_path / "run" / "plan.txt")
     assert os.path.isfile(tmp_path / "run" / "data_truth.json")
+    if sharding_type == "row_wise":
+        # Mixed-precision tables warm-start from these stock ones: rows re-encoded by tier, the model's
+        # quality kept (a fresh start would be near chance), optimizer state continued.
+        warm, _ = train(tmp_path / "shark", "tables=shark", "trainer.max_steps=1", "trainer.eval_every=1",
+                        f"trainer.init_from={tmp_path / 'run'}", f"planner.sharding_types=[{sharding_type}]")
+        with open(tmp_path / "shark" / "warm_start.json") as f:
+            report = json.load(f)
+        assert report["fresh_tables"] == [] and report["optimizer_state"]
+        assert report["data_offset_batches"] == 60  # the data stream goes on where the source stopped
+        assert all(t["kind"] == "MixedPrecision" for t in warm["tables"].values())
+        assert warm["val_auc"] == pytest.approx(metrics["val_auc"], abs=0.01)
 
 
 def _model_state(run_dir):

@@ -62,17 +62,19 @@ class _TTBags(torch.autograd.Function):
     def backward(ctx, grad_out):  # type: ignore[override]
         rows, inverse, offsets, psw, values = ctx.saved_tensors
         table = ctx.table
-        bag = bag_of_ids(offsets, inverse.numel())
-        per_id = grad_out.index_select(0, bag)  # (n, D): the gradient reaching each id of each bag
-        scale = psw
-        if ctx.mean:
-            inv_len = 1.0 / (offsets[1:] - offsets[:-1]).clamp(min=1).to(grad_out.dtype)
-            scale = inv_len.index_select(0, bag) if scale is None else scale * inv_len.index_select(0, bag)
+        n, lengths = inverse.numel(), offsets[1:] - offsets[:-1]
+        if n == lengths.numel() and bool(lengths.eq(1).all()):  # one id per bag: id b is bag b, a mean is / 1
+            per_id, bag_scale = grad_out, None
+        else:
+            bag = bag_of_ids(offsets, n)
+            per_id = grad_out.index_select(0, bag)  # (n, D): the gradient reaching each id of each bag
+            bag_scale = (1.0 / lengths.clamp(min=1).to(grad_out.dtype)).index_select(0, bag) if ctx.mean else None
         grad_psw = None
         if ctx.needs_input_grad[1]:
             grad_psw = (per_id * values.index_select(0, inverse)).sum(1)
-            if ctx.mean:
-                grad_psw = grad_psw * inv_len.index_select(0, bag)
+            if bag_scale is not None:
+                grad_psw = grad_psw * bag_scale
+        scale = bag_scale if psw is None else (psw if bag_scale is None else psw * bag_scale)
         if scale is not None:
             per_id = per_id * scale.unsqueeze(1)
         grad_rows = per_id.new_zeros(rows.numel(), per_id.shape[1]).index_add_(0, inverse, per_id)

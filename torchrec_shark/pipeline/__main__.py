@@ -6,9 +6,8 @@ Stages (each a subprocess; every warm-started stage starts from the previous sta
 2. ``pruned``: the field pruning pass (F-Permutation) on the baseline, then fine-tuning its config;
 3. ``pruned_dims``: the dimension search pass (SSEDS, ``budget``) on the pruned run, then retraining
    its per-table widths from the kept columns;
-4. ``shark``: the pruned, narrowed tables stored in mixed precision (``shark_tables``), trained as
-   long as the baseline with the dense layers of ``pruned_dims`` (a stock checkpoint holds no
-   compressed-table state to start the tables from);
+4. ``shark``: the pruned, narrowed tables stored in mixed precision (``shark_tables``), warm-started
+   from ``pruned_dims`` (its stock rows re-encoded into the tiers) and fine-tuned;
 5. ``comparisons``: ``tables=tt`` / ``fp16`` / ``int8`` trained from scratch like the baseline.
 
 Writes ``report.md``, ``report.json`` (``variants``: one object per run) and plots to its Hydra

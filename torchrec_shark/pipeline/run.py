@@ -49,15 +49,14 @@ def run_pipeline(cfg: PipelineConfig, out_dir: str) -> str:
         # already have the new widths: no column selection any more).
         search_dir = compressed_tables_config(widths["tables_config"], runner.path("passes", "shark_tables"),
                                               SHARK_TABLES, cfg.shark_tables)
-        # Only the dense layers carry over (a stock checkpoint has no compressed-table state), so
-        # the compressed tables train as long as the baseline did.
-        baseline_steps = read_json(runner.path("runs", "baseline", "metrics.json"))["steps"]
+        # Every tensor carries over: the stock rows are re-encoded into the tiers (which re-form from
+        # the priorities counted from here on), optimizer state included; so it fine-tunes.
         runner.train_from_pass("shark", command, [
-            *cfg.train, f"trainer.max_steps={baseline_steps}", f"hydra.searchpath=[file://{search_dir}]",
+            *cfg.train, *finetune, f"hydra.searchpath=[file://{search_dir}]",
             f"tables={SHARK_TABLES}",
             f"trainer.init_from={runner.path('runs', 'pruned_dims')}",
         ])
-        variants.append(("shark", f"+ {cfg.shark_tables} tables, retrained"))
+        variants.append(("shark", f"+ {cfg.shark_tables} tables, fine-tuned"))
 
     for group in cfg.comparisons:
         name = f"{group}_only"

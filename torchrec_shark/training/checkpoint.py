@@ -202,13 +202,22 @@ def _table_prefix(key: str) -> Optional[str]:
     return head + sep + tail.split(".", 1)[0]
 
 
+# Per-row state of a mixed-precision table beside its rows: a source table without it (stock fp32,
+# uniform fp16/int8) still hands over its rows; tiers start from the initial layout and re-form
+# from the priorities counted from then on.
+_OPTIONAL_TABLE_STATE = ("tier", "priority")
+
+
 def _changed_tables(current: Dict, wanted: Dict, keep: set) -> set:
     """Prefixes of tables (other than ``keep``) with a tensor the source lacks or has in another shape."""
     out = set()
     for k in current:
         prefix = _table_prefix(k)
-        if prefix is not None and prefix not in keep and k not in wanted:
-            out.add(prefix)
+        if prefix is None or prefix in keep or k in wanted:
+            continue
+        if k.rsplit(".", 1)[1] in _OPTIONAL_TABLE_STATE and f"{prefix}.weight" in wanted:
+            continue
+        out.add(prefix)
     return out
 
 

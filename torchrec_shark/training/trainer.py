@@ -61,6 +61,7 @@ class Trainer:
         if t.batch_size % env.world_size:
             raise ValueError(f"trainer.batch_size={t.batch_size} must be divisible by the world size {env.world_size}")
         self.local_batch = t.batch_size // env.world_size
+        self.data_offset = 0  # global training batches read before this run's step 0 (see _restore)
         torch.manual_seed(t.seed)
         np.random.seed(t.seed)
 
@@ -155,6 +156,7 @@ class Trainer:
             path = ckpt.latest_checkpoint(self.run_dir)
             if path is not None:
                 meta = ckpt.load_checkpoint(path, self._stateful())
+                self.data_offset = int(meta.get("data_position", meta["step"])) - int(meta["step"])
                 self._log(f"resumed from {path} at step {meta['step']}")
                 return int(meta["step"])
             self._log("trainer.resume=true but no checkpoint in the run dir: starting from scratch")
@@ -175,12 +177,18 @@ class Trainer:
             if report.get("fresh_tables"):
                 self._log(f"tables initialised afresh (absent from the source or of another shape, e.g. "
                           f"tensor-train cores at a new width): {report['fresh_tables']}")
+            # Continue the source's data stream: re-reading the samples it has already fitted pushes
+            # the rows of rare ids further toward those samples' labels (a second epoch overfits).
+            meta = ckpt.read_meta(ckpt.require_checkpoint(t.init_from))
+            source_batch = int(meta.get("config", {}).get("trainer", {}).get("batch_size", t.batch_size))
+            self.data_offset = int(meta.get("data_position", meta.get("step", 0))) * source_batch // t.batch_size
+            report["data_offset_batches"] = self.data_offset
             if self.env.is_main:
                 self._write_json("warm_start.json", report)
         return 0
 
     def _save(self, step: int, samples: int) -> None:
-        meta = {"step": step, "samples": samples, "data_position": step,
+        meta = {"step": step, "samples": samples, "data_position": self.data_offset + step,
                 "config": OmegaConf.to_container(OmegaConf.structured(self.cfg), resolve=True)}
         ckpt.save_checkpoint(self.run_dir, step, self._stateful(), meta)
 
@@ -211,7 +219,7 @@ class Trainer:
         t = self.cfg.trainer
         step = self._restore()
         start_step = step
-        it = self._train_batches(step)
+        it = self._train_batches(self.data_offset + step)
         pipeline = TrainPipelineSparseDist(self.model, self.optimizer, self.env.device) if self.sharded else None
         bar = tqdm(total=t.max_steps, initial=step, disable=not (self.env.is_main and t.progress),
                    desc="train", dynamic_ncols=True, mininterval=1.0)
