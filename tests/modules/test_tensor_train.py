@@ -147,6 +147,71 @@ def test_core_gradients_weighted_and_mean(pooling):
         torch.testing.assert_close(c.grad, g, rtol=1e-4, atol=1e-6)
 
 
+@pytest.mark.parametrize("pooling", [PoolingType.SUM, PoolingType.MEAN])
+def test_per_sample_weight_gradient_matches_autograd(pooling):
+    """Per-id weights that require grad get the gradient autograd gives through embedding_bag (float64)."""
+    t = make(n=300, dim=8, fused=False, dtype=torch.float64, pooling=pooling, ranks=(3, 4))
+    ids, offsets = random_bags(300)
+    w = torch.rand(ids.numel(), dtype=torch.float64, requires_grad=True)
+    upstream = torch.randn(32, 8, dtype=torch.float64)
+    (t(ids, offsets, w) * upstream).sum().backward()
+    w_ref = w.detach().clone().requires_grad_(True)
+    out = F.embedding_bag(ids, t.full_weight(), offsets, mode="sum", per_sample_weights=w_ref, include_last_offset=True)
+    if pooling == PoolingType.MEAN:
+        out = out / (offsets[1:] - offsets[:-1]).clamp(min=1).unsqueeze(1)
+    (out * upstream).sum().backward()
+    torch.testing.assert_close(w.grad, w_ref.grad)
+
+
+@pytest.mark.parametrize("pooling", [PoolingType.SUM, PoolingType.MEAN])
+def test_core_gradients_one_id_per_bag(pooling):
+    """Bags of exactly one id (the usual one-hot feature) take their own backward path; float64 check."""
+    t = make(n=300, dim=8, fused=False, dtype=torch.float64, pooling=pooling, ranks=(3, 4))
+    ids = torch.randint(0, 300, (40,), generator=torch.Generator().manual_seed(2))
+    ids[5:9] = ids[0]  # repeated ids
+    offsets = torch.arange(41)
+    upstream = torch.randn(40, 8, dtype=torch.float64)
+    (t(ids, offsets) * upstream).sum().backward()
+    mode = "sum" if pooling == PoolingType.SUM else "mean"
+    ref = _reference_core_grads(t.cores, 300, ids, offsets, None, upstream, mode=mode)
+    for c, g in zip(t.cores, ref):
+        torch.testing.assert_close(c.grad, g)
+
+
+@pytest.mark.parametrize("name", ["sgd", "adagrad", "rowwise_adagrad"])
+@pytest.mark.parametrize("weight_decay", [0.0, 0.01])
+def test_in_place_core_update_equals_row_optimizer(monkeypatch, name, weight_decay):
+    """When a batch touches every slice of a core the update is written into the core in place; it must
+    give the cores and optimizer state of the general path (RowOptimizer.apply on copied-out slices)."""
+    from torchrec_shark.modules import tensor_train
+
+    opt = SparseOptimizerSpec(name, lr=0.05, eps=1e-8, weight_decay=weight_decay)
+    ids = torch.arange(0, 300, 8)  # every slice of every core of (7, 7, 7) digits: 300 rows, 38 ids
+    offsets = torch.arange(ids.numel() + 1)
+    upstream = torch.randn(ids.numel(), 8, generator=torch.Generator().manual_seed(3))
+    results = []
+    for in_place in (True, False):
+        if not in_place:
+            monkeypatch.setattr(tensor_train, "_update_every_slice", lambda *a: False)
+        t = make(n=300, dim=8, optimizer=opt, ranks=(3, 4), row_factors=(7, 7, 7))
+        for _ in range(2):  # the second step sees non-zero optimizer state
+            (t(ids, offsets) * upstream).sum().backward()
+        results.append((t.cores, t.optimizer_state()))
+    (cores_a, state_a), (cores_b, state_b) = results
+    assert all(split_ids_touch_all(ids, (7, 7, 7)))
+    for a, b in zip(cores_a, cores_b):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
+    assert state_a.keys() == state_b.keys()
+    for k in state_a:
+        torch.testing.assert_close(state_a[k], state_b[k], rtol=1e-6, atol=1e-9)
+
+
+def split_ids_touch_all(ids, row_factors):
+    from torchrec_shark.modules.tt_factorization import split_ids
+
+    return [torch.unique(d).numel() == p for d, p in zip(split_ids(ids, row_factors), row_factors)]
+
+
 def test_fused_sgd_step_is_cores_minus_lr_grad():
     dense = make(n=300, dim=8, fused=False, dtype=torch.float64, ranks=(3, 4))
     fused = make(n=300, dim=8, optimizer=SparseOptimizerSpec("sgd", lr=0.3), dtype=torch.float64, ranks=(3, 4))

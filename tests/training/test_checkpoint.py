@@ -102,3 +102,21 @@ def test_warm_start_optimizer_continues_the_source_moments(tmp_path):
         (module.tables["a"] * grad).sum().backward()
         opt.step()
     torch.testing.assert_close(dst.tables["a"], src.tables["a"])
+
+
+def test_warm_start_optimizer_narrows_the_state_of_narrowed_weights(tmp_path):
+    src = Holder(["a", "c"], seed=0)
+    src_opt = _adam(src)
+    _train(src, src_opt, 3, seed=5)
+    ckpt.save_checkpoint(str(tmp_path), 3, {"model": src, "optim": src_opt}, meta={"step": 3})
+    dst = Holder(["a"], seed=1)
+    dst.tables["c"] = nn.Parameter(torch.zeros(5, 2))
+    dst_opt = _adam(dst)
+    report = ckpt.warm_start(str(tmp_path), dst, {"tables.c": [1, 3]})
+    loaded = ckpt.warm_start_optimizer(str(tmp_path), dst_opt, report["loaded"] + report["narrowed"],
+                                       report["narrowed_columns"])
+    assert "tables.c/exp_avg" in loaded and "tables.c/exp_avg_sq" in loaded
+    torch.testing.assert_close(dst.tables["c"], src.tables["c"][:, [1, 3]])
+    for name in ("exp_avg", "exp_avg_sq"):
+        torch.testing.assert_close(dst_opt.state_dict()["state"]["tables.c"][name],
+                                   src_opt.state_dict()["state"]["tables.c"][name][:, [1, 3]])

@@ -190,7 +190,8 @@ def warm_start(
     if _is_main():
         logger.info("warm start from %s: %d tensors loaded, %d narrowed, %d skipped, tables initialised afresh: %s",
                     checkpoint, len(wanted), len(narrowed_keys), len(skipped), fresh_tables)
-    return {"loaded": sorted(wanted), "narrowed": sorted(narrowed_keys), "skipped": skipped,
+    return {"loaded": sorted(wanted), "narrowed": sorted(narrowed_keys),
+            "narrowed_columns": {k: list(c) for k, c in narrowed.items()}, "skipped": skipped,
             "fresh_tables": fresh_tables}
 
 
@@ -323,37 +324,56 @@ def _global_shape(t: object) -> Optional[torch.Size]:
     return None
 
 
-def warm_start_optimizer(source_run_dir: str, optimizer: object, params: List[str]) -> List[str]:
+def warm_start_optimizer(
+    source_run_dir: str, optimizer: object, params: List[str], columns: Optional[Dict[str, List[int]]] = None
+) -> List[str]:
     """Continue the optimizer state of ``params`` (state-dict keys) from another run's checkpoint.
 
     A fine-tune that starts Adam's moments and Adagrad's accumulators from zero takes full-size
     steps on every parameter at once (Adam's first updates are ~lr whatever the gradient), which
     knocks a converged model off its optimum; carrying the state over keeps the step sizes the
-    source had reached. Only entries whose parameter is in ``params`` and whose saved shape
-    equals the current one load (a narrowed dense weight's moments do not; a narrowed table's
-    row-wise accumulator, one value per row, does). Returns ``["<param>/<state>", ...]`` loaded.
+    source had reached. Entries whose saved shape equals the current one load as they are; the
+    2-D state of a parameter narrowed to ``columns[param]`` (e.g. the over arch's first weight
+    after field pruning) keeps those columns, like the parameter itself. Returns
+    ``["<param>/<state>", ...]`` loaded.
     """
     checkpoint = require_checkpoint(source_run_dir)
     saved = checkpoint_tensor_shapes(checkpoint, prefix="optim.")
+    columns = columns or {}
     if hasattr(optimizer, "init_state"):
         optimizer.init_state()  # type: ignore[attr-defined]  # lazy state must exist to be filled
     full = optimizer.state_dict()  # type: ignore[attr-defined]
     wanted_params = set(params)
     subset: Dict[str, Dict[str, object]] = {}
+    narrowed: Dict[str, Dict[str, object]] = {}
     for param, entries in full.get("state", {}).items():
         if param not in wanted_params:
             continue
+        cols = columns.get(param)
         for name, value in entries.items():
-            shape = _global_shape(value)
-            if shape is not None and saved.get(f"state.{param}.{name}") == shape:
+            shape, src = _global_shape(value), saved.get(f"state.{param}.{name}")
+            if shape is None or src is None:
+                continue
+            if src == shape:
                 subset.setdefault(param, {})[name] = value
+            elif cols is not None and len(shape) == 2 and len(src) == 2 and src[0] == shape[0] \
+                    and len(cols) == shape[1] and max(cols) < src[1]:
+                narrowed.setdefault(param, {})[name] = value
     if subset:
         dcp.load({"optim": {"state": subset}}, checkpoint_id=checkpoint,
                  planner=DefaultLoadPlanner(allow_partial_load=True))
-        for param, entries in subset.items():
+    for param, entries in narrowed.items():
+        whole = {name: torch.empty(saved[f"state.{param}.{name}"], dtype=torch.float32) for name in entries}
+        dcp.load({"optim": {"state": {param: whole}}}, checkpoint_id=checkpoint, no_dist=True,
+                 planner=DefaultLoadPlanner(allow_partial_load=True))
+        for name, value in entries.items():
+            _copy_global_into(value, whole[name][:, columns[param]].to(value.dtype))  # type: ignore[union-attr]
+    for part in (subset, narrowed):
+        for param, entries in part.items():
             full["state"][param].update(entries)
+    if subset or narrowed:
         optimizer.load_state_dict(full)  # type: ignore[attr-defined]
-    return sorted(f"{p}/{n}" for p, entries in subset.items() for n in entries)
+    return sorted(f"{p}/{n}" for part in (subset, narrowed) for p, entries in part.items() for n in entries)
 
 
 def warm_start_projections(

@@ -168,7 +168,7 @@ class Trainer:
                 report["projections"] = ckpt.warm_start_projections(t.init_from, self.model, columns, features)
                 report["skipped"] = [k for k in report["skipped"] if k not in set(report["projections"])]
             report["optimizer_state"] = ckpt.warm_start_optimizer(
-                t.init_from, self.optimizer, report["loaded"] + report.get("narrowed", []))
+                t.init_from, self.optimizer, report["loaded"] + report["narrowed"], report["narrowed_columns"])
             self._log(f"warm start from {t.init_from}: {len(report['loaded'])} tensors loaded, "
                       f"{len(report.get('narrowed', []))} narrowed to init_columns, "
                       f"{len(report.get('projections', []))} projections from the source, "
