@@ -163,6 +163,20 @@ def test_per_sample_weight_gradient_matches_autograd(pooling):
     torch.testing.assert_close(w.grad, w_ref.grad)
 
 
+def test_consecutive_backwards_of_different_sizes_accumulate_exact_gradients():
+    """Backward reuses its temporary storage from call to call (resized to each batch); two lookups of
+    different sizes must still give the reference gradients, summed."""
+    t = make(n=300, dim=8, fused=False, dtype=torch.float64, ranks=(3, 4))
+    refs = []
+    for seed, batch in ((1, 32), (5, 9)):
+        ids, offsets = random_bags(300, batch=batch, seed=seed)
+        upstream = torch.randn(batch, 8, dtype=torch.float64)
+        (t(ids, offsets) * upstream).sum().backward()
+        refs.append(_reference_core_grads(t.cores, 300, ids, offsets, None, upstream))
+    for c, g1, g2 in zip(t.cores, *refs):
+        torch.testing.assert_close(c.grad, g1 + g2)
+
+
 @pytest.mark.parametrize("pooling", [PoolingType.SUM, PoolingType.MEAN])
 def test_core_gradients_one_id_per_bag(pooling):
     """Bags of exactly one id (the usual one-hot feature) take their own backward path; float64 check."""

@@ -34,7 +34,8 @@ def test_tiny_pipeline_report_matches_the_runs(tmp_path):
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
     report = json.loads((out / "report.json").read_text())
     names = [v["name"] for v in report["variants"]]
-    assert names == ["baseline", "pruned", "pruned_dims", "shark", "tt_only", "fp16_only", "int8_only"]
+    assert names == ["baseline", "pruned", "pruned_dims", "shark", "baseline_continued", "tt_only", "fp16_only",
+                     "int8_only"]
     base = report["variants"][0]
     for v in report["variants"]:
         m = json.loads((out / "runs" / v["name"] / "metrics.json").read_text())

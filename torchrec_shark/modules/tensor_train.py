@@ -334,6 +334,8 @@ class TensorTrainTable(CompressedTable):
         plan, saved = cached if cached is not None else self.gather(rows)[1]
         _, miss, hit, slots = plan
         grad = grad.to(self.cores[0].dtype)
+        if self._scratch.device != grad.device or self._scratch.dtype != grad.dtype:  # the table was moved
+            self._scratch = grad.new_empty(0)
         core_grads = chain_backward(self.cores, saved, grad if hit is None else grad.index_select(0, miss), self._scratch)
         if not self.fused:
             for core, (ids, g) in zip(self.cores, core_grads):

@@ -8,7 +8,9 @@ Stages (each a subprocess; every warm-started stage starts from the previous sta
    its per-table widths from the kept columns;
 4. ``shark``: the pruned, narrowed tables stored in mixed precision (``shark_tables``), warm-started
    from ``pruned_dims`` (its stock rows re-encoded into the tiers) and fine-tuned;
-5. ``comparisons``: ``tables=tt`` / ``fp16`` / ``int8`` trained from scratch like the baseline.
+5. ``baseline_continued``: the baseline trained on as many more samples as the warm-started stages
+   read (``finetune_steps`` each), so compression effects can be told from extra data;
+6. ``comparisons``: ``tables=tt`` / ``fp16`` / ``int8`` trained from scratch like the baseline.
 
 Writes ``report.md``, ``report.json`` (``variants``: one object per run) and plots to its Hydra
 run dir; ``runs/<variant>`` and ``passes/<pass>`` hold every run and pass. Re-running with the

@@ -162,9 +162,9 @@ def chain_backward(
 
     ``scratch`` (optional; the cores' dtype and device, any size, resized here) is storage the caller keeps
     from call to call for the largest temporary, the gradient of the last product's input (``U m R_{d-1}``
-    values: 6 MB for 3000 ids at ``D = 64``, rank 32). Why: a fresh buffer that size is mapped from new
-    pages, and when other work allocates between steps (a training step's other layers) its page faults
-    cost about as much as the product that fills it. It holds nothing the caller reads afterwards."""
+    values: 6 MB for 3000 ids at ``D = 64``, rank 32). Why: a fresh buffer that size often comes from
+    newly mapped pages (the allocator hands such blocks back to the system between steps), and faulting
+    them in can cost as much as the product that fills them. It holds nothing the caller reads afterwards."""
     U, d = grad_rows.shape[0], len(cores)
     if U == 0:  # nothing looked up through the cores (empty batch, or every row a cache hit)
         ids = saved.first_digits.new_empty(0)
