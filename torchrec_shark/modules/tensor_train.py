@@ -107,6 +107,10 @@ def _update_every_slice(core: torch.Tensor, opt: RowOptimizer, grad: torch.Tenso
     spec, lr, p = opt.spec, opt.lr, core.shape[1]
     if spec.name not in ("sgd", "adagrad", "rowwise_adagrad"):
         return False
+    if type(opt).apply is not RowOptimizer.apply:
+        # a subclass that changes what applying means (e.g. a row-wise shard's replicated cores defer the
+        # update until the gradients are summed over ranks) must see every update
+        return False
     g = grad.transpose(0, 1)  # the gradient in the core's layout (a view)
     if spec.weight_decay:
         g = g + spec.weight_decay * core
