@@ -42,7 +42,7 @@ def run_pipeline(cfg: PipelineConfig, out_dir: str) -> str:
     widths = read_json(os.path.join(dims.out_dir, "widths.json"))
     command = widths["retrain_command"]
     runner.train_from_pass("pruned_dims", command, [*cfg.train, *finetune])
-    variants.append(("pruned_dims", f"+ dimension search (budget {cfg.budget}), retrained"))
+    variants.append(("pruned_dims", f"+ dimension search (budget {cfg.budget}), fine-tuned"))
 
     if cfg.shark_tables != "none":
         # The searched tables, now stored compressed, warm-started from the narrowed run (its tables
