@@ -10,19 +10,16 @@ Examples::
 from __future__ import annotations
 
 import logging
-import os
-import shutil
 import sys
 import warnings
 
 import hydra
-import torch.distributed as dist
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
 from torchrec_shark.config import ConfigError, TrainConfig, validate
 from torchrec_shark.conf_store import register_configs
-from torchrec_shark.training.env import init_distributed, shutdown_distributed
+from torchrec_shark.training.env import init_distributed, shared_run_dir, shutdown_distributed
 from torchrec_shark.training.trainer import Trainer
 
 register_configs()
@@ -30,16 +27,6 @@ register_configs()
 warnings.filterwarnings("ignore", message=".*broadcast_buffers.*is deprecated")
 # TorchRec's pipeline tracing trips a torch.fx notice meant for torch.export users.
 logging.getLogger("torch.fx._symbolic_trace").setLevel(logging.ERROR)
-
-
-def _shared_run_dir(own: str) -> str:
-    """Every rank uses rank 0's Hydra run dir (a time-stamped name can differ by a second)."""
-    obj = [own]
-    if dist.get_world_size() > 1:
-        dist.broadcast_object_list(obj, src=0)
-    if obj[0] != own and os.path.isdir(own) and set(os.listdir(own)) <= {".hydra", "train.log"}:
-        shutil.rmtree(own, ignore_errors=True)
-    return obj[0]
 
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="config")
@@ -52,7 +39,7 @@ def main(dcfg: DictConfig) -> None:
         sys.exit(2)
     env = init_distributed(cfg.trainer.device, cfg.trainer.num_threads)
     try:
-        run_dir = _shared_run_dir(HydraConfig.get().runtime.output_dir)
+        run_dir = shared_run_dir(HydraConfig.get().runtime.output_dir, "train.log")
         Trainer(cfg, run_dir, env).run()
     finally:
         shutdown_distributed()

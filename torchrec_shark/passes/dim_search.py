@@ -33,7 +33,6 @@ import csv
 import json
 import logging
 import os
-import shutil
 import sys
 from dataclasses import dataclass
 from typing import Dict, List, Optional
@@ -49,7 +48,7 @@ from torchrec_shark.passes import saliency as sal
 from torchrec_shark.passes.run_loader import load_run, pooled_gradients, retrain_command, run_config
 from torchrec_shark.passes.tables_yaml import write_tables_config
 from torchrec_shark.training.checkpoint import CheckpointError, require_checkpoint
-from torchrec_shark.training.env import DistEnv, init_distributed, shutdown_distributed
+from torchrec_shark.training.env import DistEnv, init_distributed, shared_run_dir, shutdown_distributed
 
 logger = logging.getLogger(__name__)
 
@@ -319,16 +318,6 @@ def _truth_fields(truth: Dict):
 
 
 # ---------------------------------------------------------------------------- Hydra app
-def _shared_run_dir(own: str) -> str:
-    """Every rank writes to rank 0's Hydra run dir (a time-stamped name can differ by a second)."""
-    obj = [own]
-    if dist.is_initialized() and dist.get_world_size() > 1:
-        dist.broadcast_object_list(obj, src=0)
-    if obj[0] != own and os.path.isdir(own) and set(os.listdir(own)) <= {".hydra", "dim_search.log"}:
-        shutil.rmtree(own, ignore_errors=True)
-    return obj[0]
-
-
 register_configs()
 
 # conf/passes/dim_search.yaml in a source checkout; the bare schema otherwise.
@@ -355,7 +344,7 @@ def main(dcfg: DictConfig) -> None:
         sys.exit(2)
     env = init_distributed(train_cfg.trainer.device, train_cfg.trainer.num_threads)
     try:
-        out_dir = _shared_run_dir(HydraConfig.get().runtime.output_dir)
+        out_dir = shared_run_dir(HydraConfig.get().runtime.output_dir, "dim_search.log")
         search(cfg, out_dir, env)
     finally:
         shutdown_distributed()

@@ -30,7 +30,6 @@ from __future__ import annotations
 import csv
 import json
 import os
-import shutil
 import sys
 import time
 from dataclasses import dataclass, field
@@ -436,16 +435,6 @@ def _print_summary(report: Dict) -> None:
         print("no field dropped", flush=True)
 
 
-def _shared_out_dir(own: str) -> str:
-    """Every rank writes to rank 0's Hydra run dir (a time-stamped name can differ by a second)."""
-    obj = [own]
-    if dist.is_initialized() and dist.get_world_size() > 1:
-        dist.broadcast_object_list(obj, src=0)
-    if obj[0] != own and os.path.isdir(own) and set(os.listdir(own)) <= {".hydra", "prune_fields.log"}:
-        shutil.rmtree(own, ignore_errors=True)
-    return obj[0]
-
-
 register_configs()
 
 
@@ -464,7 +453,7 @@ def _hydra_main():
 
         from torchrec_shark.config import ConfigError
         from torchrec_shark.training import checkpoint as ckpt
-        from torchrec_shark.training.env import init_distributed, shutdown_distributed
+        from torchrec_shark.training.env import init_distributed, shared_run_dir, shutdown_distributed
 
         warnings.filterwarnings("ignore", message=".*broadcast_buffers.*is deprecated")
         cfg: PruneFieldsConfig = OmegaConf.to_object(dcfg)  # type: ignore[assignment]
@@ -478,7 +467,7 @@ def _hydra_main():
             sys.exit(2)
         env = init_distributed(run_cfg.trainer.device, run_cfg.trainer.num_threads)
         try:
-            out_dir = _shared_out_dir(HydraConfig.get().runtime.output_dir)
+            out_dir = shared_run_dir(HydraConfig.get().runtime.output_dir, "prune_fields.log")
             run_pass(cfg, out_dir, env)
         except (PruneError, ConfigError, ckpt.CheckpointError) as e:
             print(f"prune_fields: error: {e}", file=sys.stderr)

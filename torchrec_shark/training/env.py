@@ -6,6 +6,7 @@ gloo on CPU, NCCL on CUDA, chosen from the device.
 from __future__ import annotations
 
 import os
+import shutil
 import socket
 from dataclasses import dataclass
 
@@ -62,3 +63,17 @@ def shutdown_distributed() -> None:
     if dist.is_initialized():
         dist.barrier()
         dist.destroy_process_group()
+
+
+def shared_run_dir(own: str, log_name: str) -> str:
+    """Rank 0's Hydra run dir, on every rank (a time-stamped name can differ by a second between ranks).
+
+    A rank whose own dir differs removes it when it holds only what Hydra put there (``.hydra`` and
+    the job's log ``log_name``), so a run leaves one output dir.
+    """
+    obj = [own]
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.broadcast_object_list(obj, src=0)
+    if obj[0] != own and os.path.isdir(own) and set(os.listdir(own)) <= {".hydra", log_name}:
+        shutil.rmtree(own, ignore_errors=True)
+    return obj[0]
