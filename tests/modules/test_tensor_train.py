@@ -177,19 +177,29 @@ def test_consecutive_backwards_of_different_sizes_accumulate_exact_gradients():
         torch.testing.assert_close(c.grad, g1 + g2)
 
 
+@pytest.mark.parametrize("weighted", [False, True])
 @pytest.mark.parametrize("pooling", [PoolingType.SUM, PoolingType.MEAN])
-def test_core_gradients_one_id_per_bag(pooling):
-    """Bags of exactly one id (the usual one-hot feature) take their own backward path; float64 check."""
+def test_one_id_per_bag(pooling, weighted):
+    """Bags of exactly one id (the usual one-hot feature) take their own forward and backward path: the
+    pooled rows of embedding_bag, and the reference core and weight gradients (float64)."""
     t = make(n=300, dim=8, fused=False, dtype=torch.float64, pooling=pooling, ranks=(3, 4))
     ids = torch.randint(0, 300, (40,), generator=torch.Generator().manual_seed(2))
     ids[5:9] = ids[0]  # repeated ids
     offsets = torch.arange(41)
+    w = torch.rand(40, dtype=torch.float64, requires_grad=True) if weighted else None
     upstream = torch.randn(40, 8, dtype=torch.float64)
-    (t(ids, offsets) * upstream).sum().backward()
-    mode = "sum" if pooling == PoolingType.SUM else "mean"
-    ref = _reference_core_grads(t.cores, 300, ids, offsets, None, upstream, mode=mode)
+    out = t(ids, offsets, w)
+    # a one-id bag's mean is its sum (weighted too: TBE divides the weighted sum by the bag length)
+    mode = "sum" if pooling == PoolingType.SUM or weighted else "mean"
+    full = t.full_weight()
+    want = F.embedding_bag(ids, full, offsets, mode=mode, per_sample_weights=w, include_last_offset=True)
+    torch.testing.assert_close(out, want)
+    (out * upstream).sum().backward()
+    ref = _reference_core_grads(t.cores, 300, ids, offsets, None if w is None else w.detach(), upstream, mode=mode)
     for c, g in zip(t.cores, ref):
         torch.testing.assert_close(c.grad, g)
+    if weighted:
+        torch.testing.assert_close(w.grad, (full[ids] * upstream).sum(1))
 
 
 @pytest.mark.parametrize("name", ["sgd", "adagrad", "rowwise_adagrad"])
@@ -484,32 +494,40 @@ def test_tensor_train_table_in_collection():
     assert ebc.memory_bytes()["per_table"]["t_tt"] == table.memory_bytes()
 
 
-# ---------------------------------------------------------------- grouped GEMM paths
+# ---------------------------------------------------------------- GEMM paths
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize("num_cores,ranks,dim", [(2, (5,), 16), (3, (4, 6), 16), (4, (3, 4, 2), 32)])
-def test_grouped_mm_and_mm_loop_agree(monkeypatch, num_cores, ranks, dim):
-    """The chain's grouped GEMMs (torch._grouped_mm for fp32) and the mm loop (its fallback, the float64 path)
-    give the same rows and slice gradients, including digits no id uses (empty groups)."""
-    from torchrec_shark.modules.kernels import tt_chain
+def test_gemm_paths_agree(monkeypatch, num_cores, ranks, dim, dtype):
+    """The chain's three ways to run its products give the same rows and slice gradients, including digits no
+    id uses (empty groups): MKL's batch GEMM (where the library has it), torch._grouped_mm + bmm, and the mm
+    loop (torch's fallback)."""
+    from torchrec_shark.modules.kernels import mkl_gemm_batch, tt_chain
     from torchrec_shark.modules.tt_factorization import split_ids
 
-    if not tt_chain.USE_GROUPED_MM:
-        pytest.skip("this torch has no _grouped_mm: only the loop exists")
-    t = make(n=3000, dim=dim, num_cores=num_cores, ranks=ranks)
+    t = make(n=3000, dim=dim, num_cores=num_cores, ranks=ranks, dtype=dtype)
     ids = torch.unique(torch.randint(0, 3000, (200,), generator=torch.Generator().manual_seed(4)))
     ids = ids[split_ids(ids, t.layout.row_factors)[-2] != 1]  # digit 1 of the last middle core unused
     digits = split_ids(ids, t.layout.row_factors)
-    grad = torch.randn(ids.numel(), dim)
-    results = []
-    for grouped in (True, False):
+    grad = torch.randn(ids.numel(), dim, dtype=dtype)
+    paths = {"mkl": (True, True), "grouped_mm": (False, True), "mm_loop": (False, False)}
+    if not mkl_gemm_batch.available(dtype):
+        paths.pop("mkl")
+    if not hasattr(torch, "_grouped_mm"):
+        paths.pop("grouped_mm")
+    results = {}
+    for name, (use_mkl, grouped) in paths.items():
+        monkeypatch.setattr(mkl_gemm_batch, "ENABLED", use_mkl)
         monkeypatch.setattr(tt_chain, "USE_GROUPED_MM", grouped)
         rows, saved = tt_chain.chain_forward(t.cores, digits, save=True)
-        results.append((rows, tt_chain.chain_backward(t.cores, saved, grad)))
-    (r1, g1), (r2, g2) = results
-    torch.testing.assert_close(r1, r2)
-    torch.testing.assert_close(r1, t.full_weight()[ids])
-    for (i1, s1), (i2, s2) in zip(g1, g2):
-        assert torch.equal(i1, i2)
-        torch.testing.assert_close(s1, s2)
+        results[name] = (rows, tt_chain.chain_backward(t.cores, saved, grad))
+    assert len(results) >= 2 or not torch.backends.mkl.is_available()
+    r_ref, g_ref = results.pop("mm_loop")
+    torch.testing.assert_close(r_ref, t.full_weight()[ids])
+    for rows, grads in results.values():
+        torch.testing.assert_close(rows, r_ref)
+        for (i1, s1), (i2, s2) in zip(grads, g_ref):
+            assert torch.equal(i1, i2)
+            torch.testing.assert_close(s1, s2)
 
 
 def test_fp32_core_gradients_four_cores():

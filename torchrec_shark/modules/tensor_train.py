@@ -49,13 +49,18 @@ class _TTBags(torch.autograd.Function):
     def forward(ctx, anchor, per_sample_weights, table, rows, inverse, offsets, mean):  # type: ignore[override]
         values, located = table.gather(rows)
         psw = None if per_sample_weights is None else per_sample_weights.to(values.dtype)
-        if psw is None:
+        single = inverse.numel() == offsets.numel() - 1 and bool((offsets[1:] - offsets[:-1]).eq(1).all())
+        if single:  # one id per bag (single-hot features): each bag is its row (times its weight), sum or mean alike
+            out = values.index_select(0, inverse)
+            if psw is not None:
+                out = out * psw.unsqueeze(1)
+        elif psw is None:
             out = F.embedding_bag(inverse, values, offsets, mode="mean" if mean else "sum", include_last_offset=True)
         else:
             out = F.embedding_bag(inverse, values, offsets, mode="sum", per_sample_weights=psw, include_last_offset=True)
             if mean:  # weighted mean as TBE: weighted sum / bag length
                 out = out / (offsets[1:] - offsets[:-1]).clamp(min=1).unsqueeze(1).to(out.dtype)
-        ctx.table, ctx.located, ctx.version, ctx.mean = table, located, table.version, mean
+        ctx.table, ctx.located, ctx.version, ctx.mean, ctx.single = table, located, table.version, mean, single
         ctx.save_for_backward(rows, inverse, offsets, psw, values if ctx.needs_input_grad[1] else None)
         return out
 
@@ -63,10 +68,10 @@ class _TTBags(torch.autograd.Function):
     def backward(ctx, grad_out):  # type: ignore[override]
         rows, inverse, offsets, psw, values = ctx.saved_tensors
         table = ctx.table
-        n, lengths = inverse.numel(), offsets[1:] - offsets[:-1]
-        if n == lengths.numel() and bool(lengths.eq(1).all()):  # one id per bag: id b is bag b, a mean is / 1
+        if ctx.single:  # one id per bag: id b is bag b, a mean is / 1
             per_id, bag_scale = grad_out, None
         else:
+            n, lengths = inverse.numel(), offsets[1:] - offsets[:-1]
             bag = bag_of_ids(offsets, n)
             per_id = grad_out.index_select(0, bag)  # (n, D): the gradient reaching each id of each bag
             bag_scale = (1.0 / lengths.clamp(min=1).to(grad_out.dtype)).index_select(0, bag) if ctx.mean else None
