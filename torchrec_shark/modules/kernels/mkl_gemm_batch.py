@@ -98,7 +98,12 @@ def usable(*tensors: torch.Tensor) -> bool:
 
 def available(dtype: torch.dtype) -> bool:
     """Whether the MKL path runs for ``dtype``: the symbol exists and, on first use, a small grouped product
-    matches ``torch.mm`` group by group (a library with another integer interface would fail here)."""
+    matches ``torch.mm`` group by group.
+
+    The sizes are passed as 32-bit integers, MKL's LP64 interface, which torch's x86 wheels link (their
+    64-bit interface is exported under ``_64`` names). A torch built against MKL's 64-bit interface would
+    misread them, possibly fatally, before this check could compare anything; for such a build set
+    ``ENABLED = False``."""
     if dtype not in _SYMBOLS or not ENABLED or _function(dtype) is None:
         return False
     if dtype not in _CHECKED:
@@ -136,9 +141,9 @@ def _grouped_rows(a: torch.Tensor, b: torch.Tensor, offs: torch.Tensor) -> Optio
         return out
     it = a.element_size()
     gemm_batch(a.dtype, la[0], lb[0], rows[used], N, K,
-          a.data_ptr() + starts[used] * a.stride(0) * it, la[1],
-          b.data_ptr() + used * b.stride(0) * it, lb[1],
-          out.data_ptr() + starts[used] * N * it, N)
+               a.data_ptr() + starts[used] * a.stride(0) * it, la[1],
+               b.data_ptr() + used * b.stride(0) * it, lb[1],
+               out.data_ptr() + starts[used] * N * it, N)
     return out
 
 
@@ -158,9 +163,9 @@ def _grouped_columns(a: torch.Tensor, b: torch.Tensor, offs: torch.Tensor) -> Op
         return out
     it = a.element_size()
     gemm_batch(a.dtype, la[0], lb[0], M, N, depth[used],
-          a.data_ptr() + starts[used] * a.stride(1) * it, la[1],
-          b.data_ptr() + starts[used] * b.stride(0) * it, lb[1],
-          out.data_ptr() + used * (M * N) * it, N)
+               a.data_ptr() + starts[used] * a.stride(1) * it, la[1],
+               b.data_ptr() + starts[used] * b.stride(0) * it, lb[1],
+               out.data_ptr() + used * (M * N) * it, N)
     return out
 
 
