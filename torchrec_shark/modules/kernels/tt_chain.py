@@ -35,7 +35,6 @@ Example::
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import Dict, List, Optional, Sequence, Tuple
 
@@ -86,7 +85,7 @@ class _Stage:
 
     a: torch.Tensor  # input, rows sorted by this core's digit: (U * m, R_{k-1})
     order: torch.Tensor  # row j of this stage is id order[j]
-    inv: torch.Tensor  # id i is row inv[i] of this stage
+    inv: Optional[torch.Tensor]  # id i is row inv[i] of this stage (kept with 2+ middle cores only)
     counts: torch.Tensor  # ids per digit (all p_k digits)
     offs: torch.Tensor  # int32 group ends in rows of ``a``
 
@@ -181,7 +180,6 @@ def chain_forward(
 ) -> Tuple[torch.Tensor, Optional[ChainSaved]]:
     """Rows ``(U, D)`` for the ids whose digits are given; with ``save`` also what the backward needs."""
     U, d = digits[0].numel(), len(cores)
-    D = math.prod(c.shape[2] for c in cores)
     first, last = cores[0][0], cores[-1]  # (p_1, q_1, R_1), (R_{d-1}, p_d, q_d, 1)
     if d == 2:  # one product per row, in the ids' order
         x = first.index_select(0, digits[0])
@@ -202,8 +200,9 @@ def chain_forward(
             a = first.index_select(0, first_digits).view(U * m, r_in)
         else:  # previous output, from its row order into this one's
             a = x.view(U, m * r_in).index_select(0, inv.index_select(0, order)).view(U * m, r_in)
-        inv = torch.empty_like(order)
-        inv[order] = torch.arange(U, device=order.device)
+        if d > 3:  # another middle stage follows (or precedes, in the backward): it needs the way back
+            inv = torch.empty_like(order)
+            inv[order] = torch.arange(U, device=order.device)
         counts = torch.bincount(digit, minlength=p)
         offs = (counts * m).cumsum(0).to(torch.int32)
         x = grouped_mm(a, _slice_view(cores[k]), offs)  # (U m, q R')
