@@ -206,7 +206,7 @@ def test_one_id_per_bag(pooling, weighted):
 @pytest.mark.parametrize("weight_decay", [0.0, 0.01])
 def test_in_place_core_update_equals_row_optimizer(monkeypatch, name, weight_decay):
     """When a batch touches every slice of a core the update is written into the core in place; it must
-    give the cores and optimizer state of the general path (RowOptimizer.apply on copied-out slices)."""
+    give the cores and optimizer state of the general path (RowOptimizer.update on copied-out slices)."""
     from torchrec_shark.modules import tensor_train
 
     opt = SparseOptimizerSpec(name, lr=0.05, eps=1e-8, weight_decay=weight_decay)

@@ -120,7 +120,7 @@ def _tt_class():
 
 
 class DeferredRowOptimizer(RowOptimizer):
-    """A :class:`RowOptimizer` whose ``apply`` only records the gradient (dense per optimizer row) and
+    """A :class:`RowOptimizer` whose ``update`` only records the gradient (dense per optimizer row) and
     returns the rows unchanged; :meth:`apply_pending` applies the (group-summed) gradients later."""
 
     def __init__(self, spec, num_rows: int, dim: int, device=None) -> None:
@@ -129,13 +129,13 @@ class DeferredRowOptimizer(RowOptimizer):
         self.__dict__["pending_touched"] = torch.zeros(num_rows, device=device)
 
     @torch.no_grad()
-    def apply(self, rows: torch.Tensor, w: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
+    def update(self, rows: torch.Tensor, w: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
         self.pending_grad.index_add_(0, rows, g.to(self.pending_grad.dtype))
         self.pending_touched.index_fill_(0, rows, 1.0)
         return w
 
     def apply_now(self, rows, w, g):
-        return RowOptimizer.apply(self, rows, w, g)
+        return RowOptimizer.update(self, rows, w, g)
 
 
 def make_shard_tt_class():

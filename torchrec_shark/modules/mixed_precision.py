@@ -167,7 +167,7 @@ class RowStoreTable(CompressedTable):
             fresh = self.index_rows(index.rows)
             grad = grad.index_select(0, fresh.perm)
             index, values = fresh, self.gather(fresh)
-        new = self.optim.apply(index.rows, values, grad)
+        new = self.optim.update(index.rows, values, grad)
         self._scatter(index, new, self.rounding)
 
     def _init_rows(self, config) -> None:

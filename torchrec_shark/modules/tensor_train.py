@@ -105,14 +105,14 @@ def _update_every_slice(core: torch.Tensor, opt: RowOptimizer, grad: torch.Tenso
     written into the core in place; ``False`` (nothing done) for rules not written here.
 
     Why: a batch of a few thousand ids usually touches every slice of every core, and the general path
-    (:meth:`RowOptimizer.apply` on the slices copied out, then copied back) moves the strided core out and
+    (:meth:`RowOptimizer.update` on the slices copied out, then copied back) moves the strided core out and
     in again, which costs more than the update itself. These are that method's operations on the core's
     own layout (the same values, up to rounding in row-wise Adagrad's mean of squares).
     """
     spec, lr, p = opt.spec, opt.lr, core.shape[1]
     if spec.name not in ("sgd", "adagrad", "rowwise_adagrad"):
         return False
-    if type(opt).apply is not RowOptimizer.apply:
+    if type(opt).update is not RowOptimizer.update:
         # a subclass that changes what applying means (e.g. a row-wise shard's replicated cores defer the
         # update until the gradients are summed over ranks) must see every update
         return False
@@ -358,10 +358,10 @@ class TensorTrainTable(CompressedTable):
             slices = core.transpose(0, 1)  # (p, R, q, R'): one optimizer row per core slice
             shape = (ids.numel(), slices[0].numel())
             w = slices.index_select(0, ids).reshape(shape)
-            slices.index_copy_(0, ids, opt.apply(ids, w, g.reshape(shape)).view(-1, *slices.shape[1:]))
+            slices.index_copy_(0, ids, opt.update(ids, w, g.reshape(shape)).view(-1, *slices.shape[1:]))
         if hit is not None:
             w = self.cache_weight.index_select(0, slots)
-            self.cache_weight.index_copy_(0, slots, self.cache_optimizer.apply(slots, w, grad.index_select(0, hit)))
+            self.cache_weight.index_copy_(0, slots, self.cache_optimizer.update(slots, w, grad.index_select(0, hit)))
         self.version += 1
 
     def set_learning_rate(self, lr: float) -> None:

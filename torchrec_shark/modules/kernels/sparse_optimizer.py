@@ -10,7 +10,7 @@ precision tiers keeps its state without any copy, and a row-wise shard's state i
 Example::
 
     opt = RowOptimizer(SparseOptimizerSpec("rowwise_adagrad", lr=0.05), num_rows=1000, dim=64)
-    new_w = opt.apply(rows, w, g)   # rows: unique int64 [U]; w, g: fp32 [U, D]
+    new_w = opt.update(rows, w, g)   # rows: unique int64 [U]; w, g: fp32 [U, D]
 """
 
 from __future__ import annotations
@@ -61,7 +61,7 @@ class RowOptimizer(nn.Module):
                 v.index_copy_(0, rows, state[k].to(v))
 
     @torch.no_grad()
-    def apply(self, rows: torch.Tensor, w: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
+    def update(self, rows: torch.Tensor, w: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
         """New values of ``rows`` (unique) given their values ``w`` and summed gradients ``g``."""
         spec, lr = self.spec, self.lr
         wd = spec.weight_decay
