@@ -18,6 +18,7 @@ import torch.distributed.checkpoint as dcp
 from torchrec.optim.keyed import CombinedOptimizer
 
 from tests.dist_utils import run_ranks
+from torchrec_shark.distributed import resharding
 from tests.distributed import compressed_common as C
 
 KINDS = ["fp32", "mp", "tt"]
@@ -60,20 +61,18 @@ def _compare(dmp, opt, ref, rank, ws, kinds):
                         val = local
                     out[f"opt.{name}.core_{k}.{bn}"] = float(((val - ref_b).abs() / 1e-5).max())
             continue
-        v = C.local_view(sd[PREFIX + f"{name}.weight"])
-        if v is None:
+        shard = C.sharded_collection(dmp).table_shards.get(name)
+        if shard is None:
             continue
-        r0, local = v
-        rows = torch.arange(r0, r0 + local.shape[0])
+        r0, t = shard.row_start, shard.table
+        rows = torch.arange(r0, r0 + t.num_embeddings)
         tol = C.row_tolerance(rt, rows)
-        out[f"{name}.weight"] = float(((local - rt.full_weight()[rows]).abs() / tol).max())
-        _, tier = C.local_view(sd[PREFIX + f"{name}.tier"])
-        out[f"{name}.tier_mismatch"] = float((tier.long() != rt.tier_of_rows(rows).long()).sum())
+        out[f"{name}.weight"] = float(((t.full_weight() - rt.full_weight()[rows]).abs() / tol).max())
         if hasattr(rt, "priorities"):
-            _, pr = C.local_view(sd[PREFIX + f"{name}.priority"])
+            out[f"{name}.tier_mismatch"] = float((t.tier_of_rows().long() != rt.tier_of_rows(rows).long()).sum())
             ref_pr = rt.priorities()[rows]
             assert float(ref_pr.sum()) > 0, "the reference counted no labels"
-            out[f"{name}.priority"] = float(((pr - ref_pr).abs() / 1e-5).max())
+            out[f"{name}.priority"] = float(((t.priorities() - ref_pr).abs() / 1e-5).max())
         st = osd[PREFIX + f"{name}.weight"]
         for bn, ref_b in rt.optimizer_state().items():
             val = st[f"{name}.{bn}"]
@@ -85,9 +84,9 @@ def _compare(dmp, opt, ref, rank, ws, kinds):
 
 
 def _set_allreduce(on: bool) -> None:
-    from torchrec_shark.distributed.compressed_kernels import shard_tt_class
+    from torchrec_shark.modules.tensor_train import ShardTensorTrainTable
 
-    shard_tt_class().allreduce = on
+    ShardTensorTrainTable.allreduce = on
 
 
 def _equivalence(rank, ws, ref, sharding_type):
@@ -123,7 +122,7 @@ def _checkpoint(rank, ws, ref4, path):
     dmp2, plan2 = C.shard(C.build_model(KINDS, seed=7), ws, "table_wise")
     opt2 = CombinedOptimizer([dmp2.fused_optimizer, C.dense_opt(dmp2)])
     state = {"model": dmp2.state_dict(), "optim": opt2.state_dict()}
-    dcp.load(state, checkpoint_id=path)
+    resharding.load(state, path, dmp2)
     dmp2.load_state_dict(state["model"])
     opt2.load_state_dict(state["optim"])
     opt2 = C.train_sharded(dmp2, KINDS, 2, rank, ws, start=2)
@@ -135,7 +134,7 @@ def _checkpoint(rank, ws, ref4, path):
         dmp1, plan1 = C.shard(C.build_model(KINDS, seed=9), 1, "table_wise", batch_size=C.GLOBAL_BATCH, pg=pg1)
         opt1 = CombinedOptimizer([dmp1.fused_optimizer, C.dense_opt(dmp1)])
         state = {"model": dmp1.state_dict(), "optim": opt1.state_dict()}
-        dcp.load(state, checkpoint_id=path, process_group=pg1)
+        resharding.load(state, path, dmp1, process_group=pg1)
         dmp1.load_state_dict(state["model"])
         opt1.load_state_dict(state["optim"])
         opt1 = C.train_sharded(dmp1, KINDS, 2, 0, 1, start=2)
@@ -324,8 +323,8 @@ def test_planner_fits_compressed_where_fp32_fails_and_estimates_real_bytes(shard
         so = chosen[c.name]
         estimate = sum(s.storage.ddr for s in so.shards)
         real = sum(
-            allocated_bytes(build_table_shard(c.name, c, ebc.embedding_bags[c.name], sharding_type, s.offset[0],
-                                              s.size[0], torch.device("cpu"), None).table)
+            allocated_bytes(build_table_shard(c.name, c, SparseOptimizerSpec("rowwise_adagrad"), 0, sharding_type,
+                                              s.offset[0], s.size[0], torch.device("cpu"), None).table)
             for s in so.shards
         )
         assert abs(estimate - real) <= 0.10 * real, (c.name, estimate, real)
@@ -354,4 +353,4 @@ def test_unaligned_tensor_train_is_constrained_to_table_wise_with_reason(caplog)
     assert out["t_ok"].sharding_types == ["row_wise"]  # 32-row shards: two first-core slices each
     assert out["t_bad"].sharding_types == ["table_wise"]  # 30-row shards would split a slice
     assert asked["t_bad"].sharding_types == ["row_wise"]  # the caller's constraints are not modified
-    assert "t_bad" in caplog.text and "first-core block" in caplog.text and "t_ok" not in caplog.text
+    assert "t_bad" in caplog.text and "row alignment 16" in caplog.text and "t_ok" not in caplog.text

@@ -67,10 +67,11 @@ from torchrec_shark.distributed.compressed_kernels import (
     allocated_bytes,
     build_table_shard,
     shard_row_range,
-    table_kind,
+    table_kind_key,
 )
-from torchrec_shark.modules.base import CompressedTable
-from torchrec_shark.modules.specs import TensorTrain
+from torchrec_shark.distributed.state_readers import DictStateReader
+from torchrec_shark.modules.base import CompressedTable, SparseOptimizerSpec
+from torchrec_shark.modules.table_kind import CHUNK_ROWS, PieceSpec, StateReader, kind_of, table_seed
 
 logger = logging.getLogger(__name__)
 
@@ -83,17 +84,22 @@ class _Context:
 
     def __init__(self, module, env: ShardingEnv, device: Optional[torch.device]) -> None:
         self.configs = {c.name: c for c in module.embedding_bag_configs()}
+        # Unsharded tables with real storage hand their state to the shards; on ``meta`` they hold nothing
+        # and each shard initialises its own rows.
         self.sources: Dict[str, nn.Module] = dict(module.embedding_bags.items())
+        self.init_seed = int(getattr(module, "init_seed", torch.initial_seed()))
+        self.optimizer: SparseOptimizerSpec = getattr(module, "_optimizer_spec", SparseOptimizerSpec())
         self.env = env
         self.device = device if device is not None else torch.device("cpu")
         self.labels = LabelBox()
         self.shards: Dict[str, TableShard] = {}
-        self.lr = float(getattr(module, "_optimizer_spec").lr) if hasattr(module, "_optimizer_spec") else None
+        self.lr = float(self.optimizer.lr)
 
     def build(self, table, sharding_type: str, pg) -> TableShard:
         r0, n = shard_row_range(table)
-        shard = build_table_shard(table.name, self.configs[table.name], self.sources[table.name], sharding_type, r0, n,
-                                  self.device, pg)
+        name = table.name
+        shard = build_table_shard(name, self.configs[name], self.optimizer, table_seed(self.init_seed, name),
+                                  sharding_type, r0, n, self.device, pg, self.sources.get(name))
         if table.name in self.shards:
             raise ValueError(f"table {table.name!r}: more than one shard on one rank is not supported")
         self.shards[table.name] = shard
@@ -143,81 +149,66 @@ def _placements(ps: ParameterSharding) -> List[Tuple[int, int, int, Any]]:
     return sorted(out, key=lambda x: x[1])
 
 
-def make_sharded(
-    local: Optional[torch.Tensor],
-    pieces: List[Tuple[int, int, int, Any]],
-    global_size: List[int],
-    dim: int,
-    dtype: torch.dtype,
-    pg,
-) -> ShardedTensor:
-    """A ShardedTensor split along ``dim`` into ``pieces`` ``(rank, offset, length, placement)``; ``local``
-    is this rank's piece (a detached view where possible). No collective."""
-    me = dist.get_rank(pg)
-    mds, local_shards = [], []
-    for rank, off, length, placement in pieces:
-        offsets = [0] * len(global_size)
-        sizes = list(global_size)
-        offsets[dim], sizes[dim] = off, length
-        md = ShardMetadata(shard_offsets=offsets, shard_sizes=sizes, placement=placement)
-        mds.append(md)
-        if rank == me:
-            assert local is not None and list(local.shape) == sizes, (list(local.shape) if local is not None else None, sizes)
-            local_shards.append(Shard(tensor=local.detach(), metadata=md))
-    meta = ShardedTensorMetadata(
-        shards_metadata=mds, size=torch.Size(global_size), tensor_properties=TensorProperties(dtype=dtype)
-    )
-    return ShardedTensor._init_from_local_shards_and_global_metadata(local_shards, meta, process_group=pg)
-
-
-def read_local(value: Any, offset: int, length: int, dim: int) -> torch.Tensor:
-    """This rank's range ``[offset, offset + length)`` along ``dim`` of a loaded value (ShardedTensor whose
-    local shards cover it, DTensor, or a full tensor)."""
-    if isinstance(value, ShardedTensor):
-        parts = []
-        for s in sorted(value.local_shards(), key=lambda s: s.metadata.shard_offsets[dim]):
-            o, n = s.metadata.shard_offsets[dim], s.metadata.shard_sizes[dim]
-            lo, hi = max(o, offset), min(o + n, offset + length)
-            if hi > lo:
-                parts.append(s.tensor.narrow(dim, lo - o, hi - lo))
-        out = torch.cat(parts, dim) if parts else None
-        if out is None or out.shape[dim] != length:
-            raise ValueError(f"loaded ShardedTensor does not cover rows [{offset}, {offset + length}) locally")
-        return out
-    if isinstance(value, DTensor):
-        value = value.full_tensor()
-    return value.narrow(dim, offset, length)
-
-
 # ---------------------------------------------------------------------------- state layout
 class _TableState:
-    """How one table's state maps onto global tensors (known on every rank, shard or not)."""
+    """How one table's state maps onto global tensors (known on every rank, shard or not): the table
+    kind's :meth:`~torchrec_shark.modules.table_kind.TableKind.state_layout` for the plan's row ranges."""
 
-    def __init__(self, name: str, config, source, ps: ParameterSharding) -> None:
+    def __init__(self, name: str, config, optimizer: SparseOptimizerSpec, ps: ParameterSharding) -> None:
         self.name = name
         self.config = config
-        self.is_tt = isinstance(getattr(config, "compression", None), TensorTrain)
-        self.pieces = _placements(ps)
+        self.kind = kind_of(config)
+        self.placements = _placements(ps)
         self.sharding_type = ps.sharding_type
-        if self.is_tt:
-            lay = source.layout
-            self.layout = lay
-            block = lay.first_core_block
-            self.slice_pieces = []
-            for i, (rank, r0, n, pl) in enumerate(self.pieces):
-                last = i == len(self.pieces) - 1
-                s0 = r0 // block
-                ns = (lay.row_factors[0] - s0) if last else -(-n // block)
-                self.slice_pieces.append((rank, s0, ns, pl))
-            self.has_cache = bool(getattr(source, "cache_rows", 0))
-        else:
-            self.kind_keys = ["weight", "tier"] + (["priority"] if hasattr(source, "priorities") else [])
+        ranges = [(r0, n) for _, r0, n, _ in self.placements]
+        self.layout: List[Dict[str, PieceSpec]] = self.kind.state_layout(config, optimizer, ranges)
 
-    def keys(self) -> List[str]:
-        if self.is_tt:
-            keys = [f"core_{k}" for k in range(self.layout.num_cores)]
-            return keys + (["frequency"] if self.has_cache else [])
-        return list(self.kind_keys)
+    def keys(self, optim: bool) -> List[str]:
+        return [k for k in self.layout[0] if k.startswith("optim.") == optim]
+
+    def export(self, shard: Optional[TableShard], optim: bool, pg) -> Dict[str, Any]:
+        """``{key: ShardedTensor or replicated tensor}`` for the module's (``optim=False``) or the fused
+        optimizer's state. Pieces are the shard's live tensors, cut into chunks of at most CHUNK_ROWS
+        along the sharded dim so that a checkpoint is written and read a bounded chunk at a time."""
+        local = self.kind.local_state(shard.table) if shard is not None else {}
+        me = dist.get_rank(pg)
+        out: Dict[str, Any] = {}
+        for key in self.keys(optim):
+            first = self.layout[0][key]
+            if first.replicated:
+                if shard is not None:
+                    out[key] = local[key].detach()
+                continue
+            mds, shards = [], []
+            for (rank, _, _, placement), specs in zip(self.placements, self.layout):
+                spec = specs[key]
+                for off in range(spec.offset, spec.offset + spec.length, CHUNK_ROWS):
+                    n = min(CHUNK_ROWS, spec.offset + spec.length - off)
+                    offsets, sizes = [0] * len(spec.global_size), list(spec.global_size)
+                    offsets[spec.dim], sizes[spec.dim] = off, n
+                    md = ShardMetadata(shard_offsets=offsets, shard_sizes=sizes, placement=placement)
+                    mds.append(md)
+                    if rank == me:
+                        piece = local[key].narrow(spec.dim, off - spec.offset, n).detach()
+                        shards.append(Shard(tensor=piece, metadata=md))
+            meta = ShardedTensorMetadata(shards_metadata=mds, size=torch.Size(first.global_size),
+                                         tensor_properties=TensorProperties(dtype=first.dtype))
+            out[key] = ShardedTensor._init_from_local_shards_and_global_metadata(shards, meta, process_group=pg)
+        return out
+
+    def aliases(self, shard: TableShard, values: Dict[str, Any]) -> bool:
+        """``values`` are this shard's own live tensors (an in-place load, e.g. DCP into ``state_dict()``)."""
+        local = self.kind.local_state(shard.table)
+        for key, value in values.items():
+            if key not in local:
+                return False
+            ptr = local[key].untyped_storage().data_ptr()
+            if isinstance(value, ShardedTensor):
+                if any(s.tensor.untyped_storage().data_ptr() != ptr for s in value.local_shards()):
+                    return False
+            elif not isinstance(value, torch.Tensor) or value.untyped_storage().data_ptr() != ptr:
+                return False
+        return True
 
 
 class ShardedCompressedEmbeddingBagCollection(ShardedEmbeddingBagCollection):
@@ -247,7 +238,7 @@ class ShardedCompressedEmbeddingBagCollection(ShardedEmbeddingBagCollection):
         ctx: _Context = self.__dict__["_shark"]
         self._shark_pg = env.process_group
         self._table_states = {
-            name: _TableState(name, ctx.configs[name], ctx.sources[name], table_name_to_parameter_sharding[name])
+            name: _TableState(name, ctx.configs[name], ctx.optimizer, table_name_to_parameter_sharding[name])
             for name in self._table_names
         }
         self._shark_optim = ShardedCompressedOptimizer(ctx, self._table_states, self._shark_pg)
@@ -281,7 +272,7 @@ class ShardedCompressedEmbeddingBagCollection(ShardedEmbeddingBagCollection):
                 ),
                 param_sharding=ps,
                 param=torch.empty(c.num_embeddings, c.embedding_dim, device="meta"),
-                fused_params={SHARK_KIND: table_kind(c)},
+                fused_params={SHARK_KIND: table_kind_key(c)},
             )
             out.setdefault(ps.sharding_type, []).append(info)
         return out
@@ -381,76 +372,39 @@ class ShardedCompressedEmbeddingBagCollection(ShardedEmbeddingBagCollection):
     # ------------------------------------------------------------------ state
     @staticmethod
     def _shark_post_state_dict_hook(module, destination, prefix, _local_metadata) -> None:
+        module.__dict__["_shark_state_prefix"] = prefix
         for name, st in module._table_states.items():
-            for key, value in module._export_table(name, st).items():
+            for key, value in st.export(module.table_shards.get(name), False, module._shark_pg).items():
                 destination[f"{prefix}embedding_bags.{name}.{key}"] = value
-
-    def _export_table(self, name: str, st: _TableState) -> Dict[str, Any]:
-        shard = self.table_shards.get(name)
-        pg = self._shark_pg
-        cfg = st.config
-        out: Dict[str, Any] = {}
-        if st.is_tt:
-            lay = st.layout
-            t = shard.table if shard is not None else None
-            c0 = None if t is None else t.core_0[:, : shard.slices]
-            out["core_0"] = make_sharded(c0, st.slice_pieces, list(lay.core_shape(0)), 1, torch.float32, pg)
-            if t is not None:
-                for k in range(1, lay.num_cores):
-                    out[f"core_{k}"] = getattr(t, f"core_{k}").detach()
-            if st.has_cache:
-                f = None if t is None else t.frequency
-                out["frequency"] = make_sharded(f, st.pieces, [cfg.num_embeddings], 0, torch.int32, pg)
-            return out
-        logical = shard.table.logical_state_dict() if shard is not None else {}
-        if shard is not None and "priority" in st.kind_keys:
-            logical["priority"] = shard.table.priorities()
-        sizes = {"weight": ([cfg.num_embeddings, cfg.embedding_dim], torch.float32),
-                 "tier": ([cfg.num_embeddings], torch.int8), "priority": ([cfg.num_embeddings], torch.float32)}
-        for key in st.kind_keys:
-            size, dtype = sizes[key]
-            local = logical.get(key)
-            out[key] = make_sharded(None if local is None else local.to(dtype), st.pieces, size, 0, dtype, pg)
-        return out
 
     @staticmethod
     def _shark_load_pre_hook(module, state_dict, prefix, *args) -> None:
         for name, st in module._table_states.items():
-            keys = {k: f"{prefix}embedding_bags.{name}.{k}" for k in st.keys()}
+            keys = {k: f"{prefix}embedding_bags.{name}.{k}" for k in st.keys(False)}
+            # a stock table's (or another kind's) state: any key under the table's prefix
+            table_prefix = f"{prefix}embedding_bags.{name}."
+            keys.update({k[len(table_prefix):]: k for k in list(state_dict) if k.startswith(table_prefix)})
             present = {k: state_dict.pop(full) for k, full in keys.items() if full in state_dict}
-            if not present:
-                continue
-            module._import_table(name, st, present)
+            if present:
+                module.load_table(name, DictStateReader(present), present)
 
     @torch.no_grad()
-    def _import_table(self, name: str, st: _TableState, values: Dict[str, Any]) -> None:
+    def load_table(self, name: str, reader: StateReader, values: Optional[Dict[str, Any]] = None) -> None:
+        """Fill this rank's shard of table ``name`` from ``reader`` (any sharding, any row-store kind for a
+        row store), a chunk at a time; ``values`` that are the shard's own live tensors need no copy."""
         shard = self.table_shards.get(name)
         if shard is None:
             return
-        t = shard.table
-        if st.is_tt:
-            ns = shard.slices
-            if "core_0" in values:
-                t.core_0[:, :ns].copy_(read_local(values["core_0"], shard.slice_start, ns, 1))
-            for k in range(1, st.layout.num_cores):
-                if f"core_{k}" in values:
-                    v = values[f"core_{k}"]
-                    if isinstance(v, ShardedTensor):
-                        v = read_local(v, 0, v.size(0), 0)
-                    elif isinstance(v, DTensor):
-                        v = v.full_tensor()
-                    getattr(t, f"core_{k}").copy_(v)
-            if "frequency" in values:
-                t.frequency.copy_(read_local(values["frequency"], shard.row_start, shard.rows, 0))
-            if getattr(t, "cache_rows", 0):
-                t.cache_ids.fill_(t.num_embeddings)  # cache restarts empty; rows come from the cores
+        st = self._table_states[name]
+        if values is not None and st.aliases(shard, values):
+            shard.table.loaded() if hasattr(shard.table, "loaded") else None
             return
-        state = t.logical_state_dict()
-        for key in ("weight", "tier", "priority"):
-            if key in values:
-                state[key] = read_local(values[key], shard.row_start, shard.rows, 0).to(state.get(key, values[key]).dtype
-                                                                                          if key in state else torch.float32)
-        t.load_logical_state_dict(state)
+        st.kind.load_state(shard.table, reader, shard.row_start)
+
+    @property
+    def state_prefix(self) -> Optional[str]:
+        """The prefix of this module's keys in the model's last ``state_dict()`` (None before one)."""
+        return self.__dict__.get("_shark_state_prefix")
 
 
 # ---------------------------------------------------------------------------- fused optimizer
@@ -475,33 +429,14 @@ class ShardedCompressedOptimizer(KeyedOptimizer):
             handle = torch.empty(0)
             params[f"embedding_bags.{name}.weight"] = handle
             state[handle] = self._state_of(shard, states[name], pg)
-            if lr is None:
-                lr = float(shard.table.optimizer_spec.lr if hasattr(shard.table, "optimizer_spec") else shard.table.optim.lr)
         super().__init__(params, state, [{"params": list(params.values()), "lr": lr if lr is not None else 0.0}])
-        self._rw_tt = sorted(n for n, s in ctx.shards.items() if s.replicated_group is not None)
+        # row-wise shards with replicated state (tensor train): their gradients are summed over the group
+        self._replicated = sorted(n for n, s in ctx.shards.items()
+                                  if s.replicated_group is not None and hasattr(s.table, "pending_flat"))
 
     @staticmethod
     def _state_of(shard: TableShard, st: _TableState, pg) -> Dict[str, Any]:
-        t, name = shard.table, shard.name
-        out: Dict[str, Any] = {}
-        if st.is_tt:
-            ns = shard.slices
-            for k, opt in enumerate(t.core_optimizers):
-                p = st.layout.row_factors[k]
-                for bn, b in opt.named_buffers():
-                    key = f"{name}.core_{k}.{bn}"
-                    if k == 0 and b.dim() > 0:
-                        out[key] = make_sharded(b[:ns], st.slice_pieces, [p, *b.shape[1:]], 0, b.dtype, pg)
-                    else:
-                        out[key] = b
-            return out
-        for bn, b in t.optimizer_state().items():
-            key = f"{name}.{bn}"
-            if b.dim() > 0:
-                out[key] = make_sharded(b, st.pieces, [st.config.num_embeddings, *b.shape[1:]], 0, b.dtype, pg)
-            else:
-                out[key] = b
-        return out
+        return {f"{shard.name}.{k[len('optim.'):]}": v for k, v in st.export(shard, True, pg).items()}
 
     def _push_lr(self) -> None:
         lr = float(self.param_groups[0]["lr"])  # type: ignore[index]
@@ -510,9 +445,9 @@ class ShardedCompressedOptimizer(KeyedOptimizer):
 
     def sync_replicated(self) -> None:
         """Sum the pending replicated-core gradients of every row-wise TT shard over the group and apply them."""
-        if not self._rw_tt:
+        if not self._replicated:
             return
-        tables = [self._ctx.shards[n].table for n in self._rw_tt]
+        tables = [self._ctx.shards[n].table for n in self._replicated]
         flats = [t.pending_flat() for t in tables]
         if all(getattr(t, "allreduce", True) for t in tables) and dist.get_world_size(self._pg) > 1:
             flat = torch.cat(flats)

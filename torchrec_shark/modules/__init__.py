@@ -17,14 +17,14 @@ from torchrec_shark.modules.base import (
     SparseOptimizerSpec,
     TableInputError,
     build_table,
-    register_table_kind,
 )
 from torchrec_shark.modules.embedding_bag_collection import (
     CompressedEmbeddingBagCollection,
     CompressedTablesOptimizer,
 )
 from torchrec_shark.modules.mixed_precision import Fp32Table, MixedPrecisionTable, RowStoreTable, UniformTable
-from torchrec_shark.modules.quantization import Fp16Codec, Fp32Codec, Int8Codec, RoundingNoise
+from torchrec_shark.modules.quantization import CounterNoise, Fp16Codec, Fp32Codec, Int8Codec, RoundingNoise
+from torchrec_shark.modules.table_kind import PieceSpec, StateReader, TableKind, kind_of, register_table_kind
 from torchrec_shark.modules.specs import (
     CompressedEmbeddingBagConfig,
     CompressionSpec,
@@ -39,21 +39,26 @@ __all__ = [
     "CompressedTable",
     "CompressedTablesOptimizer",
     "CompressionSpec",
+    "CounterNoise",
     "Fp16Codec",
     "Fp32Codec",
     "Fp32Table",
     "Int8Codec",
     "MixedPrecision",
     "MixedPrecisionTable",
+    "PieceSpec",
     "RoundingNoise",
     "RowStoreTable",
     "SparseOptimizerSpec",
+    "StateReader",
+    "TableKind",
     "TableInputError",
     "TensorTrain",
     "TensorTrainTable",
     "Uniform",
     "UniformTable",
     "build_table",
+    "kind_of",
     "register_table_kind",
 ]
 

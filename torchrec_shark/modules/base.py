@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import abc
 from dataclasses import dataclass
-from typing import Callable, Dict, Optional, Type
+from typing import Dict, Optional
 
 import torch
 from torch import nn
@@ -116,29 +116,15 @@ class CompressedTable(nn.Module, abc.ABC):
                 raise TableInputError(f"table {self.name!r}: per-id weights contain NaN or inf")
 
 
-_REGISTRY: Dict[type, Callable[..., CompressedTable]] = {}
+def build_table(config, optimizer: SparseOptimizerSpec, device: Optional[torch.device] = None,
+                seed: Optional[int] = None) -> CompressedTable:
+    """The whole (unsharded) table of ``config``, of the kind registered for ``type(config.compression)``
+    (see :mod:`~torchrec_shark.modules.table_kind`); ``device="meta"`` allocates nothing.
 
-
-def register_table_kind(spec_type: type) -> Callable[[Type[CompressedTable]], Type[CompressedTable]]:
-    """Class decorator: ``@register_table_kind(MixedPrecision)`` makes the collection build it for that spec."""
-
-    def wrap(cls: Type[CompressedTable]) -> Type[CompressedTable]:
-        _REGISTRY[spec_type] = cls
-        return cls
-
-    return wrap
-
-
-def build_table(config, optimizer: SparseOptimizerSpec, device: Optional[torch.device] = None) -> CompressedTable:
-    """Build the table kind registered for ``type(config.compression)``.
-
-    The class is called as ``cls(config, optimizer=optimizer, device=device)``.
+    ``seed`` defaults to the table's seed under ``torch.initial_seed()``.
     """
-    spec = config.compression
-    cls = _REGISTRY.get(type(spec))
-    if cls is None:
-        raise ValueError(
-            f"table {config.name!r}: no table kind registered for compression {type(spec).__name__}; "
-            f"known: {[t.__name__ for t in _REGISTRY]}"
-        )
-    return cls(config, optimizer=optimizer, device=device)
+    from torchrec_shark.modules.table_kind import kind_of, table_seed
+
+    if seed is None:
+        seed = table_seed(torch.initial_seed(), config.name)
+    return kind_of(config).build(config, optimizer, 0, int(config.num_embeddings), device, seed)

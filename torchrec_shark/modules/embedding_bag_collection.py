@@ -26,7 +26,6 @@ Example::
 from __future__ import annotations
 
 import itertools
-import zlib
 from typing import Any, Dict, List, Optional, Tuple
 
 import torch
@@ -40,6 +39,7 @@ from torchrec.sparse.jagged_tensor import KeyedJaggedTensor, KeyedTensor
 import torchrec_shark.modules.mixed_precision  # noqa: F401
 from torchrec_shark.modules.base import CompressedTable, SparseOptimizerSpec, TableInputError, build_table
 from torchrec_shark.modules.kernels.lookup import bag_of_ids
+from torchrec_shark.modules.table_kind import table_seed
 
 try:  # the tensor-train kind registers itself when present
     import torchrec_shark.modules.tensor_train  # noqa: F401
@@ -94,7 +94,8 @@ class CompressedEmbeddingBagCollection(EmbeddingBagCollectionInterface, FusedOpt
     Args:
         tables: one config per table (``compression=None``: stock fp32).
         is_weighted: read per-id weights from ``KeyedJaggedTensor.weights()``.
-        device: where the tables live (default CPU).
+        device: where the tables live (default CPU); ``meta`` allocates no table storage at all (the
+            sharder then builds each rank's shards directly, as TorchRec does for ``EmbeddingBagCollection``).
         optimizer: the fused sparse optimizer every table applies in backward.
     """
 
@@ -108,8 +109,6 @@ class CompressedEmbeddingBagCollection(EmbeddingBagCollectionInterface, FusedOpt
         super().__init__()
         torch._C._log_api_usage_once(f"torchrec_shark.modules.{self.__class__.__name__}")
         device = torch.device(device) if device is not None else torch.device("cpu")
-        if device.type == "meta":
-            raise ValueError("CompressedEmbeddingBagCollection allocates real (compressed) storage; use a real device")
         self._device = device
         self._is_weighted = is_weighted
         self._optimizer_spec = optimizer
@@ -117,24 +116,22 @@ class CompressedEmbeddingBagCollection(EmbeddingBagCollectionInterface, FusedOpt
         self.embedding_bags = nn.ModuleDict()
         self._feature_order: List[str] = []
         self._table_features: List[Tuple[int, int]] = []  # [first, last) into _feature_order
-        # Each table initialises from its own stream (the global seed and its name) and the
-        # global RNG is left as it was: a model built around this collection gets the same dense
-        # initialisation as with stock tables on "meta" (initialised later, by the sharder), so
-        # runs that differ only in table compression start from the same dense weights.
-        base_seed = torch.initial_seed()
-        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
-            for cfg in self._embedding_bag_configs:
-                if cfg.name in self.embedding_bags:
-                    raise ValueError(f"Duplicate table name {cfg.name}")
-                if not cfg.feature_names:
-                    cfg.feature_names = [cfg.name]
-                if not hasattr(cfg, "compression"):
-                    cfg = _with_compression(cfg)
-                torch.manual_seed((base_seed + zlib.crc32(cfg.name.encode())) % 2**63)
-                self.embedding_bags[cfg.name] = build_table(cfg, optimizer, device)
-                first = len(self._feature_order)
-                self._feature_order.extend(cfg.feature_names)
-                self._table_features.append((first, len(self._feature_order)))
+        # Each table's initial values are a function of this seed, its name and the row (see
+        # table_kind.init_blocks), drawn from private generators: the global RNG is left as it was, so a
+        # model built around this collection gets the same dense initialisation as with stock tables, and
+        # a sharder building the shards later (from ``meta``) produces the same values on any sharding.
+        self.init_seed = torch.initial_seed()
+        for i, cfg in enumerate(self._embedding_bag_configs):
+            if cfg.name in self.embedding_bags:
+                raise ValueError(f"Duplicate table name {cfg.name}")
+            if not cfg.feature_names:
+                cfg.feature_names = [cfg.name]
+            if not hasattr(cfg, "compression"):
+                cfg = self._embedding_bag_configs[i] = _with_compression(cfg)
+            self.embedding_bags[cfg.name] = build_table(cfg, optimizer, device, table_seed(self.init_seed, cfg.name))
+            first = len(self._feature_order)
+            self._feature_order.extend(cfg.feature_names)
+            self._table_features.append((first, len(self._feature_order)))
         self._embedding_names: List[str] = list(
             itertools.chain.from_iterable(get_embedding_names_by_table(self._embedding_bag_configs))
         )

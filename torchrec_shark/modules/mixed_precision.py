@@ -40,11 +40,20 @@ from torchrec_shark.modules.base import (
     SparseOptimizerSpec,
     TableInputError,
     all_finite,
-    register_table_kind,
+
 )
 from torchrec_shark.modules.kernels.lookup import RowIndex, bag_of_ids, pooled_lookup, row_index
 from torchrec_shark.modules.kernels.sparse_optimizer import RowOptimizer
-from torchrec_shark.modules.quantization import CODECS, ROUNDING_MODES, Fp32Codec, Int8Codec, RoundingNoise
+from torchrec_shark.modules.quantization import CODECS, ROUNDING_MODES, CounterNoise, Fp32Codec, Int8Codec
+from torchrec_shark.modules.table_kind import (
+    CHUNK_ROWS,
+    PieceSpec,
+    StateReader,
+    TableKind,
+    init_blocks,
+    register_table_kind,
+    table_seed,
+)
 from torchrec_shark.modules.specs import MixedPrecision, Uniform
 
 TIERS = ("fp32", "fp16", "int8")  # tier id = position; lower id = higher precision
@@ -69,21 +78,30 @@ class RowStoreTable(CompressedTable):
         tiers: Sequence[Tuple[str, int]],
         pool_names: Sequence[str],
         rounding: str = "stochastic",
+        row_start: int = 0,
+        seed: int = 0,
+        pooling: Optional[PoolingType] = None,
     ) -> None:
         super().__init__()
-        if config.pooling not in (PoolingType.SUM, PoolingType.MEAN):
-            raise ValueError(f"table {config.name!r}: pooling {config.pooling} is not supported (SUM or MEAN)")
+        pooling = config.pooling if pooling is None else pooling
+        if pooling not in (PoolingType.SUM, PoolingType.MEAN):
+            raise ValueError(f"table {config.name!r}: pooling {pooling} is not supported (SUM or MEAN)")
         if rounding not in ROUNDING_MODES:
             raise ValueError(f"table {config.name!r}: rounding={rounding!r} must be one of {ROUNDING_MODES}")
         self.name: str = config.name
-        self.num_embeddings = int(config.num_embeddings)
+        # This table holds rows [row_start, row_start + num_embeddings) of a table of table_rows rows
+        # (all of them unless it is a row-wise shard); ids given to it are local to that range.
+        self.num_embeddings = int(sum(n for _, n in tiers))
+        self.table_rows = int(config.num_embeddings)
+        self.row_start = int(row_start)
         self.embedding_dim = int(config.embedding_dim)
-        self.pooling = config.pooling
+        self.pooling = pooling
         self.rounding = rounding
+        self.seed = int(seed)
         self.version = 0  # bumped on every write; a lookup's cached rows are reused only if unchanged
+        self.updates = 0  # optimizer updates applied: the step of the stochastic-rounding noise
         # Puts lookups in the autograd graph; its gradient is never computed (not a parameter).
         self._anchor = torch.empty(0, requires_grad=True)
-        assert sum(n for _, n in tiers) == self.num_embeddings
         self._tiers: List[Tuple[str, int, int]] = []  # (tier name, first global slot, rows)
         self._pool_names: List[str] = list(pool_names)
         start = 0
@@ -95,7 +113,10 @@ class RowStoreTable(CompressedTable):
             self._tiers.append((tier, start, count))
             start += count
         self.optim = RowOptimizer(optimizer, self.num_embeddings, self.embedding_dim, device)
-        self._noise = RoundingNoise()
+
+    @property
+    def is_meta(self) -> bool:
+        return self._pool(0).device.type == "meta"
 
     # ------------------------------------------------------------------ storage
     def _pool(self, k: int) -> torch.Tensor:
@@ -133,7 +154,11 @@ class RowStoreTable(CompressedTable):
 
     def _scatter(self, index: RowIndex, values: torch.Tensor, rounding: str) -> None:
         for _, codec, pool, a, b, seg in self._runs(index):
-            pool.index_copy_(0, seg, codec.encode(values[a:b], rounding, self._noise))
+            noise = None
+            if rounding == "stochastic" and codec is not Fp32Codec:
+                rows = index.rows[a:b]
+                noise = CounterNoise(self.seed, self.updates, rows + self.row_start if self.row_start else rows)
+            pool.index_copy_(0, seg, codec.encode(values[a:b], rounding, noise))
         self.version += 1
 
     def index_rows(self, rows: torch.Tensor) -> RowIndex:
@@ -168,15 +193,21 @@ class RowStoreTable(CompressedTable):
             grad = grad.index_select(0, fresh.perm)
             index, values = fresh, self.gather(fresh)
         new = self.optim.update(index.rows, values, grad)
+        self.updates += 1
         self._scatter(index, new, self.rounding)
 
-    def _init_rows(self, config) -> None:
-        """Initial values from the config's ``init_fn`` in row chunks (no full fp32 copy)."""
-        for a in range(0, self.num_embeddings, _INIT_CHUNK_ROWS):
-            b = min(a + _INIT_CHUNK_ROWS, self.num_embeddings)
-            chunk = torch.empty(b - a, self.embedding_dim, device=self._pool(0).device)
-            config.init_fn(chunk)
-            self.write_rows(torch.arange(a, b, device=chunk.device), chunk, rounding="nearest")
+    @torch.no_grad()
+    def init_rows(self, config) -> None:
+        """Initial values of this table's rows from ``config.init_fn``, drawn per fixed row block
+        (:func:`~torchrec_shark.modules.table_kind.init_blocks`: the same values under any
+        sharding) and written a block at a time (no full fp32 copy). Nothing on ``meta``."""
+        if self.is_meta:
+            return
+        device = self._pool(0).device
+        for a, chunk in init_blocks(config.init_fn, self.seed, self.row_start, self.num_embeddings,
+                                    self.embedding_dim, self.table_rows, device):
+            local = a - self.row_start
+            self.write_rows(torch.arange(local, local + chunk.shape[0], device=device), chunk, rounding="nearest")
 
     # ------------------------------------------------------------------ lookup
     def forward(
@@ -227,9 +258,24 @@ class RowStoreTable(CompressedTable):
         parts["total"] = sum(parts.values())
         return parts
 
+    def _save_to_state_dict(self, destination, prefix, keep_vars) -> None:
+        self.sync_state()
+        super()._save_to_state_dict(destination, prefix, keep_vars)
+
+    def sync_state(self) -> None:
+        """Bring the exported buffers up to date with the table's plain attributes (before any export)."""
+        if hasattr(self, "update_count") and not self.is_meta:
+            self.update_count.fill_(self.updates)
+
     def _load_from_state_dict(self, *args, **kwargs) -> None:
         super()._load_from_state_dict(*args, **kwargs)
+        self.loaded()
+
+    def loaded(self) -> None:
+        """Re-read the plain attributes from the buffers after they were written (a load)."""
         self.version += 1
+        if hasattr(self, "update_count") and not self.is_meta:
+            self.updates = int(self.update_count)
 
     # ------------------------------------------------------------------ logical (layout-free) state
     def logical_state_dict(self) -> Dict[str, torch.Tensor]:
@@ -256,33 +302,49 @@ class RowStoreTable(CompressedTable):
         """Restore the row -> tier layout (tiered subclasses)."""
 
 
-@register_table_kind(type(None))
+def _seed_of(config, seed: Optional[int]) -> int:
+    return table_seed(torch.initial_seed(), config.name) if seed is None else int(seed)
+
+
+def mixed_precision_tier_sizes(spec: MixedPrecision, rows: int) -> Tuple[int, int, int]:
+    """``(n32, n16, n8)``: the fixed tier sizes of a mixed-precision table (or shard) of ``rows`` rows."""
+    n32 = int(round(spec.fp32_fraction * rows))
+    n16 = int(round((spec.fp32_fraction + spec.fp16_fraction) * rows)) - n32
+    n16 = max(0, min(n16, rows - n32))
+    return n32, n16, rows - n32 - n16
+
+
 class Fp32Table(RowStoreTable):
     """A stock fp32 table (``compression=None``) on the shared engine.
 
-    The pool is the buffer ``weight`` (the same state-dict key and shape as
-    ``EmbeddingBagCollection``'s parameter), initialised by ``config.init_fn`` on the whole
-    tensor like TorchRec does.
+    The pool is the buffer ``weight``: the same state-dict key and shape as
+    ``EmbeddingBagCollection``'s parameter, and the module's only state-dict entry (the
+    optimizer state is the fused optimizer's, as with TBE).
     """
 
-    def __init__(self, config, optimizer: SparseOptimizerSpec = SparseOptimizerSpec(), device=None) -> None:
-        super().__init__(config, optimizer, device, [("fp32", int(config.num_embeddings))], ["weight"])
-        with torch.no_grad():
-            config.init_fn(self.weight)
+    def __init__(self, config, optimizer: SparseOptimizerSpec = SparseOptimizerSpec(), device=None, *,
+                 row_start: int = 0, rows: Optional[int] = None, seed: Optional[int] = None,
+                 pooling: Optional[PoolingType] = None) -> None:
+        rows = int(config.num_embeddings) if rows is None else int(rows)
+        super().__init__(config, optimizer, device, [("fp32", rows)], ["weight"], "nearest", row_start,
+                         _seed_of(config, seed), pooling)
+        self.init_rows(config)
 
 
-@register_table_kind(Uniform)
 class UniformTable(RowStoreTable):
     """Every row in one precision (``Uniform.dtype``: fp16, or int8 with row-wise fp16 scale/bias)."""
 
-    def __init__(self, config, optimizer: SparseOptimizerSpec = SparseOptimizerSpec(), device=None) -> None:
+    def __init__(self, config, optimizer: SparseOptimizerSpec = SparseOptimizerSpec(), device=None, *,
+                 row_start: int = 0, rows: Optional[int] = None, seed: Optional[int] = None,
+                 pooling: Optional[PoolingType] = None) -> None:
         spec: Uniform = config.compression
-        rounding = getattr(spec, "rounding", "stochastic")
-        super().__init__(config, optimizer, device, [(spec.dtype, int(config.num_embeddings))], ["weight"], rounding)
-        self._init_rows(config)
+        rows = int(config.num_embeddings) if rows is None else int(rows)
+        super().__init__(config, optimizer, device, [(spec.dtype, rows)], ["weight"], spec.rounding, row_start,
+                         _seed_of(config, seed), pooling)
+        self.register_buffer("update_count", torch.zeros((), dtype=torch.int64, device=device))
+        self.init_rows(config)
 
 
-@register_table_kind(MixedPrecision)
 class MixedPrecisionTable(RowStoreTable):
     """SHARK F-Quantization: each row in fp32, fp16 or int8 by its label-weighted priority.
 
@@ -307,13 +369,12 @@ class MixedPrecisionTable(RowStoreTable):
 
     _RESCALE_LIMIT = 2.0**20  # rescale Q before decay**-(age + 1) exceeds this
 
-    def __init__(self, config, optimizer: SparseOptimizerSpec = SparseOptimizerSpec(), device=None) -> None:
+    def __init__(self, config, optimizer: SparseOptimizerSpec = SparseOptimizerSpec(), device=None, *,
+                 row_start: int = 0, rows: Optional[int] = None, seed: Optional[int] = None,
+                 pooling: Optional[PoolingType] = None) -> None:
         spec: MixedPrecision = config.compression
-        n = int(config.num_embeddings)
-        n32 = int(round(spec.fp32_fraction * n))
-        n16 = int(round((spec.fp32_fraction + spec.fp16_fraction) * n)) - n32
-        n16 = max(0, min(n16, n - n32))
-        n8 = n - n32 - n16
+        n = int(config.num_embeddings) if rows is None else int(rows)
+        n32, n16, n8 = mixed_precision_tier_sizes(spec, n)
         super().__init__(
             config,
             optimizer,
@@ -321,6 +382,9 @@ class MixedPrecisionTable(RowStoreTable):
             [("fp32", n32), ("fp16", n16), ("int8", n8)],
             ["fp32_rows", "fp16_rows", "int8_rows"],
             spec.rounding,
+            row_start,
+            _seed_of(config, seed),
+            pooling,
         )
         self.spec = spec
         self._bounds = (n32, n32 + n16)
@@ -329,6 +393,7 @@ class MixedPrecisionTable(RowStoreTable):
         self.register_buffer("priority", torch.zeros(n, device=device))
         self.register_buffer("priority_age", torch.zeros((), dtype=torch.int64, device=device))
         self.register_buffer("step", torch.zeros((), dtype=torch.int64, device=device))
+        self.register_buffer("update_count", torch.zeros((), dtype=torch.int64, device=device))
         self._age = self._step = 0  # mirrors of the two buffers (no tensor reads per step)
         self._lazy = 1.0 / self._RESCALE_LIMIT <= spec.decay <= 1.0
         self._pending: List[Tuple[torch.Tensor, torch.Tensor]] = []
@@ -336,7 +401,7 @@ class MixedPrecisionTable(RowStoreTable):
         # whether the hot rows really sit in the precise tiers (the tier sizes themselves are fixed).
         self._tier_hits = torch.zeros(len(TIERS), dtype=torch.int64, device=device)
         self._moves = 0
-        self._init_rows(config)
+        self.init_rows(config)
 
     # ------------------------------------------------------------------ layout
     def _tier_of_slots(self, slots: torch.Tensor) -> torch.Tensor:
@@ -427,9 +492,20 @@ class MixedPrecisionTable(RowStoreTable):
         if self._step % self.spec.retier_every == 0:
             self.retier()
 
-    def _load_from_state_dict(self, *args, **kwargs) -> None:
-        super()._load_from_state_dict(*args, **kwargs)
-        self._age, self._step = int(self.priority_age), int(self.step)
+    def shard_record(self) -> torch.Tensor:
+        """``[[row_start, rows, n32, n16, n8]]``: where this table's rows and pools sit in the whole table."""
+        sizes = [n for _, _, n in self._tiers]
+        return torch.tensor([[self.row_start, self.num_embeddings, *sizes]], dtype=torch.int64)
+
+    def sync_state(self) -> None:
+        super().sync_state()
+        if not self.is_meta:
+            self._rescale()  # exported priorities are P itself (age 0), whatever the layout that loads them
+
+    def loaded(self) -> None:
+        super().loaded()
+        if not self.is_meta:
+            self._age, self._step = int(self.priority_age), int(self.step)
         self._pending = []
 
     # ------------------------------------------------------------------ re-tiering
@@ -489,15 +565,19 @@ class MixedPrecisionTable(RowStoreTable):
         return out
 
     def _load_logical_layout(self, state: Dict[str, torch.Tensor]) -> None:
-        """Priorities from ``state``; tiers: the saved ``tier`` first (kept whenever the tier
-        sizes allow), then priority, then row id, cut at this table's exact tier sizes."""
-        priority = state["priority"].to(self.priority)
-        self.priority.copy_(priority)
+        self.priority.copy_(state["priority"].to(self.priority))
+        self.assign_tiers(state.get("tier"))
+
+    @torch.no_grad()
+    def assign_tiers(self, tier: Optional[torch.Tensor]) -> None:
+        """Lay the rows out by tier: the given ``tier`` per row first (kept whenever the tier sizes
+        allow), then the current priority, then row id, cut at this table's exact tier sizes; rows
+        ascending within a tier. Only the layout changes (``row_slot``): write the values after."""
         self._set_age(0)
         self._pending = []
-        order = torch.sort(priority, descending=True, stable=True).indices
-        if "tier" in state:
-            tier = state["tier"].to(device=order.device, dtype=torch.int64).index_select(0, order)
+        order = torch.sort(self.priority, descending=True, stable=True).indices
+        if tier is not None:
+            tier = tier.to(device=order.device, dtype=torch.int64).index_select(0, order)
             order = order.index_select(0, torch.sort(tier, stable=True).indices)
         target = self._target_tiers(order)
         # slots: tier by tier, rows in ascending order
@@ -505,3 +585,250 @@ class MixedPrecisionTable(RowStoreTable):
         slots = torch.empty_like(order)
         slots[by_tier.indices] = torch.arange(self.num_embeddings, device=order.device)
         self.row_slot.copy_(slots)
+
+
+# ---------------------------------------------------------------------------- kinds
+def _saved_tier_of_weight(t: torch.Tensor, dim: int) -> int:
+    """Tier id of a row-store ``weight`` tensor from its dtype (fp32, fp16, or int8 codes + scale/bias)."""
+    if t.dtype == torch.float32:
+        return 0
+    if t.dtype == torch.float16:
+        return 1
+    if t.dtype == torch.uint8 and t.shape[-1] == Int8Codec.width(dim):
+        return 2
+    raise ValueError(f"a row-store weight of dtype {t.dtype} and width {t.shape[-1]} is not fp32, fp16 or int8 rows")
+
+
+def source_row_batches(reader: StateReader, row_start: int, rows: int, dim: int):
+    """The saved rows ``[row_start, row_start + rows)`` of any row store, as
+    ``(local rows, saved tier id, encoded rows)`` batches of at most :data:`CHUNK_ROWS` rows.
+
+    A ``weight`` source (stock fp32, uniform fp16 / int8) comes in row order. A mixed-precision
+    source (``shards``, ``row_slot`` and three pools) comes tier by tier in the order of its saved
+    pools, so each saved pool window is read once whatever the sharding that saved it.
+    """
+    keys = set(reader.keys())
+    if "weight" in keys:
+        for a, enc in reader.chunks("weight", row_start, rows):
+            yield torch.arange(a - row_start, a - row_start + enc.shape[0]), _saved_tier_of_weight(enc, dim), enc
+        return
+    if not {"row_slot", *MIXED_POOLS} <= keys:
+        raise ValueError(f"no row-store rows in a state with keys {sorted(keys)} (neither 'weight' nor "
+                         f"mixed-precision pools)")
+    shards = _saved_shards(reader)
+    offsets = [0, 0, 0]
+    for s0, sn, *sizes in shards:
+        lo, hi = max(row_start, s0), min(row_start + rows, s0 + sn)
+        if lo < hi:
+            slots = torch.cat([c.long() for _, c in reader.chunks("row_slot", lo, hi - lo)])
+            start = 0
+            for k, pool in enumerate(MIXED_POOLS):
+                sel = ((slots >= start) & (slots < start + sizes[k])).nonzero().squeeze(1)
+                pos, order = torch.sort(slots.index_select(0, sel) - start)
+                sel = sel.index_select(0, order)
+                i, m = 0, pos.numel()
+                while i < m:  # windows of the saved pool, each read once
+                    w0 = int(pos[i])
+                    j = int(torch.searchsorted(pos, w0 + CHUNK_ROWS))
+                    window = reader.read(pool, offsets[k] + w0, int(pos[j - 1]) - w0 + 1)
+                    yield sel[i:j] + (lo - row_start), k, window.index_select(0, pos[i:j] - w0)
+                    i = j
+                start += sizes[k]
+        offsets = [o + n for o, n in zip(offsets, sizes)]
+
+
+def source_tiers(reader: StateReader, row_start: int, rows: int) -> Optional[torch.Tensor]:
+    """Saved tier id (int8) of each row of ``[row_start, row_start + rows)``, or ``None`` when the
+    source has no per-row tiers (a stock or uniform table)."""
+    if "row_slot" not in set(reader.keys()):
+        return None
+    out = torch.empty(rows, dtype=torch.int8)
+    for s0, sn, n32, n16, _ in _saved_shards(reader):
+        lo, hi = max(row_start, s0), min(row_start + rows, s0 + sn)
+        for a, slots in (reader.chunks("row_slot", lo, hi - lo) if lo < hi else ()):
+            slots = slots.long()
+            out[a - row_start : a - row_start + slots.numel()] = (slots >= n32).to(torch.int8) + (slots >= n32 + n16).to(torch.int8)
+    return out
+
+
+MIXED_POOLS = ("fp32_rows", "fp16_rows", "int8_rows")
+
+
+def _saved_shards(reader: StateReader) -> List[List[int]]:
+    """``[row_start, rows, n32, n16, n8]`` of every saved shard (one for an unsharded table's state)."""
+    if "shards" in set(reader.keys()):
+        return reader.read("shards").long().tolist()
+    return [[0, reader.size("row_slot")[0], *(reader.size(p)[0] for p in MIXED_POOLS)]]
+
+
+class RowStoreKind(TableKind):
+    """Row stores: tier pools (one for fp32 / uniform tables) plus row-indexed tensors.
+
+    A shard's pool of tier ``k`` is the slice of the global pool at the sum of the lower shards'
+    tier-``k`` sizes; every other tensor is indexed by row. Loading accepts any row store's state
+    (stock ``weight``, uniform, mixed precision) and re-encodes rows only when their tier changes.
+    """
+
+    pool_names: Tuple[str, ...] = ("weight",)
+    row_buffers: Dict[str, Tuple[Tuple[int, ...], torch.dtype]] = {}  # per-row extras: (trailing shape, dtype)
+    scalar_buffers: Tuple[str, ...] = ()
+
+    def tiers(self, config, rows: int) -> List[Tuple[str, int]]:
+        raise NotImplementedError
+
+    def build(self, config, optimizer, row_start, rows, device, seed, row_wise=False):
+        return self.table_class(config, optimizer, device, row_start=row_start, rows=rows, seed=seed,
+                                pooling=PoolingType.SUM if row_wise else None)
+
+    def storage_bytes(self, config, optimizer, row_start, rows) -> Dict[str, int]:
+        dim = int(config.embedding_dim)
+        parts: Dict[str, int] = {}
+        for tier, n in self.tiers(config, rows):
+            codec = CODECS[tier]
+            parts[f"{tier}_rows"] = parts.get(f"{tier}_rows", 0) + n * codec.width(dim) * codec.dtype.itemsize
+        for name, (trail, dtype) in self.row_buffers.items():
+            parts[name] = rows * math.prod(trail) * dtype.itemsize
+        for name in self.scalar_buffers:
+            parts[name] = 8
+        parts["optimizer"] = RowOptimizer.state_bytes(optimizer, rows, dim)
+        parts["total"] = sum(parts.values())
+        return parts
+
+    def state_layout(self, config, optimizer, ranges):
+        n_rows, dim = int(config.num_embeddings), int(config.embedding_dim)
+        per_range = [self.tiers(config, n) for _, n in ranges]
+        totals = [sum(t[k][1] for t in per_range) for k in range(len(self.pool_names))]
+        offsets = [0] * len(self.pool_names)
+        out = []
+        for j, ((r0, n), tiers) in enumerate(zip(ranges, per_range)):
+            spec: Dict[str, PieceSpec] = {}
+            for k, ((tier, cnt), pool) in enumerate(zip(tiers, self.pool_names)):
+                codec = CODECS[tier]
+                spec[pool] = PieceSpec((totals[k], codec.width(dim)), codec.dtype, offsets[k], cnt)
+                offsets[k] += cnt
+            for name, (trail, dtype) in self.row_buffers.items():
+                spec[name] = PieceSpec((n_rows, *trail), dtype, r0, n)
+            for name in self.scalar_buffers:
+                spec[name] = PieceSpec((), torch.int64, replicated=True)
+            for name, (shape, dtype) in RowOptimizer.state_shapes(optimizer, n, dim).items():
+                spec[f"optim.{name}"] = (PieceSpec((n_rows, *shape[1:]), dtype, r0, n) if shape
+                                         else PieceSpec((), dtype, replicated=True))
+            out.append(spec)
+        return out
+
+    def local_state(self, table) -> Dict[str, torch.Tensor]:
+        table.sync_state()
+        out = {name: getattr(table, name) for name in (*self.pool_names, *self.row_buffers, *self.scalar_buffers)}
+        out.update({f"optim.{k}": v for k, v in table.optim.state().items()})
+        return out
+
+    @torch.no_grad()
+    def load_state(self, table, reader: StateReader, row_start: int) -> None:
+        keys = set(reader.keys())
+        n = table.num_embeddings
+        self.load_layout(table, reader, row_start)
+        tier_of_slot = table._tier_of_slots if hasattr(table, "_tier_of_slots") else None
+        for rows, saved_tier, enc in source_row_batches(reader, row_start, n, table.embedding_dim):
+            index = table.index_rows(rows)
+            enc = enc.index_select(0, index.perm)
+            if tier_of_slot is None:
+                same = torch.full((rows.numel(),), table._tiers[0][0] == TIERS[saved_tier], dtype=torch.bool)
+            else:
+                same = tier_of_slot(index.slots) == saved_tier
+            if bool(same.all()):  # the stored bytes themselves: exact, no re-encoding
+                for _, codec, pool, a, b, seg in table._runs(index):
+                    pool.index_copy_(0, seg, enc[a:b].to(pool.dtype))
+            else:
+                values = CODECS[TIERS[saved_tier]].decode(enc)
+                table._scatter(index, values, "nearest")
+        for name in self.scalar_buffers:
+            if name in keys:
+                getattr(table, name).copy_(reader.read(name))
+        for name, buf in table.optim.state().items():
+            key = f"optim.{name}"
+            if key not in keys or tuple(reader.size(key)[1:]) != tuple(buf.shape[1:]):
+                continue  # another optimizer (or none) saved: this one starts fresh
+            if buf.dim() == 0:
+                buf.copy_(reader.read(key))
+            else:
+                for a, v in reader.chunks(key, row_start, n):
+                    buf[a - row_start : a - row_start + v.shape[0]].copy_(v)
+        table.loaded()
+
+    def load_layout(self, table, reader: StateReader, row_start: int) -> None:
+        """Per-row layout state before the rows (tiered kinds)."""
+
+    def cost_factor(self, config) -> float:
+        dim = int(config.embedding_dim)
+        rows = 1000
+        read = sum(n * CODECS[t].width(dim) * CODECS[t].dtype.itemsize for t, n in self.tiers(config, rows)) / rows
+        decoded = sum(n for t, n in self.tiers(config, rows) if t != "fp32") / rows
+        extra = sum(math.prod(trail) * dt.itemsize for name, (trail, dt) in self.row_buffers.items() if name == "row_slot")
+        return (read + extra + decoded * DECODE_FLOPS_PER_ELEMENT * dim / FLOPS_PER_BYTE) / (4.0 * dim)
+
+
+# Machine balance assumed by the planner's perf model: flops a core completes in the time it streams one
+# byte from memory, and the flops to decode (and re-encode after the update) one quantised element.
+FLOPS_PER_BYTE = 4.0
+DECODE_FLOPS_PER_ELEMENT = 2.0
+
+
+class Fp32Kind(RowStoreKind):
+    table_class = Fp32Table
+
+    def tiers(self, config, rows):
+        return [("fp32", rows)]
+
+    def cost_factor(self, config) -> float:
+        return 1.0
+
+
+class UniformKind(RowStoreKind):
+    table_class = UniformTable
+    scalar_buffers = ("update_count",)
+
+    def tiers(self, config, rows):
+        return [(config.compression.dtype, rows)]
+
+
+class MixedPrecisionKind(RowStoreKind):
+    table_class = MixedPrecisionTable
+    pool_names = MIXED_POOLS
+    row_buffers = {"row_slot": ((), torch.int32), "priority": ((), torch.float32)}
+    scalar_buffers = ("priority_age", "step", "update_count")
+
+    def tiers(self, config, rows):
+        return list(zip(TIERS, mixed_precision_tier_sizes(config.compression, rows)))
+
+    def state_layout(self, config, optimizer, ranges):
+        out = super().state_layout(config, optimizer, ranges)
+        for j, spec in enumerate(out):  # where each shard's pools sit: lets a loader re-slice them by rows
+            spec["shards"] = PieceSpec((len(ranges), 5), torch.int64, j, 1)
+        return out
+
+    def local_state(self, table) -> Dict[str, torch.Tensor]:
+        out = super().local_state(table)
+        out["shards"] = table.shard_record()
+        return out
+
+    def storage_bytes(self, config, optimizer, row_start, rows):
+        parts = super().storage_bytes(config, optimizer, row_start, rows)
+        if rows >= 2**31:  # row_slot widens to int64
+            parts["row_slot"] *= 2
+            parts["total"] += parts["row_slot"] // 2
+        return parts
+
+    def load_layout(self, table, reader: StateReader, row_start: int) -> None:
+        keys = set(reader.keys())
+        n = table.num_embeddings
+        if "priority" in keys:
+            for a, v in reader.chunks("priority", row_start, n):
+                table.priority[a - row_start : a - row_start + v.shape[0]].copy_(v)
+        tier = source_tiers(reader, row_start, n)
+        if tier is not None or "priority" in keys:
+            table.assign_tiers(tier)
+
+
+register_table_kind(type(None), Fp32Kind())
+register_table_kind(Uniform, UniformKind())
+register_table_kind(MixedPrecision, MixedPrecisionKind())

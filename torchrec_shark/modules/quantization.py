@@ -81,6 +81,77 @@ class RoundingNoise:
         return r.mul_(2.0**-15).add_(2.0**-16)
 
 
+class CounterNoise:
+    """Rounding bits as a function of ``(seed, step, row id, column)``: counter-based, not a stream.
+
+    A stream's state cannot follow a row to another rank when a checkpoint is loaded under
+    another sharding; bits that depend only on the row's global id and the table's update count
+    are the same on 1 rank, table-wise or row-wise, and after any resume, so training resumes
+    exactly. One 64-bit hash per row (SplitMix64 of the row id and the step's key), then one
+    multiply-xorshift round per group of columns; each 64-bit value gives four 16-bit or two
+    32-bit draws. ``int16``/``int32``/``uniform`` follow :class:`RoundingNoise`'s interface for
+    the ``[len(rows), D]`` values being encoded (row-major).
+
+    Example::
+
+        noise = CounterNoise(seed=7, step=12, rows=torch.tensor([3, 900]))
+        q = Int8Codec.encode(values, "stochastic", noise)   # values: [2, D]
+    """
+
+    _GOLDEN = 0x9E3779B97F4A7C15
+    _M1, _M2, _M3 = 0xBF58476D1CE4E5B9, 0x94D049BB133111EB, 0xD6E8FEB86659FD93
+
+    def __init__(self, seed: int, step: int, rows: torch.Tensor) -> None:
+        key = (int(seed) * self._GOLDEN + int(step) * self._M3 + 1) & ((1 << 64) - 1)
+        self._key = _splitmix_int(key)
+        self._rows = rows.reshape(-1)
+
+    def _words(self, cols: int) -> np.ndarray:
+        """``[len(rows), cols]`` uint64 hashes."""
+        with np.errstate(over="ignore"):
+            r = self._rows.cpu().numpy().astype(np.uint64)
+            h = _splitmix_np(r * np.uint64(self._GOLDEN) + np.uint64(self._key))
+            x = h[:, None] ^ (np.arange(1, cols + 1, dtype=np.uint64) * np.uint64(self._M3))[None, :]
+            x *= np.uint64(self._M1)
+            x ^= x >> np.uint64(31)
+            x *= np.uint64(self._M2)
+            x ^= x >> np.uint64(29)
+        return x
+
+    def int16(self, shape, device=None) -> torch.Tensor:
+        n, d = shape
+        words = self._words((d + 3) // 4).view(np.int16)[:, :d]
+        out = torch.from_numpy(np.ascontiguousarray(words))
+        return out if device is None or torch.device(device).type == "cpu" else out.to(device)
+
+    def int32(self, n: int, device=None) -> torch.Tensor:
+        rows = self._rows.numel()
+        d = n // max(rows, 1)
+        words = self._words((d + 1) // 2).view(np.int32)[:, :d]
+        out = torch.from_numpy(np.ascontiguousarray(words)).reshape(-1)
+        return out if device is None or torch.device(device).type == "cpu" else out.to(device)
+
+    def uniform(self, shape, device=None) -> torch.Tensor:
+        r = self.int16(shape, device).bitwise_and_(0x7FFF).float()
+        return r.mul_(2.0**-15).add_(2.0**-16)
+
+
+def _splitmix_int(x: int) -> int:
+    m = (1 << 64) - 1
+    x &= m
+    x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) & m
+    x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) & m
+    return x ^ (x >> 31)
+
+
+def _splitmix_np(x: np.ndarray) -> np.ndarray:
+    x = x ^ (x >> np.uint64(30))
+    x *= np.uint64(0xBF58476D1CE4E5B9)
+    x ^= x >> np.uint64(27)
+    x *= np.uint64(0x94D049BB133111EB)
+    return x ^ (x >> np.uint64(31))
+
+
 def round_to_fp16(x: torch.Tensor, rounding: str = "nearest", noise: Optional[RoundingNoise] = None) -> torch.Tensor:
     """fp32 -> fp16, nearest or stochastic (``E[result] == x`` for ``|x| <= 65504``).
 

@@ -13,6 +13,7 @@ Example::
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from typing import Dict, List, Optional, Tuple
 
@@ -22,12 +23,23 @@ import torch.nn.functional as F
 from torch import nn
 from torchrec.modules.embedding_configs import PoolingType
 
-from torchrec_shark.modules.base import CompressedTable, SparseOptimizerSpec, TableInputError, all_finite, register_table_kind
+from torchrec_shark.modules.base import CompressedTable, SparseOptimizerSpec, TableInputError, all_finite
 from torchrec_shark.modules.kernels.lookup import bag_of_ids
 from torchrec_shark.modules.kernels.sparse_optimizer import RowOptimizer
 from torchrec_shark.modules.kernels.tt_chain import chain_backward, chain_forward, materialize
 from torchrec_shark.modules.specs import TensorTrain
+from torchrec_shark.modules.table_kind import (
+    PieceSpec,
+    StateReader,
+    TableKind,
+    block_seed,
+    register_table_kind,
+    table_seed,
+)
 from torchrec_shark.modules.tt_factorization import TTLayout, resolve_layout, split_ids
+
+# First-core slices drawn per generator at initialisation (a fixed block: the same values under any sharding).
+_INIT_SLICES = 1024
 
 # Rows materialised at a time by full_weight() (bounds its temporary memory to about this many rows).
 _MATERIALIZE_ROWS = 1 << 20
@@ -134,7 +146,6 @@ def _update_every_slice(core: torch.Tensor, opt: RowOptimizer, grad: torch.Tenso
     return True
 
 
-@register_table_kind(TensorTrain)
 class TensorTrainTable(CompressedTable):
     """A ``num_embeddings x embedding_dim`` table as ``d`` tensor-train cores (TT-Rec).
 
@@ -190,19 +201,35 @@ class TensorTrainTable(CompressedTable):
         *,
         fused: bool = True,
         dtype: torch.dtype = torch.float32,
+        row_start: int = 0,
+        rows: Optional[int] = None,
+        seed: Optional[int] = None,
+        pooling: Optional[PoolingType] = None,
     ) -> None:
         super().__init__()
         spec = config.compression
         if not isinstance(spec, TensorTrain):
             raise ValueError(f"table {config.name!r}: TensorTrainTable needs a TensorTrain spec, got {spec!r}")
-        if config.pooling not in (PoolingType.SUM, PoolingType.MEAN):
-            raise ValueError(f"table {config.name!r}: pooling {config.pooling} is not supported (SUM or MEAN)")
+        pooling = config.pooling if pooling is None else pooling
+        if pooling not in (PoolingType.SUM, PoolingType.MEAN):
+            raise ValueError(f"table {config.name!r}: pooling {pooling} is not supported (SUM or MEAN)")
         self.name = config.name
-        self.num_embeddings = config.num_embeddings
+        self.table_rows = int(config.num_embeddings)
+        self.row_start = int(row_start)
+        self.num_embeddings = self.table_rows if rows is None else int(rows)
         self.embedding_dim = config.embedding_dim
-        self.pooling = config.pooling
+        self.pooling = pooling
+        self.global_layout: TTLayout = resolve_layout(config.name, self.table_rows, config.embedding_dim, spec)
+        # A row-wise shard owns first-core slices [slice_start, slice_start + slices) and replicas of the
+        # other cores; its own layout is the table's with the first factor cut to its slices.
+        self.slice_start, self.slices = tt_slice_range(self.global_layout, self.row_start, self.num_embeddings)
+        if self.num_embeddings != self.table_rows:
+            lay = self.global_layout
+            spec = dataclasses.replace(spec, row_factors=(max(2, self.slices), *lay.row_factors[1:]),
+                                       col_factors=tuple(lay.col_factors), ranks=tuple(lay.ranks[1:-1]))
         self.spec = spec
-        self.layout: TTLayout = resolve_layout(config.name, config.num_embeddings, config.embedding_dim, spec)
+        self.layout: TTLayout = resolve_layout(config.name, self.num_embeddings, config.embedding_dim, spec)
+        self.seed = table_seed(torch.initial_seed(), config.name) if seed is None else int(seed)
         self.fused = fused
         self.version = 0  # bumped on every write: a lookup's saved products are reused only if unchanged
         self._anchor = torch.empty(0, requires_grad=True)  # puts lookups in the autograd graph (no gradient)
@@ -243,15 +270,34 @@ class TensorTrainTable(CompressedTable):
 
     @torch.no_grad()
     def reset_parameters(self) -> None:
-        n = self.num_embeddings
+        """Initial cores from the table's seed: the replicated cores whole, the first core per fixed block
+        of slices, so every shard holds exactly the slices the unsharded table would."""
+        if self.cores[0].device.type == "meta":
+            return
+        n = self.table_rows
         if self.spec.init == "sampled_gaussian":
             d = self.layout.num_cores
             std = (3.0 * n * math.prod(self.layout.ranks)) ** (-1.0 / (2 * d))
-            for c in self.cores:
-                c.normal_(0.0, std)
+
+            def fill(t: torch.Tensor, g: torch.Generator) -> torch.Tensor:
+                return t.normal_(0.0, std, generator=g)
         else:
-            for c in self.cores:
-                c.uniform_(-1.0 / math.sqrt(n), 1.0 / math.sqrt(n))
+            def fill(t: torch.Tensor, g: torch.Generator) -> torch.Tensor:
+                return t.uniform_(-1.0 / math.sqrt(n), 1.0 / math.sqrt(n), generator=g)
+
+        def gen(block: int, salt: int) -> torch.Generator:
+            return torch.Generator().manual_seed(block_seed(self.seed, block, salt))
+
+        for k in range(1, self.layout.num_cores):
+            core = self.cores[k]
+            core.copy_(fill(torch.empty(core.shape, dtype=core.dtype), gen(0, k + 1)))
+        core0, p1 = self.cores[0], self.global_layout.row_factors[0]
+        end = self.slice_start + self.slices
+        for b in range(self.slice_start // _INIT_SLICES, -(-end // _INIT_SLICES)):
+            lo, hi = b * _INIT_SLICES, min((b + 1) * _INIT_SLICES, p1)
+            block = fill(torch.empty(1, hi - lo, *core0.shape[2:], dtype=core0.dtype), gen(b, 1))
+            a, z = max(lo, self.slice_start), min(hi, end)
+            core0[:, a - self.slice_start : z - self.slice_start].copy_(block[:, a - lo : z - lo])
 
     def _cached_count(self) -> int:
         return int(torch.searchsorted(self.cache_ids, self.num_embeddings))
@@ -431,3 +477,212 @@ class TensorTrainTable(CompressedTable):
         rhs = s.new_zeros(slices.numel(), q1, r1).index_add_(0, inverse, torch.bmm(err, st))
         delta = torch.bmm(rhs, torch.linalg.pinv(gram, hermitian=True, rtol=1e-10))
         first.index_add_(0, slices, delta.to(first.dtype))
+
+
+def tt_slice_range(layout: TTLayout, row_start: int, rows: int) -> Tuple[int, int]:
+    """``(first slice, slices)`` of the first core that rows ``[row_start, row_start + rows)`` use.
+
+    Raises ``ValueError`` when the range would split a first-core slice (``row_start`` not a multiple of
+    ``p2 * ... * pd``, or a range that ends inside a slice before the table's last row)."""
+    block = layout.first_core_block
+    last = row_start + rows >= layout.num_embeddings
+    if row_start % block or (not last and rows % block):
+        raise ValueError(
+            f"rows [{row_start}, {row_start + rows}) are not aligned to the TT first-core block p2*...*pd = {block} "
+            f"(row factors {layout.row_factors}); shard the table table_wise"
+        )
+    s0 = row_start // block
+    return s0, (layout.row_factors[0] - s0) if last else rows // block
+
+
+# ---------------------------------------------------------------------------- row-wise shard
+class DeferredRowOptimizer(RowOptimizer):
+    """A :class:`RowOptimizer` whose ``update`` only records the gradient (dense per optimizer row) and
+    returns the rows unchanged; :meth:`update_now` applies the (group-summed) gradients later."""
+
+    def __init__(self, spec, num_rows: int, dim: int, device=None) -> None:
+        super().__init__(spec, num_rows, dim, device)
+        self.__dict__["pending_grad"] = torch.zeros(num_rows, dim, device=device)
+        self.__dict__["pending_touched"] = torch.zeros(num_rows, device=device)
+
+    @torch.no_grad()
+    def update(self, rows: torch.Tensor, w: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
+        self.pending_grad.index_add_(0, rows, g.to(self.pending_grad.dtype))
+        self.pending_touched.index_fill_(0, rows, 1.0)
+        return w
+
+    def update_now(self, rows, w, g):
+        return RowOptimizer.update(self, rows, w, g)
+
+
+class ShardTensorTrainTable(TensorTrainTable):
+    """A row-wise shard of a TT table: first-core slices ``[s0, s0 + p1')`` and replicas of the other cores.
+
+    The fused backward updates the first core (and cache) at once, as the unsharded table does; the
+    replicated cores' optimizers are :class:`DeferredRowOptimizer` s, so their gradients wait in
+    :meth:`pending_flat` until the sharded optimizer sums them over the sharding group and hands them to
+    :meth:`apply_flat`. Every rank of the group must take part once per step, in the same table order,
+    whether or not it saw ids (zeros are sent).
+    """
+
+    allreduce = True  # negative control: False applies local gradients only (replicas drift apart)
+
+    def __init__(self, config, optimizer=None, device=None, **kw) -> None:
+        super().__init__(config, optimizer, device, **kw)
+        for k in range(1, self.layout.num_cores):
+            old = self.core_optimizers[k]
+            p = self.layout.row_factors[k]
+            new = DeferredRowOptimizer(old.spec, p, math.prod(self.layout.core_shape(k)) // p, device)
+            new.lr = old.lr
+            self.core_optimizers[k] = new
+
+    def pending_flat(self) -> torch.Tensor:
+        parts = []
+        for k in range(1, self.layout.num_cores):
+            opt = self.core_optimizers[k]
+            parts += [opt.pending_grad.reshape(-1), opt.pending_touched]
+        return torch.cat(parts)
+
+    @torch.no_grad()
+    def apply_flat(self, flat: torch.Tensor) -> None:
+        """Apply (summed) pending gradients laid out as :meth:`pending_flat`; reset them."""
+        pos = 0
+        for k in range(1, self.layout.num_cores):
+            opt = self.core_optimizers[k]
+            g_buf, t_buf = opt.pending_grad, opt.pending_touched
+            g = flat[pos : pos + g_buf.numel()].view_as(g_buf)
+            pos += g_buf.numel()
+            touched = flat[pos : pos + t_buf.numel()]
+            pos += t_buf.numel()
+            ids = (touched > 0).nonzero().squeeze(1)
+            slices = self.cores[k].transpose(0, 1)
+            n = ids.numel()
+            if n:
+                w = slices.index_select(0, ids).reshape(n, -1)
+                new = opt.update_now(ids, w, g.index_select(0, ids))
+                slices.index_copy_(0, ids, new.view(n, *slices.shape[1:]))
+            g_buf.zero_()
+            t_buf.zero_()
+        self.version += 1
+
+
+# ---------------------------------------------------------------------------- kind
+class TensorTrainKind(TableKind):
+    """Tensor-train tables: a shard owns first-core slices (row-wise boundaries on ``p2 * ... * pd`` rows)
+    and replicas of the other cores; the LFU cache is per shard and restarts empty after a load."""
+
+    table_class = TensorTrainTable
+
+    @staticmethod
+    def layout(config) -> TTLayout:
+        return resolve_layout(config.name, config.num_embeddings, config.embedding_dim, config.compression)
+
+    def build(self, config, optimizer, row_start, rows, device, seed, row_wise=False):
+        cls = ShardTensorTrainTable if row_wise else TensorTrainTable
+        return cls(config, optimizer, device, row_start=row_start, rows=rows, seed=seed,
+                   pooling=PoolingType.SUM if row_wise else None)
+
+    def row_alignment(self, config) -> int:
+        return self.layout(config).first_core_block
+
+    def storage_bytes(self, config, optimizer, row_start, rows) -> Dict[str, int]:
+        lay = self.layout(config)
+        slices = -(-rows // lay.first_core_block)  # an unaligned range (never built) is costed as if rounded up
+        sharded = rows < lay.num_embeddings
+        out: Dict[str, int] = {"cores": 0, "optimizer": 0}
+        if sharded:
+            out["pending_grads"] = 0
+        for k in range(lay.num_cores):
+            shape = list(lay.core_shape(k))
+            if k == 0:
+                shape[1] = max(2, slices) if sharded else shape[1]
+            p, numel = shape[1], math.prod(shape)
+            out["cores"] += numel * 4
+            out["optimizer"] += RowOptimizer.state_bytes(optimizer, p, numel // p)
+            if sharded and k > 0:
+                out["pending_grads"] += numel * 4 + p * 4
+        spec = config.compression
+        if spec.cache_fraction > 0:
+            c = max(1, int(spec.cache_fraction * rows))
+            out["cache_rows"] = c * lay.embedding_dim * 4
+            out["cache_index"] = c * 8
+            out["frequency"] = rows * 4
+            out["optimizer"] += RowOptimizer.state_bytes(optimizer, c, lay.embedding_dim)
+        out["total"] = sum(out.values())
+        return out
+
+    def state_layout(self, config, optimizer, ranges):
+        lay = self.layout(config)
+        n_rows = lay.num_embeddings
+        out = []
+        for r0, n in ranges:
+            s0, ns = tt_slice_range(lay, r0, n)
+            spec: Dict[str, PieceSpec] = {"core_0": PieceSpec(lay.core_shape(0), torch.float32, s0, ns, dim=1)}
+            for k in range(1, lay.num_cores):
+                spec[f"core_{k}"] = PieceSpec(lay.core_shape(k), torch.float32, replicated=True)
+            if config.compression.cache_fraction > 0:
+                spec["frequency"] = PieceSpec((n_rows,), torch.int32, r0, n)
+            for k, p in enumerate(lay.row_factors):
+                width = math.prod(lay.core_shape(k)) // p
+                for name, (shape, dtype) in RowOptimizer.state_shapes(optimizer, p, width).items():
+                    key = f"optim.core_{k}.{name}"
+                    spec[key] = (PieceSpec(shape, dtype, s0, ns) if k == 0 and shape
+                                 else PieceSpec(shape, dtype, replicated=True))
+            out.append(spec)
+        return out
+
+    def local_state(self, table) -> Dict[str, torch.Tensor]:
+        ns = table.slices
+        out = {"core_0": table.core_0[:, :ns]}
+        out.update({f"core_{k}": table.cores[k] for k in range(1, table.layout.num_cores)})
+        if table.cache_rows:
+            out["frequency"] = table.frequency
+        if table.fused:
+            for k, opt in enumerate(table.core_optimizers):
+                for name, t in opt.state().items():
+                    out[f"optim.core_{k}.{name}"] = t[:ns] if k == 0 and t.dim() else t
+        return out
+
+    @torch.no_grad()
+    def load_state(self, table, reader: StateReader, row_start: int) -> None:
+        keys = set(reader.keys())
+        if "core_0" not in keys:
+            raise ValueError(f"table {table.name!r}: a tensor-train table loads only tensor-train state "
+                             f"(cores); got keys {sorted(keys)}")
+        if tuple(reader.size("core_0")) != tuple(table.global_layout.core_shape(0)):
+            raise ValueError(f"table {table.name!r}: saved core_0 of shape {tuple(reader.size('core_0'))} does not "
+                             f"fit this factorisation {table.global_layout.core_shape(0)}")
+        s0, ns = table.slice_start, table.slices
+        table.core_0[:, :ns].copy_(reader.read("core_0", s0, ns, dim=1))
+        for k in range(1, table.layout.num_cores):
+            table.cores[k].copy_(reader.read(f"core_{k}"))
+        if table.cache_rows:
+            if "frequency" in keys:
+                for a, v in reader.chunks("frequency", row_start, table.num_embeddings):
+                    table.frequency[a - row_start : a - row_start + v.numel()].copy_(v)
+            table.cache_ids.fill_(table.num_embeddings)  # the cache restarts empty: rows come from the cores
+        if table.fused:
+            for k, opt in enumerate(table.core_optimizers):
+                for name, t in opt.state().items():
+                    key = f"optim.core_{k}.{name}"
+                    if key not in keys or tuple(reader.size(key)[1:]) != tuple(t.shape[1:]):
+                        continue
+                    if k == 0 and t.dim():
+                        t[:ns].copy_(reader.read(key, s0, ns))
+                    else:
+                        t.copy_(reader.read(key))
+        table.version += 1
+
+    def cost_factor(self, config) -> float:
+        # FLOPS_PER_BYTE as for the row stores: the cores stay in cache, a row costs its GEMMs and its output
+        lay = self.layout(config)
+        q, r = lay.col_factors, lay.ranks
+        macs, width = 0, q[0] * r[1]  # prefix product: (q1 ... qk) x R_k
+        for k in range(1, len(q)):
+            macs += width * q[k] * r[k + 1]
+            width = width // r[k] * q[k] * r[k + 1]
+        fp32 = 4.0 * lay.embedding_dim
+        return (fp32 + 2 * macs / 4.0) / fp32
+
+
+register_table_kind(TensorTrain, TensorTrainKind())

@@ -127,7 +127,13 @@ def load_checkpoint(checkpoint: str, stateful: Dict[str, object]) -> Dict:
         if hasattr(obj, "init_state"):
             obj.init_state()  # type: ignore[attr-defined]  # optimizers create lazy state first
     state = _state(stateful)
-    dcp.load(state, checkpoint_id=checkpoint)
+    model = stateful.get("model")
+    if isinstance(model, torch.nn.Module):  # compressed tables whose saved layout depends on the sharding
+        from torchrec_shark.distributed import resharding
+
+        resharding.load(state, checkpoint, model)
+    else:
+        dcp.load(state, checkpoint_id=checkpoint)
     for key, obj in stateful.items():
         obj.load_state_dict(state[key])  # type: ignore[attr-defined]
     return read_meta(checkpoint)

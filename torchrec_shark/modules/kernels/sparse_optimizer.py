@@ -15,6 +15,7 @@ Example::
 
 from __future__ import annotations
 
+import math
 from typing import Dict, Optional
 
 import torch
@@ -38,14 +39,26 @@ class RowOptimizer(nn.Module):
             raise ValueError(f"sparse optimizer {spec.name!r} is not one of {OPTIMIZERS}")
         self.spec = spec
         self.lr = float(spec.lr)
+        # Not persistent: optimizer state belongs to the fused optimizer's state dict (as with TBE),
+        # not to the module's, so a table's state dict has the same keys whatever the optimizer.
+        for name, (shape, dtype) in self.state_shapes(spec, num_rows, dim).items():
+            self.register_buffer(name, torch.zeros(shape, dtype=dtype, device=device), persistent=False)
+
+    @staticmethod
+    def state_shapes(spec: SparseOptimizerSpec, num_rows: int, dim: int) -> Dict[str, tuple]:
+        """``{name: (shape, dtype)}`` of the state ``spec`` keeps for ``num_rows`` rows of ``dim`` values."""
         if spec.name == "adagrad":
-            self.register_buffer("momentum1", torch.zeros(num_rows, dim, device=device))
-        elif spec.name == "rowwise_adagrad":
-            self.register_buffer("momentum1", torch.zeros(num_rows, device=device))
-        elif spec.name == "adam":
-            self.register_buffer("exp_avg", torch.zeros(num_rows, dim, device=device))
-            self.register_buffer("exp_avg_sq", torch.zeros(num_rows, dim, device=device))
-            self.register_buffer("iter", torch.zeros((), dtype=torch.int64, device=device))
+            return {"momentum1": ((num_rows, dim), torch.float32)}
+        if spec.name == "rowwise_adagrad":
+            return {"momentum1": ((num_rows,), torch.float32)}
+        if spec.name == "adam":
+            return {"exp_avg": ((num_rows, dim), torch.float32), "exp_avg_sq": ((num_rows, dim), torch.float32),
+                    "iter": ((), torch.int64)}
+        return {}
+
+    @staticmethod
+    def state_bytes(spec: SparseOptimizerSpec, num_rows: int, dim: int) -> int:
+        return sum(math.prod(shape) * dtype.itemsize for shape, dtype in RowOptimizer.state_shapes(spec, num_rows, dim).values())
 
     def state(self) -> Dict[str, torch.Tensor]:
         """The live state tensors by name (the same objects as the buffers)."""
