@@ -147,7 +147,6 @@ def build_collection(
         return EmbeddingBagCollection(tables=stock_configs(configs), device=device)
     from torchrec_shark.modules.embedding_bag_collection import CompressedEmbeddingBagCollection
 
-    # Compressed tables allocate their own (small) storage; "meta" is for stock tables only.
-    real = torch.device("cpu") if device.type == "meta" else device
+    # On "meta" nothing is allocated: the sharder builds each rank's shards for the rows it owns.
     kwargs = {"optimizer": optimizer} if optimizer is not None else {}
-    return CompressedEmbeddingBagCollection(tables=list(configs), device=real, **kwargs)
+    return CompressedEmbeddingBagCollection(tables=list(configs), device=device, **kwargs)

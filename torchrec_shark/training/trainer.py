@@ -82,7 +82,8 @@ class Trainer:
     def _build_model(self) -> None:
         cfg, env = self.cfg, self.env
         t = cfg.trainer
-        ebc_device = env.device if self.compressed else torch.device("meta")
+        # No table is allocated before sharding: each rank builds only the shards it owns.
+        ebc_device = torch.device("meta")
         ebc = build_collection(
             self.table_configs, ebc_device, optimizer=sparse_optimizer_spec(t.embedding_optimizer, t.embedding_lr)
         )
