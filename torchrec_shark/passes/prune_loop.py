@@ -261,12 +261,15 @@ def _hydra_main():
     def main(dcfg: DictConfig) -> None:
         from torchrec_shark.training.checkpoint import CheckpointError
 
-        cfg: PruneLoopConfig = OmegaConf.to_object(dcfg)  # type: ignore[assignment]
+        from torchrec_shark.config import ConfigError, check_known_keys
+
         try:
+            check_known_keys(dcfg, PruneLoopConfig)
+            cfg: PruneLoopConfig = OmegaConf.to_object(dcfg)  # type: ignore[assignment]
             if cfg.run_dir in ("???", "", None):
                 raise LoopError("run_dir=<a train.py run dir> is required")
             run_loop(cfg, HydraConfig.get().runtime.output_dir)
-        except (LoopError, CheckpointError) as e:
+        except (LoopError, ConfigError, CheckpointError) as e:
             print(f"prune_loop: error: {e}", file=sys.stderr)
             sys.exit(2)
 
