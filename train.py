@@ -19,6 +19,8 @@ from omegaconf import DictConfig, OmegaConf
 
 from torchrec_shark.config import ConfigError, TrainConfig, check_known_keys, validate
 from torchrec_shark.conf_store import register_configs
+from torchrec_shark.data.types import DataError
+from torchrec_shark.training.checkpoint import CheckpointError
 from torchrec_shark.training.env import distributed_job, shared_run_dir
 from torchrec_shark.training.run_dir import RunDirError, run_dir_lock
 from torchrec_shark.training.trainer import Trainer
@@ -44,8 +46,9 @@ def main(dcfg: DictConfig) -> None:
         try:
             with run_dir_lock(run_dir, env):
                 Trainer(cfg, run_dir, env).run()
-        except (RunDirError, ConfigError) as e:
-            print(f"error: {e}", file=sys.stderr)
+        except (RunDirError, ConfigError, DataError, CheckpointError) as e:
+            where = f" (rank {env.rank})" if env.world_size > 1 else ""
+            print(f"error{where}: {e}", file=sys.stderr)
             sys.exit(2)
 
 
