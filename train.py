@@ -22,7 +22,7 @@ from torchrec_shark.conf_store import register_configs
 from torchrec_shark.data.types import DataError
 from torchrec_shark.training.checkpoint import CheckpointError
 from torchrec_shark.training.env import distributed_job, shared_run_dir
-from torchrec_shark.training.run_dir import RunDirError, run_dir_lock
+from torchrec_shark.training.run_dir import RunDirError, refuse_unwritable_run_dir, run_dir_lock
 from torchrec_shark.training.trainer import Trainer
 
 register_configs()
@@ -53,4 +53,8 @@ def main(dcfg: DictConfig) -> None:
 
 
 if __name__ == "__main__":
+    unwritable_dir = refuse_unwritable_run_dir(sys.argv[1:])
+    if unwritable_dir:
+        print(f"error: run dir {unwritable_dir}", file=sys.stderr)
+        sys.exit(2)
     main()

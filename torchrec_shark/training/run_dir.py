@@ -16,7 +16,7 @@ import fcntl
 import os
 import shutil
 from contextlib import contextmanager
-from typing import Iterator, Optional
+from typing import Iterator, Optional, Sequence
 
 import torch.distributed as dist
 
@@ -47,17 +47,44 @@ def _holder(path: str) -> str:
         return "unknown"
 
 
+def unwritable(run_dir: str) -> Optional[str]:
+    """Why ``run_dir`` (and its ``checkpoints/`` when present) cannot be written, or ``None``."""
+    for d in (run_dir, os.path.join(run_dir, "checkpoints")):
+        if d != run_dir and not os.path.isdir(d):
+            continue
+        try:
+            os.makedirs(d, exist_ok=True)
+            probe = os.path.join(d, f".write_probe.{os.getpid()}")
+            with open(probe, "w") as f:
+                f.write("ok")
+            os.remove(probe)
+        except OSError as e:
+            return f"{d!r} is not writable ({e.strerror}): choose another run dir with hydra.run.dir=..."
+    return None
+
+
+def refuse_unwritable_run_dir(argv: Sequence[str]) -> Optional[str]:
+    """The error for a ``hydra.run.dir=`` on the command line that exists but cannot be written.
+
+    Checked before Hydra starts: Hydra's own failure there ("Unable to configure handler
+    'file'") does not name the dir."""
+    for a in argv:
+        if a.startswith("hydra.run.dir="):
+            path = a.split("=", 1)[1]
+            if os.path.isdir(path):
+                return unwritable(path)
+    return None
+
+
 def _acquire(run_dir: str):
     """(open lock file, None) or (None, why not)."""
+    why = unwritable(run_dir)
+    if why is not None:
+        return None, f"run dir {why}"
     try:
-        os.makedirs(run_dir, exist_ok=True)
-        probe = os.path.join(run_dir, ".write_probe")
-        with open(probe, "w") as f:
-            f.write("ok")
-        os.remove(probe)
         handle = open(os.path.join(run_dir, LOCK_NAME), "a+")
     except OSError as e:
-        return None, f"run dir {run_dir!r} is not writable ({e.strerror}): choose another with hydra.run.dir=..."
+        return None, f"run dir {run_dir!r}: cannot open {LOCK_NAME} ({e.strerror})"
     try:
         fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
     except OSError:
