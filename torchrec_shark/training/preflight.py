@@ -2,7 +2,7 @@
 
 - :func:`check_tt_memory`: tensor-train cores that would not fit in memory (a rank typo can ask
   for terabytes), from the resolved table configs, before anything is allocated;
-- :func:`check_val_split`: a validation split with no batch (evaluation would fail only after
+- :func:`check_splits`: a training or validation split with no batch (evaluation would fail only after
   training, when no checkpoint is written yet);
 - :func:`resume_data_offset`: where the data stream continues on resume when the global batch
   size changed (exactly, or a refusal: never a silent skip or re-read).
@@ -10,7 +10,7 @@
 Example::
 
     check_tt_memory(table_configs, memory_bytes=host_memory_bytes())
-    check_val_split(dataset, batch_size=2048, rank=0, world_size=1)
+    check_splits(dataset, batch_size=2048, rank=0, world_size=1, where="data.path=day_0.tsv")
 """
 
 from __future__ import annotations
@@ -74,16 +74,17 @@ def check_tt_memory(table_configs: Sequence, memory_bytes: Optional[int]) -> Dic
     return {name: b for name, (b, _) in cores.items()}
 
 
-def check_val_split(dataset, batch_size: int, rank: int, world_size: int) -> None:
-    """Raise :class:`DataError` when the validation split yields no batch for this world size."""
-    try:
-        first = next(iter(dataset.batches("val", batch_size, rank, world_size)), None)
-    except DataError as e:
-        raise DataError(f"validation split: {e}") from None
-    if first is None:
-        raise DataError(
-            f"the validation split is empty (fewer than {world_size} rows for {world_size} rank(s)): "
-            "evaluation would fail after training; give more rows or a larger data.val_fraction")
+def check_splits(dataset, batch_size: int, rank: int, world_size: int, where: str) -> None:
+    """Raise :class:`DataError` naming ``where`` (the data) when the training or the validation
+    split yields no batch for this world size."""
+    for split in ("train", "val"):
+        try:
+            first = next(iter(dataset.batches(split, batch_size, rank, world_size)), None)
+        except DataError as e:
+            raise DataError(f"{where}: {split} split: {e}") from None
+        if first is None:
+            raise DataError(f"{where}: the {split} split has no batch for {world_size} rank(s) (no rows, or fewer "
+                            f"than the ranks); give more rows or another data.val_fraction")
 
 
 def resume_data_offset(meta: Dict, batch_size: int) -> int:

@@ -37,8 +37,8 @@ from torchrec_shark.training.optimizers import (
     sparse_optimizer_spec,
 )
 from torchrec_shark.training.preflight import (
+    check_splits,
     check_tt_memory,
-    check_val_split,
     memory_budget_bytes,
     resume_data_offset,
 )
@@ -72,7 +72,8 @@ class Trainer:
         np.random.seed(t.seed)
 
         self.dataset = data_sources.build_dataset(cfg.data)
-        check_val_split(self.dataset, t.batch_size, env.rank, env.world_size)
+        check_splits(self.dataset, t.batch_size, env.rank, env.world_size,
+                     f"data.path={cfg.data.path}" if cfg.data.path else f"data.source={cfg.data.source}")
         self.table_configs = build_table_configs(
             cfg.tables, self.dataset.feature_names, self.dataset.num_embeddings_per_feature
         )
