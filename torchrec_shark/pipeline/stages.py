@@ -18,6 +18,8 @@ import time
 from dataclasses import dataclass, field
 from typing import Dict, List, Optional, Sequence
 
+from torchrec_shark.passes.command_line import hydra_quote
+
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
@@ -49,7 +51,7 @@ def command_from_pass(command: str, run_dir: str, overrides: Sequence[str]) -> L
     nproc = next(a for a in args[1:script] if a.startswith("--nproc_per_node")).split("=", 1)[1]
     rest = [a for a in args[script + 1:] if a != "hydra.run.dir=<NEW_RUN_DIR>"]
     return torchrun(int(nproc), *[a for a in launcher if a != "--standalone"], "train.py",
-                    *with_overrides(rest, [*overrides, f"hydra.run.dir={run_dir}"]))
+                    *with_overrides(rest, [*overrides, f"hydra.run.dir={hydra_quote(run_dir)}"]))
 
 
 @dataclass
@@ -96,7 +98,7 @@ class StageRunner:
 
     def train(self, name: str, nproc: int, overrides: Sequence[str]) -> StageResult:
         run_dir = self.path("runs", name)
-        cmd = torchrun(nproc, "train.py", *overrides, f"hydra.run.dir={run_dir}", "trainer.progress=false")
+        cmd = torchrun(nproc, "train.py", *overrides, f"hydra.run.dir={hydra_quote(run_dir)}", "trainer.progress=false")
         return self.run(name, "train", run_dir, cmd, "metrics.json")
 
     def train_from_pass(self, name: str, command: str, overrides: Sequence[str]) -> StageResult:
@@ -106,7 +108,7 @@ class StageRunner:
 
     def run_pass(self, name: str, module: str, nproc: int, args: Sequence[str], done_file: str) -> StageResult:
         out = self.path("passes", name)
-        cmd = torchrun(nproc, "-m", module, *args, f"hydra.run.dir={out}")
+        cmd = torchrun(nproc, "-m", module, *args, f"hydra.run.dir={hydra_quote(out)}")
         return self.run(name, "pass", out, cmd, done_file)
 
 
