@@ -34,7 +34,7 @@ def test_one_rank_failing_ends_the_job_within_seconds(tmp_path):
            "tables.embedding_dim=8", "model.interaction_dim=8", f"trainer.batch_size={BATCH}",
            "trainer.max_steps=20", "trainer.eval_batches=2", "trainer.progress=false"]
     t0 = time.perf_counter()
-    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=120,
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=90,
                           env=dict(os.environ, OMP_NUM_THREADS="1"))
     seconds = time.perf_counter() - t0
     out = proc.stdout + proc.stderr
