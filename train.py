@@ -17,9 +17,12 @@ import hydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
-from torchrec_shark.config import ConfigError, TrainConfig, validate
+from torchrec_shark.config import ConfigError, TrainConfig, check_known_keys, validate
 from torchrec_shark.conf_store import register_configs
-from torchrec_shark.training.env import init_distributed, shared_run_dir, shutdown_distributed
+from torchrec_shark.data.types import DataError
+from torchrec_shark.training.checkpoint import CheckpointError
+from torchrec_shark.training.env import distributed_job, shared_run_dir
+from torchrec_shark.training.run_dir import RunDirError, refuse_unwritable_run_dir, run_dir_lock
 from torchrec_shark.training.trainer import Trainer
 
 register_configs()
@@ -31,19 +34,27 @@ logging.getLogger("torch.fx._symbolic_trace").setLevel(logging.ERROR)
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="config")
 def main(dcfg: DictConfig) -> None:
-    cfg: TrainConfig = OmegaConf.to_object(dcfg)  # type: ignore[assignment]
     try:
+        check_known_keys(dcfg, TrainConfig)
+        cfg: TrainConfig = OmegaConf.to_object(dcfg)  # type: ignore[assignment]
         validate(cfg)
     except ConfigError as e:
         print(f"config error: {e}", file=sys.stderr)
         sys.exit(2)
-    env = init_distributed(cfg.trainer.device, cfg.trainer.num_threads)
-    try:
+    with distributed_job(cfg.trainer.device, cfg.trainer.num_threads) as env:
         run_dir = shared_run_dir(HydraConfig.get().runtime.output_dir, "train.log")
-        Trainer(cfg, run_dir, env).run()
-    finally:
-        shutdown_distributed()
+        try:
+            with run_dir_lock(run_dir, env):
+                Trainer(cfg, run_dir, env).run()
+        except (RunDirError, ConfigError, DataError, CheckpointError) as e:
+            where = f" (rank {env.rank})" if env.world_size > 1 else ""
+            print(f"error{where}: {e}", file=sys.stderr)
+            sys.exit(2)
 
 
 if __name__ == "__main__":
+    unwritable_dir = refuse_unwritable_run_dir(sys.argv[1:])
+    if unwritable_dir:
+        print(f"error: run dir {unwritable_dir}", file=sys.stderr)
+        sys.exit(2)
     main()

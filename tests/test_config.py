@@ -9,7 +9,7 @@ from omegaconf import OmegaConf
 from omegaconf.errors import ConfigKeyError, ValidationError
 
 from torchrec_shark.conf_store import register_configs
-from torchrec_shark.config import ConfigError, TrainConfig, validate
+from torchrec_shark.config import ConfigError, TrainConfig, check_known_keys, validate
 
 CONF = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "conf")
 
@@ -61,6 +61,8 @@ def test_wrong_type_in_structured_merge():
         (["tables=tt", "tables.compression.tensor_train.ranks=[0]"], "ranks"),
         (["trainer.embedding_optimizer=lion"], "trainer.embedding_optimizer='lion'"),
         (["trainer.init_from=/no/such/run"], "trainer.init_from"),
+        (["trainer.embedding_lr=-0.1"], "trainer.embedding_lr=-0.1 must be positive"),
+        (["trainer.dense_lr=0"], "trainer.dense_lr=0.0 must be positive"),
     ],
 )
 def test_semantic_errors_name_the_key(overrides, message):
@@ -68,3 +70,52 @@ def test_semantic_errors_name_the_key(overrides, message):
     with pytest.raises(ConfigError) as e:
         validate(cfg)
     assert message in str(e.value)
+
+
+@pytest.mark.parametrize("override, key, expected", [
+    ("planner.per_table={t_f00:[table_wise]}", "planner.per_table", {"t_f00": ["table_wise"]}),
+    ("planner.per_table.t_f00=[row_wise]", "planner.per_table", {"t_f00": ["row_wise"]}),
+    ("+planner.per_table.t_f00=[row_wise]", "planner.per_table", {"t_f00": ["row_wise"]}),
+    ("tables.init_columns={t_f00:[0,2]}", "tables.init_columns", {"t_f00": [0, 2]}),
+])
+def test_mappings_take_new_keys_without_plus(override, key, expected):
+    dcfg = _compose([override])
+    check_known_keys(dcfg, TrainConfig)
+    cfg = OmegaConf.to_object(dcfg)
+    validate(cfg)
+    assert OmegaConf.to_container(OmegaConf.select(dcfg, key)) == expected
+
+
+def test_per_table_overrides_as_the_readme_writes_them():
+    dcfg = _compose(["tables=tt", "tables.overrides={t_f00:{compression:{kind:tensor_train,"
+                                  "tensor_train:{ranks:[16],cache_fraction:0.001}}}}"])
+    check_known_keys(dcfg, TrainConfig)
+    cfg = OmegaConf.to_object(dcfg)
+    validate(cfg)
+    tt = cfg.tables.overrides["t_f00"].compression.tensor_train
+    assert tt.ranks == [16] and tt.cache_fraction == 0.001
+    # a typo inside a mapping's typed value still fails
+    with pytest.raises(ConfigCompositionException) as e:
+        _compose(["tables.overrides={t_f00:{compression:{tensor_train:{rank:[16]}}}}"])
+    assert "rank" in str(e.value) + str(e.value.__cause__)
+
+
+@pytest.mark.parametrize("override, key", [
+    ("+trainer.max_step=5", "trainer.max_step"),
+    ("+tables.compression.tensor_train.rank=4", "tables.compression.tensor_train.rank"),
+    ("+foo=1", "foo"),
+])
+def test_plus_prefixed_typo_fails_naming_the_key(override, key):
+    dcfg = _compose([override])  # Hydra adds the key...
+    with pytest.raises(ConfigError) as e:
+        check_known_keys(dcfg, TrainConfig)  # ...and the schema check refuses it
+    assert repr(key) in str(e.value)
+
+
+def test_cuda_without_cuda_fails_at_validation(monkeypatch):
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    cfg = OmegaConf.to_object(_compose(["trainer.device=cuda"]))
+    with pytest.raises(ConfigError, match="trainer.device=cuda but CUDA is not available"):
+        validate(cfg)

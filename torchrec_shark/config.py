@@ -204,6 +204,24 @@ class ConfigError(ValueError):
     """A config value that cannot work, with the key that holds it."""
 
 
+def check_known_keys(dcfg, schema: type) -> None:
+    """Reject keys that ``schema`` does not declare, with the full key named.
+
+    Hydra lets ``+key=value`` add a key even to a structured config, so a ``+``-prefixed typo
+    (``+trainer.max_step=5``) would pass silently; re-merging onto the schema catches it.
+    Mapping-typed fields (``planner.per_table``, ``tables.overrides``, ...) take any key.
+    """
+    from omegaconf import OmegaConf
+    from omegaconf.errors import ConfigKeyError, ValidationError
+
+    try:
+        OmegaConf.merge(OmegaConf.structured(schema), OmegaConf.to_container(dcfg, resolve=False))
+    except (ConfigKeyError, ValidationError) as e:
+        key = getattr(e, "full_key", None) or ""
+        msg = str(e).splitlines()[0]
+        raise ConfigError(f"unknown or mistyped key {key!r}: {msg}") from None
+
+
 def _check_choice(key: str, value: str, choices) -> None:
     if value not in choices:
         raise ConfigError(f"{key}={value!r} is not one of {list(choices)}")
@@ -245,9 +263,16 @@ def validate(cfg: TrainConfig) -> None:
     _check_choice("trainer.embedding_optimizer", t.embedding_optimizer, OPTIMIZERS)
     _check_choice("trainer.dense_optimizer", t.dense_optimizer, ("sgd", "adagrad", "adam"))
     _check_choice("trainer.device", t.device, ("auto", "cpu", "cuda"))
-    for key in ("max_steps", "batch_size", "eval_every", "eval_batches", "checkpoint_every"):
-        if getattr(t, key) <= 0:
+    for key in ("max_steps", "batch_size", "eval_every", "eval_batches", "checkpoint_every",
+                "embedding_lr", "dense_lr"):
+        if not getattr(t, key) > 0:
             raise ConfigError(f"trainer.{key}={getattr(t, key)} must be positive")
+    if t.device == "cuda":
+        import torch
+
+        if not torch.cuda.is_available():
+            raise ConfigError("trainer.device=cuda but CUDA is not available here "
+                              "(no GPU, or a CPU build of torch): use trainer.device=cpu or auto")
     if t.init_from is not None and not os.path.isdir(t.init_from):
         raise ConfigError(f"trainer.init_from={t.init_from!r} is not a directory")
 

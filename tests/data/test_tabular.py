@@ -92,3 +92,43 @@ def test_avazu_sample_with_the_default_config(tmp_path):
     assert len(ds.feature_names) == 21 and b.labels.shape == (256,)
     assert 0.05 < float(b.labels.mean()) < 0.4
     assert ds.stats()["malformed_lines"] == 0
+
+
+def _quoted_csv(path, n, stray_at, quoted_at=None):
+    lines = ["click,price,user,tags"]
+    for i in range(n):
+        user = f"u{i % 7}"
+        if i == stray_at:
+            user = '"u_stray'  # opens a quote that is never closed on this line
+        if i == quoted_at:
+            user = '"u, quoted"'  # a valid quoted value with the delimiter inside
+        lines.append(f"{i % 2},{i / 10:.1f},{user},t{i % 5}")
+    path.write_text("\n".join(lines) + "\n")
+
+
+@pytest.mark.parametrize("quoted_at", [None, 60])
+def test_a_stray_quote_loses_only_its_own_row(tmp_path, quoted_at):
+    # Before, the parser read on to the next quote (or the end of the file) and the rows between
+    # were dropped as one malformed line.
+    _quoted_csv(tmp_path / "q.csv", 100, stray_at=10, quoted_at=quoted_at)
+    ds = source(tmp_path / "q.csv", val_fraction=0.1)
+    rows = {s: sum(len(c) for c in ds.chunks(s)) for s in ("train", "val")}
+    assert rows["train"] + rows["val"] == 99
+    assert ds.stats()["malformed_lines"] == 1
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        got = rows_of(ds.batches("val", 100), SPARSE)
+    assert len(got) == rows["val"]
+    assert any("unbalanced quote" in str(w.message) and "u_stray" in str(w.message) for w in caught)
+    if quoted_at is not None:  # the quoted value reads as one token, with its comma
+        ids = np.concatenate([c.ids[0] for s in ("train", "val") for c in ds.chunks(s)])
+        assert expected_ids(["u, quoted"])[0] in ids
+    with pytest.raises(DataError, match="unbalanced quote"):
+        next(source(tmp_path / "q.csv", val_fraction=0.1, strict=True).batches("train", 8))
+
+
+@pytest.mark.parametrize("content", [b"", b"\x00\x01\x02garbage\xff\xfe\n\x00"])
+def test_empty_or_garbage_file_is_named(tmp_path, content):
+    (tmp_path / "x.csv").write_bytes(content)
+    with pytest.raises(DataError, match="x.csv"):
+        source(tmp_path / "x.csv")

@@ -168,6 +168,15 @@ def test_search_on_two_ranks_matches_one_and_retrains_under_other_sharding(tmp_p
     printed = [line for line in out.splitlines() if line.startswith("torchrun ")]
     assert printed and "tables=sseds" in printed[-1] and f"trainer.init_from={base}" in printed[-1]
 
+    # budget_on=final promises the written size: a budget below min_width everywhere fails, writing nothing
+    over = os.path.join(root, "over_budget")
+    proc = subprocess.run([sys.executable, "-m", "torchrec_shark.passes.dim_search", f"run_dir={base}", "budget=0.1",
+                           "budget_on=final", "min_width=8", "num_batches=2", f"hydra.run.dir={over}"],
+                          cwd=ROOT, capture_output=True, text=True, timeout=300, env=dict(os.environ, OMP_NUM_THREADS="1"))
+    assert proc.returncode == 3, proc.stdout[-2000:] + proc.stderr[-3000:]
+    assert "budget=0.1 (budget_on=final) cannot be met: min_width=8" in proc.stderr
+    assert not os.path.exists(os.path.join(over, "widths.json"))
+
     # The retrained model has the searched widths, table-wise, and inherited the kept columns.
     with open(os.path.join(retrain, "metrics.json")) as f:
         metrics = json.load(f)

@@ -51,3 +51,27 @@ def test_two_ranks_reduce_to_the_whole_set():
         assert out["samples"] == 500
         assert out["auc"] == pytest.approx(auc, abs=1e-6)
         assert math.isclose(out["logloss"], loss, rel_tol=1e-6)
+
+
+def test_single_class_validation_set_has_undefined_auc():
+    logits, _ = data()
+    m = EvalMetrics(torch.device("cpu"))
+    m.update(logits, torch.zeros(500))
+    with pytest.warns(UserWarning, match="AUC is undefined"):
+        out = m.compute()
+    assert math.isnan(out["auc"]) and out["samples"] == 500 and math.isfinite(out["logloss"])
+
+
+def _one_class_per_rank(rank, world_size):
+    logits, _ = data()
+    m = EvalMetrics(torch.device("cpu"))
+    m.update(logits[rank * 250:(rank + 1) * 250], torch.full((250,), float(rank)))
+    return m.compute()
+
+
+def test_one_class_on_each_rank_is_still_defined_over_both():
+    logits, _ = data()
+    labels = torch.cat([torch.zeros(250), torch.ones(250)])
+    auc, _ = reference(logits, labels)
+    for out in run_ranks(_one_class_per_rank, 2):
+        assert out["auc"] == pytest.approx(auc, abs=1e-6)

@@ -16,7 +16,8 @@ in blocks with pyarrow.
 from __future__ import annotations
 
 import os
-from typing import Iterator, List, Tuple
+from dataclasses import dataclass
+from typing import Iterator, List, Optional, Tuple
 
 import numpy as np
 import pyarrow as pa
@@ -69,15 +70,19 @@ class Tabular(StreamDataset):
         self.sep = str(cfg.multi_hot_sep)
         self.val_every = val_every(cfg.val_fraction)
         for path, fmt in self.files:
-            names = pq.ParquetFile(path).schema_arrow.names if fmt == "parquet" else self._open_csv(path, fmt, None).schema.names
+            try:
+                names = (pq.ParquetFile(path).schema_arrow.names if fmt == "parquet"
+                         else self._open_csv(path, fmt, None).schema.names)
+            except (pa.ArrowInvalid, OSError, UnicodeDecodeError) as e:
+                raise DataError(f"{path}: cannot be read as {fmt} ({str(e).splitlines()[0]})") from None
             missing = [c for c in self.columns if c not in names]
             if missing:
                 raise DataError(f"{path}: declared column(s) {missing} missing from the file (it has {names})")
 
-    def _open_csv(self, path: str, fmt: str, handler):
+    def _open_csv(self, path, fmt: str, handler, column_names: Optional[List[str]] = None):
         return pcsv.open_csv(
             path,
-            read_options=pcsv.ReadOptions(block_size=BLOCK_BYTES),
+            read_options=pcsv.ReadOptions(block_size=BLOCK_BYTES, column_names=column_names),
             parse_options=pcsv.ParseOptions(
                 delimiter="\t" if fmt == "tsv" else ",",
                 # Opening parses the first block: without a handler (the header check) a bad row there
@@ -92,25 +97,46 @@ class Tabular(StreamDataset):
             ),
         )
 
-    def _blocks(self, path: str, fmt: str) -> Iterator[Tuple[pa.RecordBatch, List[pcsv.InvalidRow]]]:
+    def _blocks(self, path: str, fmt: str) -> Iterator[Tuple[pa.RecordBatch, List["_BadLine"]]]:
         """Record batches, each with the rows of wrong shape skipped while reading it."""
         if fmt == "parquet":
             for rb in pq.ParquetFile(path).iter_batches(batch_size=PARQUET_ROWS, columns=self.columns):
                 yield rb, []
             return
+        yield from self._csv_blocks(path, fmt, path, None)
+
+    def _csv_blocks(self, source, fmt: str, path: str, names: Optional[List[str]]):
+        """:meth:`_blocks` of a text file or of recovered lines (``names``: its header's columns).
+
+        An unbalanced quote makes the parser read on to the next quote, over line ends, and hand
+        over all those lines as one bad row. Only its first line is the bad row: the lines after
+        it are parsed again on their own and follow the block they were found in (so they are
+        read, and split into train and val, the same way on every pass)."""
         invalid: List[pcsv.InvalidRow] = []
 
         def handler(row):
             invalid.append(row)
-            return "error" if self.strict else "skip"
+            return "error" if self.strict and "\n" not in row.text else "skip"
+
+        def split(rows):
+            bad, recovered = [], []
+            for row in rows:
+                head, sep, rest = row.text.partition("\n")
+                if not sep:
+                    bad.append(_BadLine(row.text, f"has {row.actual_columns} columns, expected {row.expected_columns}"))
+                    continue
+                bad.append(_BadLine(head, "has an unbalanced quote (it would swallow the lines after it)"))
+                recovered.append(rest)
+            return bad, recovered
 
         try:
-            reader = self._open_csv(path, fmt, handler)
+            reader = self._open_csv(source, fmt, handler, names)
         except pa.ArrowInvalid:  # strict: the handler stopped at a bad row of the first block
             if not invalid:
                 raise
-            yield None, invalid
+            yield None, split(invalid)[0]
             return
+        names = names or reader.schema.names
         while True:
             try:
                 rb = reader.read_next_batch()
@@ -120,8 +146,14 @@ class Tabular(StreamDataset):
                 if not invalid:
                     raise
                 rb = None
-            yield rb, invalid
+            bad, recovered = split(invalid)
             invalid = []
+            if self.strict and bad:
+                yield None, bad
+                return
+            yield rb, bad
+            for text in recovered:
+                yield from self._csv_blocks(pa.BufferReader(text.encode()), fmt, path, names)
             if rb is None:
                 break
 
@@ -134,8 +166,7 @@ class Tabular(StreamDataset):
                     key,
                     np.full(len(invalid), delivered),
                     delivered + (0 if rb is None else rb.num_rows),
-                    lambda i: f"{path}: row {invalid[i].text[:200]!r} has {invalid[i].actual_columns} columns, "
-                    f"expected {invalid[i].expected_columns}",
+                    lambda i: f"{path}: row {invalid[i].text[:200]!r} {invalid[i].why}",
                 )
                 if rb is None or rb.num_rows == 0:
                     continue
@@ -196,6 +227,14 @@ class Tabular(StreamDataset):
         if not present.all():
             ids[~np.repeat(present, lengths)] = 0
         return ids, lengths
+
+
+@dataclass(frozen=True)
+class _BadLine:
+    """A line skipped while parsing, and why."""
+
+    text: str
+    why: str
 
 
 def _numbers(col: pa.Array, missing: float = np.nan) -> Tuple[np.ndarray, np.ndarray]:

@@ -44,11 +44,12 @@ from hydra.core.config_store import ConfigStore
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import MISSING, DictConfig, OmegaConf
 
+from torchrec_shark.config import check_known_keys
 from torchrec_shark.passes import saliency as sal
 from torchrec_shark.passes.run_loader import load_run, pooled_gradients, retrain_command, run_config
 from torchrec_shark.passes.tables_yaml import write_tables_config
 from torchrec_shark.training.checkpoint import CheckpointError, require_checkpoint
-from torchrec_shark.training.env import DistEnv, init_distributed, shared_run_dir, shutdown_distributed
+from torchrec_shark.training.env import DistEnv, distributed_job, shared_run_dir
 
 logger = logging.getLogger(__name__)
 
@@ -96,6 +97,10 @@ def check_config(cfg: DimSearchConfig) -> None:
         raise ValueError(f"split={cfg.split!r} must be 'train' or 'val'")
 
 
+class BudgetError(ValueError):
+    """The parameter budget cannot be met under ``budget_on=final``."""
+
+
 # ---------------------------------------------------------------------------- the pass
 def search(cfg: DimSearchConfig, out_dir: str, env: DistEnv) -> Dict:
     """Run SSEDS on ``cfg.run_dir``; rank 0 writes the outputs to ``out_dir``. Returns the summary."""
@@ -114,6 +119,12 @@ def search(cfg: DimSearchConfig, out_dir: str, env: DistEnv) -> Dict:
     sums = {f: sums[f] for f in fields}
     saliency = sal.normalise(sums)
     selection = sal.select_dims(saliency, tables, cfg.budget, cfg.multiple, cfg.min_width, cfg.budget_on)
+    if selection.infeasible and cfg.budget_on == "final":
+        # "final" promises the written config's size: a config over the budget must not pass for one.
+        raise BudgetError(
+            f"budget={cfg.budget} (budget_on=final) cannot be met: min_width={cfg.min_width} for every table "
+            f"already takes {sum(t.rows * sal.round_width(0, t.width, cfg.multiple, cfg.min_width) for t in tables):,} of the {selection.target_params:,.0f} "
+            f"parameters allowed ({selection.current_params:,} now); raise budget or lower min_width")
     summary = _summary(cfg, run, tables, selection)
     if env.is_main:
         _write_outputs(cfg, out_dir, run, tables, sums, saliency, selection, summary)
@@ -334,20 +345,22 @@ def main(dcfg: DictConfig) -> None:
     if OmegaConf.is_missing(dcfg, "run_dir"):
         print("dim_search: error: run_dir=<a train.py run dir> is required", file=sys.stderr)
         sys.exit(2)
-    cfg: DimSearchConfig = OmegaConf.to_object(dcfg)  # type: ignore[assignment]
     try:
+        check_known_keys(dcfg, DimSearchConfig)
+        cfg: DimSearchConfig = OmegaConf.to_object(dcfg)  # type: ignore[assignment]
         check_config(cfg)
         train_cfg = run_config(cfg.run_dir)
         require_checkpoint(cfg.run_dir)
     except (ValueError, FileNotFoundError, CheckpointError) as e:
         print(f"dim_search: error: {e}", file=sys.stderr)
         sys.exit(2)
-    env = init_distributed(train_cfg.trainer.device, train_cfg.trainer.num_threads)
-    try:
+    with distributed_job(train_cfg.trainer.device, train_cfg.trainer.num_threads) as env:
         out_dir = shared_run_dir(HydraConfig.get().runtime.output_dir, "dim_search.log")
-        search(cfg, out_dir, env)
-    finally:
-        shutdown_distributed()
+        try:
+            search(cfg, out_dir, env)
+        except BudgetError as e:
+            print(f"dim_search: error: {e}", file=sys.stderr)
+            sys.exit(3)
 
 
 if __name__ == "__main__":

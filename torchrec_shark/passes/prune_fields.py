@@ -451,29 +451,28 @@ def _hydra_main():
     def main(dcfg: DictConfig) -> None:
         import warnings
 
-        from torchrec_shark.config import ConfigError
+        from torchrec_shark.config import ConfigError, check_known_keys
         from torchrec_shark.training import checkpoint as ckpt
-        from torchrec_shark.training.env import init_distributed, shared_run_dir, shutdown_distributed
+        from torchrec_shark.training.env import distributed_job, shared_run_dir
 
         warnings.filterwarnings("ignore", message=".*broadcast_buffers.*is deprecated")
-        cfg: PruneFieldsConfig = OmegaConf.to_object(dcfg)  # type: ignore[assignment]
         try:
+            check_known_keys(dcfg, PruneFieldsConfig)
+            cfg: PruneFieldsConfig = OmegaConf.to_object(dcfg)  # type: ignore[assignment]
             check_request(cfg)
             from torchrec_shark.passes.run_loader import run_config
 
             run_cfg = run_config(cfg.run_dir)
-        except (PruneError, ckpt.CheckpointError, FileNotFoundError) as e:
+        except (PruneError, ConfigError, ckpt.CheckpointError, FileNotFoundError) as e:
             print(f"prune_fields: error: {e}", file=sys.stderr)
             sys.exit(2)
-        env = init_distributed(run_cfg.trainer.device, run_cfg.trainer.num_threads)
-        try:
+        with distributed_job(run_cfg.trainer.device, run_cfg.trainer.num_threads) as env:
             out_dir = shared_run_dir(HydraConfig.get().runtime.output_dir, "prune_fields.log")
-            run_pass(cfg, out_dir, env)
-        except (PruneError, ConfigError, ckpt.CheckpointError) as e:
-            print(f"prune_fields: error: {e}", file=sys.stderr)
-            shutdown_distributed()
-            sys.exit(2)
-        shutdown_distributed()
+            try:
+                run_pass(cfg, out_dir, env)
+            except (PruneError, ConfigError, ckpt.CheckpointError) as e:
+                print(f"prune_fields: error: {e}", file=sys.stderr)
+                sys.exit(2)
 
     main()
 

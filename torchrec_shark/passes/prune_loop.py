@@ -32,6 +32,8 @@ from typing import Callable, Dict, List, Optional
 
 from hydra.core.config_store import ConfigStore
 
+from torchrec_shark.passes.command_line import hydra_quote
+
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 CONF_DIR = os.path.join(ROOT, "conf", "passes")
 
@@ -171,8 +173,8 @@ def run_loop(cfg: PruneLoopConfig, out_dir: str, runner: Runner = subprocess_run
         os.makedirs(rdir, exist_ok=True)
         rule = [f"drop={cfg.drop_per_round}"] if cfg.drop_per_round is not None else [f"tolerance={cfg.tolerance}"]
         argv = [torchrun, "--standalone", f"--nproc_per_node={cfg.nproc}", "-m", "torchrec_shark.passes.prune_fields",
-                f"run_dir={current}", *rule, f"exact={str(cfg.exact).lower()}", f"name={cfg.name}",
-                f"nproc={cfg.nproc}", f"hydra.run.dir={prune_dir}"]
+                f"run_dir={hydra_quote(current)}", *rule, f"exact={str(cfg.exact).lower()}", f"name={cfg.name}",
+                f"nproc={cfg.nproc}", f"hydra.run.dir={hydra_quote(prune_dir)}"]
         if cfg.num_batches:
             argv.append(f"num_batches={cfg.num_batches}")
         argv += list(cfg.pass_extra)
@@ -188,7 +190,7 @@ def run_loop(cfg: PruneLoopConfig, out_dir: str, runner: Runner = subprocess_run
         if not dropped:
             stop = "the rule dropped no field"
             break
-        extra = [f"trainer.max_steps={cfg.finetune_steps}", f"hydra.run.dir={train_dir}", "trainer.progress=false",
+        extra = [f"trainer.max_steps={cfg.finetune_steps}", f"hydra.run.dir={hydra_quote(train_dir)}", "trainer.progress=false",
                  *cfg.extra]
         command = retrain_command(current, prune_dir, cfg.name, extra=extra, nproc=cfg.nproc)
         train_argv = shlex.split(command)
@@ -261,12 +263,15 @@ def _hydra_main():
     def main(dcfg: DictConfig) -> None:
         from torchrec_shark.training.checkpoint import CheckpointError
 
-        cfg: PruneLoopConfig = OmegaConf.to_object(dcfg)  # type: ignore[assignment]
+        from torchrec_shark.config import ConfigError, check_known_keys
+
         try:
+            check_known_keys(dcfg, PruneLoopConfig)
+            cfg: PruneLoopConfig = OmegaConf.to_object(dcfg)  # type: ignore[assignment]
             if cfg.run_dir in ("???", "", None):
                 raise LoopError("run_dir=<a train.py run dir> is required")
             run_loop(cfg, HydraConfig.get().runtime.output_dir)
-        except (LoopError, CheckpointError) as e:
+        except (LoopError, ConfigError, CheckpointError) as e:
             print(f"prune_loop: error: {e}", file=sys.stderr)
             sys.exit(2)
 

@@ -12,6 +12,7 @@ Example::
 from __future__ import annotations
 
 import os
+import shlex
 from dataclasses import dataclass
 from typing import Dict, Iterator, List, Sequence, Tuple
 
@@ -21,6 +22,7 @@ from torch.nn import functional as F
 
 from torchrec_shark.config import TrainConfig, validate
 from torchrec_shark.models.dlrm import DLRM
+from torchrec_shark.passes.command_line import hydra_quote
 from torchrec_shark.training import checkpoint as ckpt
 from torchrec_shark.training.env import DistEnv
 from torchrec_shark.training.trainer import Trainer
@@ -148,15 +150,11 @@ def retrain_command(run_dir: str, search_dir: str, tables_name: str, extra: Sequ
     inherited = [o for o in run_overrides(run_dir) if not key(o).startswith(replaced) and key(o) not in again]
     nproc = nproc or int(os.environ.get("WORLD_SIZE", "1"))
     parts = [
-        f"torchrun --standalone --nproc_per_node={nproc} train.py",
-        f"hydra.searchpath=[file://{os.path.abspath(search_dir)}]",
+        "torchrun", "--standalone", f"--nproc_per_node={nproc}", "train.py",
+        f"hydra.searchpath=[{hydra_quote('file://' + os.path.abspath(search_dir))}]",
         f"tables={tables_name}",
-        f"trainer.init_from={os.path.abspath(run_dir)}",
+        f"trainer.init_from={hydra_quote(os.path.abspath(run_dir))}",
         *inherited,
         *extra,
     ]
-    return " ".join(_quote(p) for p in parts)
-
-
-def _quote(part: str) -> str:
-    return f"'{part}'" if any(c in part for c in "[]{}*?,") else part
+    return shlex.join(parts)

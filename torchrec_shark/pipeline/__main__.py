@@ -30,6 +30,7 @@ import hydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
+from torchrec_shark.config import check_known_keys
 from torchrec_shark.pipeline.config import PipelineConfig, check, register_configs
 from torchrec_shark.pipeline.run import run_pipeline
 
@@ -39,8 +40,9 @@ CONF = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.absp
 
 @hydra.main(version_base="1.3", config_path=CONF, config_name="pipeline")
 def main(dcfg: DictConfig) -> None:
-    cfg: PipelineConfig = OmegaConf.to_object(dcfg)  # type: ignore[assignment]
     try:
+        check_known_keys(dcfg, PipelineConfig)
+        cfg: PipelineConfig = OmegaConf.to_object(dcfg)  # type: ignore[assignment]
         check(cfg)
     except ValueError as e:
         print(f"pipeline: config error: {e}", file=sys.stderr)

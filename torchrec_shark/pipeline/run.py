@@ -7,6 +7,7 @@ from typing import Dict, List
 
 from omegaconf import OmegaConf
 
+from torchrec_shark.passes.command_line import hydra_quote
 from torchrec_shark.pipeline import plots
 from torchrec_shark.pipeline.config import PipelineConfig
 from torchrec_shark.pipeline.report import add_ratios, variant_row, write_report
@@ -29,19 +30,21 @@ def run_pipeline(cfg: PipelineConfig, out_dir: str) -> str:
     variants.append(("baseline", "stock fp32 tables"))
 
     prune = runner.run_pass("prune_fields", PRUNE_MODULE, cfg.nproc,
-                            [f"run_dir={runner.path('runs', 'baseline')}", *cfg.prune], "prune_report.json")
+                            [f"run_dir={hydra_quote(runner.path('runs', 'baseline'))}", *cfg.prune], "prune_report.json",
+                            after=["baseline"])
     prune_report = read_json(os.path.join(prune.out_dir, "prune_report.json"))
     source = "baseline"
     if prune_report.get("command"):
-        runner.train_from_pass("pruned", prune_report["command"], [*cfg.train, *finetune])
+        runner.train_from_pass("pruned", prune_report["command"], [*cfg.train, *finetune], after=["prune_fields"])
         variants.append(("pruned", "field pruning, fine-tuned"))
         source = "pruned"
 
     dims = runner.run_pass("dim_search", DIMS_MODULE, cfg.nproc,
-                           [f"run_dir={runner.path('runs', source)}", f"budget={cfg.budget}"], "widths.json")
+                           [f"run_dir={hydra_quote(runner.path('runs', source))}", f"budget={cfg.budget}"], "widths.json",
+                           after=[source])
     widths = read_json(os.path.join(dims.out_dir, "widths.json"))
     command = widths["retrain_command"]
-    runner.train_from_pass("pruned_dims", command, [*cfg.train, *finetune])
+    runner.train_from_pass("pruned_dims", command, [*cfg.train, *finetune], after=["dim_search"])
     variants.append(("pruned_dims", f"+ dimension search (budget {cfg.budget}), fine-tuned"))
 
     if cfg.shark_tables != "none":
@@ -52,10 +55,10 @@ def run_pipeline(cfg: PipelineConfig, out_dir: str) -> str:
         # Every tensor carries over: the stock rows are re-encoded into the tiers (which re-form from
         # the priorities counted from here on), optimizer state included; so it fine-tunes.
         runner.train_from_pass("shark", command, [
-            *cfg.train, *finetune, f"hydra.searchpath=[file://{search_dir}]",
+            *cfg.train, *finetune, f"hydra.searchpath=[{hydra_quote('file://' + search_dir)}]",
             f"tables={SHARK_TABLES}",
-            f"trainer.init_from={runner.path('runs', 'pruned_dims')}",
-        ])
+            f"trainer.init_from={hydra_quote(runner.path('runs', 'pruned_dims'))}",
+        ], after=["dim_search", "pruned_dims"])
         variants.append(("shark", f"+ {cfg.shark_tables} tables, fine-tuned"))
 
     # The warm-started stages have read more samples than the baseline: a control that continues the
@@ -63,8 +66,8 @@ def run_pipeline(cfg: PipelineConfig, out_dir: str) -> str:
     warm_steps = cfg.finetune_steps * sum(1 for n, _ in variants if n != "baseline")
     runner.train("baseline_continued", cfg.nproc, [
         "tables=baseline", *cfg.train, f"trainer.max_steps={warm_steps}",
-        f"trainer.init_from={runner.path('runs', 'baseline')}",
-    ])
+        f"trainer.init_from={hydra_quote(runner.path('runs', 'baseline'))}",
+    ], after=["baseline"])
     variants.append(("baseline_continued", f"baseline + {warm_steps} more steps (the samples the last stage has read)"))
 
     for group in cfg.comparisons:

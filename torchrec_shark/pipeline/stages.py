@@ -4,11 +4,15 @@ Stages are chained through files: a pass writes ``prune_report.json`` / ``widths
 with the ``torchrun train.py`` command that trains its rewritten config warm-started from
 its source run; the next stage runs that command with its own run dir and step count.
 A stage whose output already exists is skipped (``resume``), so a crashed pipeline
-continues where it stopped.
+continues where it stopped, but only when it was built with the same settings: each stage
+records in ``stage.json`` a fingerprint of its command and of the fingerprints of the stages
+it reads from. A stage whose fingerprint differs (other steps, budget, data...) or that has
+none is run again; what its dir held is moved aside to ``<dir>.replaced-<n>``.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shlex
@@ -17,6 +21,8 @@ import sys
 import time
 from dataclasses import dataclass, field
 from typing import Dict, List, Optional, Sequence
+
+from torchrec_shark.passes.command_line import hydra_quote
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -49,7 +55,7 @@ def command_from_pass(command: str, run_dir: str, overrides: Sequence[str]) -> L
     nproc = next(a for a in args[1:script] if a.startswith("--nproc_per_node")).split("=", 1)[1]
     rest = [a for a in args[script + 1:] if a != "hydra.run.dir=<NEW_RUN_DIR>"]
     return torchrun(int(nproc), *[a for a in launcher if a != "--standalone"], "train.py",
-                    *with_overrides(rest, [*overrides, f"hydra.run.dir={run_dir}"]))
+                    *with_overrides(rest, [*overrides, f"hydra.run.dir={hydra_quote(run_dir)}"]))
 
 
 @dataclass
@@ -60,6 +66,26 @@ class StageResult:
     seconds: float
     skipped: bool
     command: List[str] = field(default_factory=list)
+    fingerprint: str = ""
+
+
+STAGE_FILE = "stage.json"
+
+
+def stage_fingerprint(command: Sequence[str], root: str, upstream: Dict[str, str]) -> str:
+    """What a stage's output depends on: its command (the pipeline dir and the launcher's own path
+    left out, so a moved pipeline or venv still matches) and its upstream stages' fingerprints."""
+    args = [os.path.basename(command[0]), *(a.replace(root, "<OUT>") for a in command[1:])] if command else []
+    text = json.dumps({"command": args, "upstream": upstream}, sort_keys=True)
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def _move_aside(out_dir: str) -> str:
+    n = 1
+    while os.path.exists(f"{out_dir}.replaced-{n}"):
+        n += 1
+    os.rename(out_dir, f"{out_dir}.replaced-{n}")
+    return f"{out_dir}.replaced-{n}"
 
 
 class StageRunner:
@@ -73,11 +99,23 @@ class StageRunner:
     def path(self, *parts: str) -> str:
         return os.path.join(self.out_dir, *parts)
 
-    def run(self, name: str, kind: str, out_dir: str, command: List[str], done_file: str) -> StageResult:
-        if self.resume and os.path.isfile(os.path.join(out_dir, done_file)):
-            result = StageResult(name, kind, out_dir, 0.0, True, command)
+    def run(self, name: str, kind: str, out_dir: str, command: List[str], done_file: str,
+            after: Sequence[str] = ()) -> StageResult:
+        """Run ``command`` unless ``out_dir`` holds its output built with the same settings
+        (``after``: the stages whose output it reads)."""
+        fp = stage_fingerprint(command, self.out_dir, {n: self.results[n].fingerprint for n in after})
+        saved = read_json(os.path.join(out_dir, STAGE_FILE)) or {}
+        done = os.path.isfile(os.path.join(out_dir, done_file))
+        if self.resume and done and saved.get("fingerprint") == fp:
+            result = StageResult(name, kind, out_dir, 0.0, True, command, fp)
             print(f"[pipeline] {name}: already done in {out_dir}", flush=True)
         else:
+            if os.path.isdir(out_dir) and os.listdir(out_dir):
+                why = ("built with other settings" if saved.get("fingerprint") else "no settings recorded") \
+                    if done else "unfinished"
+                moved = _move_aside(out_dir)
+                print(f"[pipeline] {name}: {out_dir} holds a stage {why}: moved to {moved}, running it again",
+                      flush=True)
             os.makedirs(out_dir, exist_ok=True)
             print(f"[pipeline] {name}: {' '.join(shlex.quote(c) for c in command)}", flush=True)
             t0 = time.perf_counter()
@@ -89,25 +127,30 @@ class StageRunner:
                 tail = _tail(os.path.join(out_dir, "stage.log"))
                 raise RuntimeError(f"pipeline stage {name!r} failed (exit {proc.returncode}); "
                                    f"last lines of {out_dir}/stage.log:\n{tail}")
-            result = StageResult(name, kind, out_dir, seconds, False, command)
+            result = StageResult(name, kind, out_dir, seconds, False, command, fp)
+            with open(os.path.join(out_dir, STAGE_FILE), "w") as f:
+                json.dump({"fingerprint": fp, "command": command, "after": list(after), "seconds": seconds}, f,
+                          indent=2)
             print(f"[pipeline] {name}: done in {seconds:.0f} s", flush=True)
         self.results[name] = result
         return result
 
-    def train(self, name: str, nproc: int, overrides: Sequence[str]) -> StageResult:
+    def train(self, name: str, nproc: int, overrides: Sequence[str], after: Sequence[str] = ()) -> StageResult:
         run_dir = self.path("runs", name)
-        cmd = torchrun(nproc, "train.py", *overrides, f"hydra.run.dir={run_dir}", "trainer.progress=false")
-        return self.run(name, "train", run_dir, cmd, "metrics.json")
+        cmd = torchrun(nproc, "train.py", *overrides, f"hydra.run.dir={hydra_quote(run_dir)}", "trainer.progress=false")
+        return self.run(name, "train", run_dir, cmd, "metrics.json", after)
 
-    def train_from_pass(self, name: str, command: str, overrides: Sequence[str]) -> StageResult:
+    def train_from_pass(self, name: str, command: str, overrides: Sequence[str],
+                        after: Sequence[str] = ()) -> StageResult:
         run_dir = self.path("runs", name)
         cmd = command_from_pass(command, run_dir, [*overrides, "trainer.progress=false"])
-        return self.run(name, "train", run_dir, cmd, "metrics.json")
+        return self.run(name, "train", run_dir, cmd, "metrics.json", after)
 
-    def run_pass(self, name: str, module: str, nproc: int, args: Sequence[str], done_file: str) -> StageResult:
+    def run_pass(self, name: str, module: str, nproc: int, args: Sequence[str], done_file: str,
+                 after: Sequence[str] = ()) -> StageResult:
         out = self.path("passes", name)
-        cmd = torchrun(nproc, "-m", module, *args, f"hydra.run.dir={out}")
-        return self.run(name, "pass", out, cmd, done_file)
+        cmd = torchrun(nproc, "-m", module, *args, f"hydra.run.dir={hydra_quote(out)}")
+        return self.run(name, "pass", out, cmd, done_file, after)
 
 
 def read_json(path: str) -> Optional[dict]:

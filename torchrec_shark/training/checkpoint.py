@@ -117,8 +117,12 @@ def require_checkpoint(run_dir: str) -> str:
 
 
 def read_meta(checkpoint: str) -> Dict:
-    with open(os.path.join(checkpoint, META)) as f:
-        return json.load(f)
+    path = os.path.join(checkpoint, META)
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except json.JSONDecodeError as e:
+        raise CheckpointError(f"{path} is not valid JSON (truncated or overwritten?): {e}") from None
 
 
 def load_checkpoint(checkpoint: str, stateful: Dict[str, object]) -> Dict:

@@ -8,7 +8,11 @@ from __future__ import annotations
 import os
 import shutil
 import socket
+import sys
+import traceback
+from contextlib import contextmanager
 from dataclasses import dataclass
+from typing import Iterator
 
 import torch
 import torch.distributed as dist
@@ -59,10 +63,61 @@ def init_distributed(device: str = "auto", num_threads: int = 0) -> DistEnv:
 
 
 def shutdown_distributed() -> None:
-    """Barrier, then destroy the group: avoids 'terminate called without an active exception' at exit."""
+    """Barrier, then destroy the group: avoids 'terminate called without an active exception' at exit.
+
+    Only for a rank that finished normally: a failed rank must not wait here (see :func:`abort_on_error`)."""
     if dist.is_initialized():
         dist.barrier()
         dist.destroy_process_group()
+
+
+def abort_on_error(error: BaseException) -> None:
+    """End a failed rank at once, without waiting for the others.
+
+    The other ranks are waiting in a collective of a step this rank will never reach, and a
+    barrier here would wait for them until the backend's timeout (30 minutes). With several
+    ranks the error is printed and the process exits non-zero immediately: its peers' next
+    collective fails on the closed connection, and ``torchrun``'s agent stops every worker of a
+    job whose worker exited non-zero. A single process returns, so the caller re-raises.
+    """
+    multi_rank = dist.is_initialized() and dist.get_world_size() > 1
+    if not multi_rank:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+        return
+    code = 1
+    if isinstance(error, SystemExit):  # its message is already printed
+        code = error.code if isinstance(error.code, int) else 1
+    else:
+        text = "".join(traceback.format_exception(type(error), error, error.__traceback__))
+        sys.stderr.write(f"[rank {dist.get_rank()}] failed:\n{text}")
+    sys.stderr.flush()
+    sys.stdout.flush()
+    os._exit(code)
+
+
+@contextmanager
+def distributed_job(device: str = "auto", num_threads: int = 0) -> Iterator[DistEnv]:
+    """:func:`init_distributed`; at the end, a clean shutdown, or on any error :func:`abort_on_error`.
+
+    Example::
+
+        with distributed_job(cfg.trainer.device) as env:
+            Trainer(cfg, run_dir, env).run()
+    """
+    env = init_distributed(device, num_threads)
+    try:
+        yield env
+    except SystemExit as e:
+        if e.code not in (None, 0):
+            abort_on_error(e)
+        else:
+            shutdown_distributed()
+        raise
+    except BaseException as e:
+        abort_on_error(e)
+        raise
+    shutdown_distributed()
 
 
 def shared_run_dir(own: str, log_name: str) -> str:

@@ -5,10 +5,15 @@ Example::
     m = EvalMetrics(device)
     m.update(logits, labels)
     m.compute()  # {"auc": ..., "logloss": ..., "samples": ...} identical on every rank
+
+AUC is undefined when the labels seen (on all ranks) are of one class: it is reported as NaN
+with a warning, not as torchmetrics' 0.0, which reads as a model that ranks every pair wrong.
 """
 
 from __future__ import annotations
 
+import math
+import warnings
 from typing import Dict
 
 import torch
@@ -25,17 +30,23 @@ class EvalMetrics:
         self.auroc = BinaryAUROC().to(device)
         self.loss_sum = torch.zeros((), dtype=torch.float64, device=device)
         self.count = torch.zeros((), dtype=torch.float64, device=device)
+        self.positives = torch.zeros((), dtype=torch.float64, device=device)
 
     @torch.no_grad()
     def update(self, logits: torch.Tensor, labels: torch.Tensor) -> None:
         self.auroc.update(torch.sigmoid(logits.float()), labels.long())
         self.loss_sum += F.binary_cross_entropy_with_logits(logits.float(), labels.float(), reduction="sum").double()
         self.count += labels.numel()
+        self.positives += labels.double().sum()
 
     def compute(self) -> Dict[str, float]:
         auc = float(self.auroc.compute())  # torchmetrics gathers states from every rank
-        totals = torch.stack([self.loss_sum, self.count])
+        totals = torch.stack([self.loss_sum, self.count, self.positives])
         if dist.is_initialized() and dist.get_world_size() > 1:
             dist.all_reduce(totals)
-        loss_sum, count = totals.tolist()
+        loss_sum, count, positives = totals.tolist()
+        if positives == 0 or positives == count:
+            warnings.warn(f"validation AUC is undefined: all {int(count)} validation labels are "
+                          f"{int(positives > 0)}; reported as NaN")
+            auc = math.nan
         return {"auc": auc, "logloss": loss_sum / max(count, 1.0), "samples": int(count)}

@@ -36,6 +36,12 @@ from torchrec_shark.training.optimizers import (
     dense_optimizer,
     sparse_optimizer_spec,
 )
+from torchrec_shark.training.preflight import (
+    check_splits,
+    check_tt_memory,
+    memory_budget_bytes,
+    resume_data_offset,
+)
 from torchrec_shark.training.storage import compressed_plan_table, embedding_storage, format_plan_table
 from torchrec_shark.training.table_factory import build_collection, build_table_configs, is_compressed
 from torchrec_shark.training.tier_activity import collect_tier_activity
@@ -66,9 +72,13 @@ class Trainer:
         np.random.seed(t.seed)
 
         self.dataset = data_sources.build_dataset(cfg.data)
+        check_splits(self.dataset, t.batch_size, env.rank, env.world_size,
+                     f"data.path={cfg.data.path}" if cfg.data.path else f"data.source={cfg.data.source}")
         self.table_configs = build_table_configs(
             cfg.tables, self.dataset.feature_names, self.dataset.num_embeddings_per_feature
         )
+        check_tt_memory(self.table_configs, memory_budget_bytes(
+            env.device.type, env.world_size, cfg.planner.hbm_cap_gb, cfg.planner.ddr_cap_gb))
         self.feature_names = [f for c in self.table_configs for f in c.feature_names]
         self.compressed = is_compressed(self.table_configs)
         self.sharded = True  # compressed collections shard too (their own sharder)
@@ -157,7 +167,7 @@ class Trainer:
             path = ckpt.latest_checkpoint(self.run_dir)
             if path is not None:
                 meta = ckpt.load_checkpoint(path, self._stateful())
-                self.data_offset = int(meta.get("data_position", meta["step"])) - int(meta["step"])
+                self.data_offset = resume_data_offset(meta, t.batch_size)
                 self._log(f"resumed from {path} at step {meta['step']}")
                 return int(meta["step"])
             self._log("trainer.resume=true but no checkpoint in the run dir: starting from scratch")

@@ -1,0 +1,53 @@
+"""Pipeline stages are reused only when built with the same settings (theirs and their inputs')."""
+
+import json
+import os
+import sys
+
+from torchrec_shark.pipeline.stages import STAGE_FILE, StageRunner
+
+WRITE = "import sys, os; open(os.path.join(sys.argv[1], 'done.txt'), 'a').write(sys.argv[2] + '\\n')"
+
+
+def stage(runner, name, value, after=()):
+    out = runner.path(name)
+    return runner.run(name, "train", out, [sys.executable, "-c", WRITE, out, value], "done.txt", after)
+
+
+def runs_of(runner, name):
+    with open(runner.path(name, "done.txt")) as f:
+        return f.read().split()
+
+
+def test_changed_settings_rerun_the_stage_and_the_stages_after_it(tmp_path):
+    first = StageRunner(str(tmp_path))
+    assert not stage(first, "base", "steps=20").skipped
+    assert not stage(first, "tuned", "budget=0.5", after=["base"]).skipped
+    assert not stage(first, "other", "x").skipped
+
+    same = StageRunner(str(tmp_path))
+    assert stage(same, "base", "steps=20").skipped
+    assert stage(same, "tuned", "budget=0.5", after=["base"]).skipped
+
+    changed = StageRunner(str(tmp_path))
+    assert not stage(changed, "base", "steps=30").skipped  # other steps: run again, old output moved aside
+    assert runs_of(changed, "base") == ["steps=30"]
+    assert os.listdir(tmp_path / "base.replaced-1") and runs_of(changed, "base.replaced-1") == ["steps=20"]
+    # its own settings unchanged, but its input was rebuilt
+    assert not stage(changed, "tuned", "budget=0.5", after=["base"]).skipped
+    assert stage(changed, "other", "x").skipped  # independent of "base"
+
+    budget = StageRunner(str(tmp_path))
+    assert stage(budget, "base", "steps=30").skipped
+    assert not stage(budget, "tuned", "budget=0.3", after=["base"]).skipped
+    assert runs_of(budget, "tuned") == ["budget=0.3"]
+    saved = json.loads((tmp_path / "tuned" / STAGE_FILE).read_text())
+    assert saved["fingerprint"] == budget.results["tuned"].fingerprint and saved["after"] == ["base"]
+
+
+def test_stage_without_recorded_settings_is_rerun(tmp_path):
+    (tmp_path / "base").mkdir()
+    (tmp_path / "base" / "done.txt").write_text("built by an older version\n")
+    runner = StageRunner(str(tmp_path))
+    assert not stage(runner, "base", "steps=20").skipped
+    assert runs_of(runner, "base") == ["steps=20"]

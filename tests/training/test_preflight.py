@@ -1,0 +1,50 @@
+"""Start-of-run checks: tensor-train memory, empty splits, the data position on resume."""
+
+import pytest
+
+from torchrec_shark.config import ConfigError, DataConfig, SyntheticDataConfig
+from torchrec_shark.data import DataError, build_dataset
+from torchrec_shark.modules.specs import CompressedEmbeddingBagConfig, TensorTrain
+from torchrec_shark.training.preflight import check_splits, check_tt_memory, resume_data_offset
+
+
+def _tt(name, rows, dim, rank):
+    return CompressedEmbeddingBagConfig(num_embeddings=rows, embedding_dim=dim, name=name, feature_names=[name],
+                                        compression=TensorTrain(num_cores=3, ranks=(rank,)))
+
+
+def test_tt_cores_that_cannot_fit_are_refused_naming_the_table():
+    small = _tt("t_small", 100_000, 32, 8)
+    sizes = check_tt_memory([small], memory_bytes=1 << 30)
+    assert 0 < sizes["t_small"] < 1 << 20
+    with pytest.raises(ConfigError, match=r"t_huge: ranks \[100000, 100000\].*tables.compression.tensor_train.ranks"):
+        check_tt_memory([small, _tt("t_huge", 1_000_000, 64, 100_000)], memory_bytes=64 << 30)
+
+
+def test_empty_validation_split_fails_naming_the_data():
+    ds = build_dataset(DataConfig(synthetic=SyntheticDataConfig(cardinalities=[10, 20], num_noise_fields=0,
+                                                                 pair_dims=[], multi_hot_fields=[],
+                                                                 num_val_samples=0)))
+    with pytest.raises(DataError, match="data.source=synthetic: val split"):
+        check_splits(ds, 64, 0, 1, "data.source=synthetic")
+
+
+def _meta(step, position, batch):
+    return {"step": step, "data_position": position, "config": {"trainer": {"batch_size": batch}}}
+
+
+@pytest.mark.parametrize("meta, batch, offset", [
+    (_meta(10, 10, 256), 256, 0),     # same size: unchanged
+    (_meta(10, 15, 256), 256, 5),     # a warm-started run that began 5 batches in
+    (_meta(10, 10, 256), 512, -5),    # 2560 samples = 5 batches of 512: the stream goes on at batch 5
+    (_meta(10, 10, 256), 128, 10),    # ... or at batch 20 of 128
+])
+def test_resume_continues_at_the_next_unread_sample(meta, batch, offset):
+    got = resume_data_offset(meta, batch)
+    assert got == offset
+    assert (got + meta["step"]) * batch == meta["data_position"] * meta["config"]["trainer"]["batch_size"]
+
+
+def test_resume_refuses_a_batch_size_that_splits_a_batch():
+    with pytest.raises(ConfigError, match="trainer.batch_size=384 cannot resume"):
+        resume_data_offset(_meta(10, 10, 256), 384)

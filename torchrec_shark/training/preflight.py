@@ -1,0 +1,109 @@
+"""Checks a training job makes before its first step, so that it fails at start and not hours in.
+
+- :func:`check_tt_memory`: tensor-train cores that would not fit in memory (a rank typo can ask
+  for terabytes), from the resolved table configs, before anything is allocated;
+- :func:`check_splits`: a training or validation split with no batch (evaluation would fail only after
+  training, when no checkpoint is written yet);
+- :func:`resume_data_offset`: where the data stream continues on resume when the global batch
+  size changed (exactly, or a refusal: never a silent skip or re-read).
+
+Example::
+
+    check_tt_memory(table_configs, memory_bytes=host_memory_bytes())
+    check_splits(dataset, batch_size=2048, rank=0, world_size=1, where="data.path=day_0.tsv")
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Dict, Optional, Sequence
+
+from torchrec_shark.config import ConfigError
+from torchrec_shark.data.types import DataError
+from torchrec_shark.modules.specs import TensorTrain
+from torchrec_shark.modules.tt_factorization import resolve_layout
+
+FP32_BYTES = 4
+
+
+def host_memory_bytes() -> Optional[int]:
+    """Physical memory of this host, or ``None`` where the OS does not tell."""
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):
+        return None
+
+
+def memory_budget_bytes(device_type: str, world_size: int, hbm_cap_gb: Optional[float],
+                        ddr_cap_gb: Optional[float]) -> Optional[int]:
+    """Memory of all ranks together: the planner caps when set, else the devices' (CUDA) or the host's."""
+    cap = hbm_cap_gb if device_type == "cuda" else ddr_cap_gb
+    if cap is not None:
+        return int(cap * (1 << 30) * world_size)
+    if device_type == "cuda":
+        import torch
+
+        return torch.cuda.get_device_properties(0).total_memory * world_size
+    return host_memory_bytes()
+
+
+def _gb(n: float) -> str:
+    return f"{n / 1e9:,.1f} GB"
+
+
+def check_tt_memory(table_configs: Sequence, memory_bytes: Optional[int]) -> Dict[str, int]:
+    """Bytes of each tensor-train table's cores (fp32, before optimizer state); raises
+    :class:`ConfigError` naming the tables when they sum to more than ``memory_bytes``."""
+    cores = {}
+    for c in table_configs:
+        spec = getattr(c, "compression", None)
+        if isinstance(spec, TensorTrain):
+            layout = resolve_layout(c.name, c.num_embeddings, c.embedding_dim, spec)
+            cores[c.name] = (layout.num_parameters * FP32_BYTES, layout)
+    total = sum(b for b, _ in cores.values())
+    if memory_bytes is not None and total > memory_bytes:
+        worst = sorted(cores.items(), key=lambda kv: -kv[1][0])[:3]
+        detail = "; ".join(
+            f"{name}: ranks {list(lay.ranks[1:-1])}, cores "
+            f"{' '.join(str(lay.core_shape(k)) for k in range(lay.num_cores))} = {_gb(b)}"
+            for name, (b, lay) in worst)
+        raise ConfigError(
+            f"tensor-train cores need {_gb(total)} (fp32, before optimizer state), more than the "
+            f"{_gb(memory_bytes)} of memory available ({detail}); lower tables.compression.tensor_train.ranks "
+            f"(or tables.overrides.<table>.compression.tensor_train.ranks)")
+    return {name: b for name, (b, _) in cores.items()}
+
+
+def check_splits(dataset, batch_size: int, rank: int, world_size: int, where: str) -> None:
+    """Raise :class:`DataError` naming ``where`` (the data) when the training or the validation
+    split yields no batch for this world size."""
+    for split in ("train", "val"):
+        try:
+            first = next(iter(dataset.batches(split, batch_size, rank, world_size)), None)
+        except DataError as e:
+            raise DataError(f"{where}: {split} split: {e}") from None
+        if first is None:
+            raise DataError(f"{where}: the {split} split has no batch for {world_size} rank(s) (no rows, or fewer "
+                            f"than the ranks); give more rows or another data.val_fraction")
+
+
+def resume_data_offset(meta: Dict, batch_size: int) -> int:
+    """``data_offset`` (batches of ``batch_size`` before step 0, may be negative) that continues the
+    checkpoint's data stream at its next unread sample.
+
+    The checkpoint counts its position in batches of the global batch size it was trained with;
+    under another size the same samples are ``position * old`` rows in. When ``batch_size`` does
+    not divide that, no step boundary falls there: refuse rather than skip or re-read samples.
+    """
+    step = int(meta["step"])
+    position = int(meta.get("data_position", step))
+    old = int(meta.get("config", {}).get("trainer", {}).get("batch_size", batch_size))
+    if old == batch_size:
+        return position - step
+    samples = position * old
+    if samples % batch_size:
+        raise ConfigError(
+            f"trainer.batch_size={batch_size} cannot resume this checkpoint exactly: it has read {samples:,} "
+            f"samples ({position} batches of {old}), not a whole number of batches of {batch_size}; resume with "
+            f"trainer.batch_size={old} or a size that divides {samples:,}")
+    return samples // batch_size - step
