@@ -175,7 +175,7 @@ class _TableState:
         out: Dict[str, Any] = {}
         for key in self.keys(optim):
             first = self.layout[0][key]
-            if first.replicated:
+            if first.replicated or first.global_size[first.dim] == 0:  # (an empty tier: nothing to shard)
                 if shard is not None:
                     out[key] = local[key].detach()
                 continue
@@ -389,17 +389,25 @@ class ShardedCompressedEmbeddingBagCollection(ShardedEmbeddingBagCollection):
                 module.load_table(name, DictStateReader(present), present)
 
     @torch.no_grad()
-    def load_table(self, name: str, reader: StateReader, values: Optional[Dict[str, Any]] = None) -> None:
+    def load_table(self, name: str, reader: StateReader, values: Optional[Dict[str, Any]] = None,
+                   columns: Optional[List[int]] = None) -> None:
         """Fill this rank's shard of table ``name`` from ``reader`` (any sharding, any row-store kind for a
-        row store), a chunk at a time; ``values`` that are the shard's own live tensors need no copy."""
+        row store), a chunk at a time; ``values`` that are the shard's own live tensors need no copy;
+        ``columns``: the saved columns a narrower table keeps."""
         shard = self.table_shards.get(name)
         if shard is None:
             return
         st = self._table_states[name]
-        if values is not None and st.aliases(shard, values):
-            shard.table.loaded() if hasattr(shard.table, "loaded") else None
+        if values is not None and columns is None and st.aliases(shard, values):
+            if hasattr(shard.table, "loaded"):
+                shard.table.loaded()
             return
-        st.kind.load_state(shard.table, reader, shard.row_start)
+        st.kind.load_state(shard.table, reader, shard.row_start, columns)
+
+    def unloadable(self, name: str, reader: StateReader, columns: Optional[List[int]] = None) -> Optional[str]:
+        """Why table ``name`` could not load ``reader``'s state (None: it can); the same on every rank."""
+        st = self._table_states[name]
+        return st.kind.unloadable(st.config, reader, columns)
 
     @property
     def state_prefix(self) -> Optional[str]:

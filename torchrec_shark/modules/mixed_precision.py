@@ -588,18 +588,17 @@ class MixedPrecisionTable(RowStoreTable):
 
 
 # ---------------------------------------------------------------------------- kinds
-def _saved_tier_of_weight(t: torch.Tensor, dim: int) -> int:
+_WEIGHT_TIERS = {torch.float32: 0, torch.float16: 1, torch.uint8: 2}  # int8: codes + fp16 scale and bias
+
+
+def _saved_tier_of_weight(t: torch.Tensor) -> int:
     """Tier id of a row-store ``weight`` tensor from its dtype (fp32, fp16, or int8 codes + scale/bias)."""
-    if t.dtype == torch.float32:
-        return 0
-    if t.dtype == torch.float16:
-        return 1
-    if t.dtype == torch.uint8 and t.shape[-1] == Int8Codec.width(dim):
-        return 2
-    raise ValueError(f"a row-store weight of dtype {t.dtype} and width {t.shape[-1]} is not fp32, fp16 or int8 rows")
+    if t.dtype not in _WEIGHT_TIERS:
+        raise ValueError(f"a row-store weight of dtype {t.dtype} is not fp32, fp16 or int8 rows")
+    return _WEIGHT_TIERS[t.dtype]
 
 
-def source_row_batches(reader: StateReader, row_start: int, rows: int, dim: int):
+def source_row_batches(reader: StateReader, row_start: int, rows: int):
     """The saved rows ``[row_start, row_start + rows)`` of any row store, as
     ``(local rows, saved tier id, encoded rows)`` batches of at most :data:`CHUNK_ROWS` rows.
 
@@ -610,7 +609,7 @@ def source_row_batches(reader: StateReader, row_start: int, rows: int, dim: int)
     keys = set(reader.keys())
     if "weight" in keys:
         for a, enc in reader.chunks("weight", row_start, rows):
-            yield torch.arange(a - row_start, a - row_start + enc.shape[0]), _saved_tier_of_weight(enc, dim), enc
+            yield torch.arange(a - row_start, a - row_start + enc.shape[0]), _saved_tier_of_weight(enc), enc
         return
     if not {"row_slot", *MIXED_POOLS} <= keys:
         raise ValueError(f"no row-store rows in a state with keys {sorted(keys)} (neither 'weight' nor "
@@ -722,25 +721,49 @@ class RowStoreKind(TableKind):
         out.update({f"optim.{k}": v for k, v in table.optim.state().items()})
         return out
 
+    def unloadable(self, config, reader: StateReader, columns=None) -> Optional[str]:
+        keys = set(reader.keys())
+        if "weight" not in keys and not {"row_slot", *MIXED_POOLS} <= keys:
+            return f"no row-store rows among the saved keys {sorted(keys)}"
+        rows = reader.size("weight" if "weight" in keys else "row_slot")[0]
+        if rows != config.num_embeddings:
+            return f"{rows} saved rows, {config.num_embeddings} wanted"
+        width = self.saved_width(reader)
+        if columns is None and width != config.embedding_dim:
+            return f"saved width {width}, {config.embedding_dim} wanted"
+        if columns is not None and (len(columns) != config.embedding_dim or max(columns) >= width):
+            return f"{len(columns)} columns (max {max(columns)}) cannot fill width {config.embedding_dim} from {width}"
+        return None
+
+    @staticmethod
+    def saved_width(reader: StateReader) -> int:
+        keys = set(reader.keys())
+        key = "weight" if "weight" in keys else "fp32_rows"
+        size = reader.size(key)
+        if key == "weight" and reader.read(key, 0, 0).dtype != torch.uint8:
+            return size[1]
+        return size[1] - (Int8Codec.SCALE_BIAS_BYTES if key == "weight" else 0)
+
     @torch.no_grad()
-    def load_state(self, table, reader: StateReader, row_start: int) -> None:
+    def load_state(self, table, reader: StateReader, row_start: int, columns=None) -> None:
         keys = set(reader.keys())
         n = table.num_embeddings
         self.load_layout(table, reader, row_start)
         tier_of_slot = table._tier_of_slots if hasattr(table, "_tier_of_slots") else None
-        for rows, saved_tier, enc in source_row_batches(reader, row_start, n, table.embedding_dim):
+        cols = None if columns is None else torch.as_tensor(list(columns), dtype=torch.long)
+        for rows, saved_tier, enc in source_row_batches(reader, row_start, n):
             index = table.index_rows(rows)
             enc = enc.index_select(0, index.perm)
             if tier_of_slot is None:
                 same = torch.full((rows.numel(),), table._tiers[0][0] == TIERS[saved_tier], dtype=torch.bool)
             else:
                 same = tier_of_slot(index.slots) == saved_tier
-            if bool(same.all()):  # the stored bytes themselves: exact, no re-encoding
+            if cols is None and bool(same.all()):  # the stored bytes themselves: exact, no re-encoding
                 for _, codec, pool, a, b, seg in table._runs(index):
                     pool.index_copy_(0, seg, enc[a:b].to(pool.dtype))
             else:
                 values = CODECS[TIERS[saved_tier]].decode(enc)
-                table._scatter(index, values, "nearest")
+                table._scatter(index, values if cols is None else values.index_select(1, cols), "nearest")
         for name in self.scalar_buffers:
             if name in keys:
                 getattr(table, name).copy_(reader.read(name))

@@ -153,9 +153,15 @@ class TableKind(abc.ABC):
         """The shard's state tensors named as in :meth:`state_layout` (the live tensors themselves)."""
 
     @abc.abstractmethod
-    def load_state(self, table, reader: StateReader, row_start: int) -> None:
+    def load_state(self, table, reader: StateReader, row_start: int, columns: Optional[Sequence[int]] = None) -> None:
         """Fill ``table`` (the shard at ``row_start``) from ``reader``, a chunk at a time. Tensors of
-        other kinds are accepted where they carry the rows (e.g. a stock ``weight`` into any row store)."""
+        other kinds are accepted where they carry the rows (e.g. a stock ``weight`` into any row store);
+        ``columns``: the saved columns this (narrower) table keeps, in order."""
+
+    def unloadable(self, config, reader: StateReader, columns: Optional[Sequence[int]] = None) -> Optional[str]:
+        """Why :meth:`load_state` could not take ``reader``'s state (None: it can). The same answer on every
+        rank, shard or not."""
+        return None
 
     def cost_factor(self, config) -> float:
         """Planner perf model: cost of looking up and updating one row relative to an fp32 row fetch."""

@@ -643,15 +643,27 @@ class TensorTrainKind(TableKind):
                     out[f"optim.core_{k}.{name}"] = t[:ns] if k == 0 and t.dim() else t
         return out
 
+    def unloadable(self, config, reader: StateReader, columns=None) -> Optional[str]:
+        return self._unloadable(self.layout(config), reader, columns)
+
+    @staticmethod
+    def _unloadable(lay: TTLayout, reader: StateReader, columns) -> Optional[str]:
+        if columns is not None:
+            return "a tensor-train table has no columns to keep"
+        if "core_0" not in set(reader.keys()):
+            return "a tensor-train table loads only tensor-train state (cores)"
+        for k in range(lay.num_cores):
+            key = f"core_{k}"
+            if key not in set(reader.keys()) or tuple(reader.size(key)) != tuple(lay.core_shape(k)):
+                return f"saved {key} does not fit this factorisation {lay.core_shape(k)}"
+        return None
+
     @torch.no_grad()
-    def load_state(self, table, reader: StateReader, row_start: int) -> None:
+    def load_state(self, table, reader: StateReader, row_start: int, columns=None) -> None:
+        problem = self._unloadable(table.global_layout, reader, columns)
+        if problem is not None:
+            raise ValueError(f"table {table.name!r}: {problem}")
         keys = set(reader.keys())
-        if "core_0" not in keys:
-            raise ValueError(f"table {table.name!r}: a tensor-train table loads only tensor-train state "
-                             f"(cores); got keys {sorted(keys)}")
-        if tuple(reader.size("core_0")) != tuple(table.global_layout.core_shape(0)):
-            raise ValueError(f"table {table.name!r}: saved core_0 of shape {tuple(reader.size('core_0'))} does not "
-                             f"fit this factorisation {table.global_layout.core_shape(0)}")
         s0, ns = table.slice_start, table.slices
         table.core_0[:, :ns].copy_(reader.read("core_0", s0, ns, dim=1))
         for k in range(1, table.layout.num_cores):

@@ -171,8 +171,11 @@ def warm_start(
     checkpoint = require_checkpoint(source_run_dir)
     saved = checkpoint_tensor_shapes(checkpoint)
     current = model.state_dict()
-    wanted = {k: v for k, v in current.items() if k in saved and _global_shape(v) == saved[k]}
     columns = dict(columns or {})
+    # Sharded compressed tables load themselves, a chunk at a time, from any row-store kind and sharding.
+    compressed = _warm_start_sharded_tables(checkpoint, saved, model, columns)
+    current = {k: v for k, v in current.items() if _table_prefix(k) not in compressed["prefixes"]}
+    wanted = {k: v for k, v in current.items() if k in saved and _global_shape(v) == saved[k]}
     # Unsharded compressed tables store encoded pools; they narrow through their logical rows.
     row_stores = {t: m for t, m in _row_store_tables(model, current).items() if t in columns}
     narrowed = _narrowed_tables(current, saved, {t: c for t, c in columns.items() if t not in row_stores})
@@ -196,13 +199,47 @@ def warm_start(
     for table, (prefix, module, config) in row_stores.items():
         narrowed_keys |= _narrow_row_store(checkpoint, saved, prefix, module, config, columns[table])
     skipped = sorted(set(current) - set(wanted) - narrowed_keys)
-    fresh_tables = sorted(p.rsplit(".", 1)[1] for p in fresh)
+    fresh_tables = sorted([p.rsplit(".", 1)[1] for p in fresh] + compressed["fresh"])
+    wanted.update({k: None for k in compressed["loaded"]})
+    narrowed_keys |= set(compressed["narrowed"])
     if _is_main():
         logger.info("warm start from %s: %d tensors loaded, %d narrowed, %d skipped, tables initialised afresh: %s",
                     checkpoint, len(wanted), len(narrowed_keys), len(skipped), fresh_tables)
     return {"loaded": sorted(wanted), "narrowed": sorted(narrowed_keys),
             "narrowed_columns": {k: list(c) for k, c in narrowed.items()}, "skipped": skipped,
             "fresh_tables": fresh_tables}
+
+
+def _warm_start_sharded_tables(checkpoint: str, saved: Dict, model: torch.nn.Module,
+                               columns: Dict[str, List[int]]) -> Dict:
+    """Warm-start every table of the model's sharded compressed collections through its kind's chunked
+    load (stock rows into any row store, any sharding; ``columns`` narrow row stores). Returns the
+    tables' key prefixes handled here and what was loaded, narrowed or left fresh (and why, logged)."""
+    from torchrec_shark.distributed.resharding import _unwrapped
+    from torchrec_shark.distributed.state_readers import CheckpointStateReader
+
+    out: Dict = {"prefixes": set(), "loaded": [], "narrowed": [], "fresh": []}
+    for module in model.modules():
+        prefix = getattr(module, "state_prefix", None) if hasattr(module, "load_table") else None
+        if prefix is None:
+            continue
+        for name in module._table_states:
+            table_key = _unwrapped(f"{prefix}embedding_bags.{name}")
+            out["prefixes"].add(table_key)
+            if not any(k.startswith(table_key + ".") for k in saved):
+                out["fresh"].append(name)
+                continue
+            reader = CheckpointStateReader(checkpoint, f"model.{table_key}.")
+            cols = columns.get(name)
+            problem = module.unloadable(name, reader, cols)
+            if problem is not None:
+                logger.info("warm start: table %s starts fresh (%s)", name, problem)
+                out["fresh"].append(name)
+                continue
+            module.load_table(name, reader, columns=cols)
+            # the optimizer state is keyed by the table's "weight" handle: it continues where shapes allow
+            out["narrowed" if cols is not None else "loaded"].append(f"{table_key}.weight")
+    return out
 
 
 def _table_prefix(key: str) -> Optional[str]:
