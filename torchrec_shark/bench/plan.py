@@ -31,6 +31,7 @@ Run::
 
     python -m torchrec_shark.bench.plan
     python -m torchrec_shark.bench.plan --kinds fp32,tt --topologies gpu8,cpu1 --batch-size 4096
+    python -m torchrec_shark.bench.plan --sharding-types row_wise      # every table row-wise
 """
 
 from __future__ import annotations
@@ -85,6 +86,8 @@ KINDS: Dict[str, Optional[str]] = {
     "int8": "int8",
     "tt": "tensor_train",
 }
+# Offered by both collections' sharders: what --sharding-types may restrict every table to.
+COMMON_SHARDING_TYPES = [ShardingType.TABLE_WISE.value, ShardingType.ROW_WISE.value]
 STOCK_SHARDING_TYPES = [ShardingType.TABLE_WISE.value, ShardingType.COLUMN_WISE.value, ShardingType.ROW_WISE.value]
 # Row-wise Adagrad keeps one fp32 per row of every shard (FBGEMM's and the compressed tables' alike).
 MOMENTUM_BYTES_PER_ROW = 4
@@ -201,11 +204,13 @@ def _quiet(*names: str) -> Iterator[None]:
             lg.setLevel(level)
 
 
-def _constraints(kind: str, configs, world_size: int) -> Dict[str, ParameterConstraints]:
+def _constraints(kind: str, configs, world_size: int,
+                 sharding_types: Optional[Sequence[str]] = None) -> Dict[str, ParameterConstraints]:
     if KINDS[kind] is None:
-        return {c.name: ParameterConstraints(sharding_types=list(STOCK_SHARDING_TYPES), compute_kernels=["fused"])
-                for c in configs}
-    return compressed_constraints(configs, world_size)
+        types = list(sharding_types or STOCK_SHARDING_TYPES)
+        return {c.name: ParameterConstraints(sharding_types=types, compute_kernels=["fused"]) for c in configs}
+    base = {c.name: ParameterConstraints(sharding_types=list(sharding_types)) for c in configs} if sharding_types else {}
+    return compressed_constraints(configs, world_size, base)
 
 
 def _shard_table_bytes(kind: str, config, element_size: int, offset: Sequence[int], size: Sequence[int]) -> int:
@@ -216,18 +221,20 @@ def _shard_table_bytes(kind: str, config, element_size: int, offset: Sequence[in
 
 
 def plan_kind(kind: str, topology: SimTopology, batch_size: int, rows: Sequence[int] = CRITEO_1TB_ROWS,
-              dim: int = CRITEO_1TB_DIM, tt_min_rows: Optional[int] = None) -> PlanResult:
-    """Plan ``kind``'s tables on ``topology`` (``batch_size`` per rank)."""
+              dim: int = CRITEO_1TB_DIM, tt_min_rows: Optional[int] = None,
+              sharding_types: Optional[Sequence[str]] = None) -> PlanResult:
+    """Plan ``kind``'s tables on ``topology`` (``batch_size`` per rank), each table restricted to
+    ``sharding_types`` when given (from :data:`COMMON_SHARDING_TYPES`)."""
     start = time.perf_counter()
     configs = table_configs(kind, rows, dim, tt_min_rows)
     model = build_model(kind, configs)
     with _quiet("torchrec.distributed.planner", "torchrec_shark.distributed.compressed_sharder"):
-        constraints = _constraints(kind, configs, topology.world_size)
+        constraints = _constraints(kind, configs, topology.world_size, sharding_types)
         cap = {"hbm_cap_gb": topology.memory_gib} if topology.device == "cuda" else {"ddr_cap_gb": topology.memory_gib}
         planner = build_compressed_planner(topology.world_size, topology.device, batch_size, constraints, **cap)
         sharders = [CpuRowWiseEmbeddingBagCollectionSharder(), CompressedEmbeddingBagCollectionSharder()]
         result = PlanResult(kind, topology, fits=False)
-        if KINDS[kind] is not None:
+        if KINDS[kind] is not None and list(sharding_types or []) != [ShardingType.TABLE_WISE.value]:
             result.table_wise_only = sum(
                 1 for c in configs
                 if c.compression is not None and constraints.get(c.name) is not None
@@ -285,6 +292,10 @@ def main(argv: Optional[Sequence[str]] = None) -> List[PlanResult]:
                         type=lambda v: _parse_list(v, list(TOPOLOGIES), "topologies"),
                         help=f"comma-separated, from {', '.join(TOPOLOGIES)} (default: all)")
     parser.add_argument("--batch-size", type=int, default=2048, help="per-rank batch the planner assumes")
+    parser.add_argument("--sharding-types", default=None,
+                        type=lambda v: _parse_list(v, COMMON_SHARDING_TYPES, "sharding types"),
+                        help="restrict every table to these (comma-separated, from table_wise, row_wise; "
+                             "default: every type the collection's sharder offers)")
     args = parser.parse_args(argv)
     if args.batch_size < 1:
         parser.error("--batch-size must be >= 1")
@@ -294,6 +305,9 @@ def main(argv: Optional[Sequence[str]] = None) -> List[PlanResult]:
     print(f"MLPerf DLRM-DCNv2 Criteo 1TB tables: {len(rows)} tables, {sum(rows):,} rows, dim {CRITEO_1TB_DIM}; "
           f"stock fp32 tables {_gb(fp32_tables)} GB ({fp32_tables / GIB:.2f} GiB)")
     print("Every kind carries fused row-wise Adagrad state (one fp32 per row of every shard).")
+    allowed = ", ".join(args.sharding_types) if args.sharding_types else (
+        "stock: table_wise, column_wise, row_wise; compressed: table_wise, row_wise")
+    print(f"Sharding types offered ({allowed}); stock tables on the fused kernel only (no UVM offload).")
     print(f"Per-rank batch {args.batch_size}. Topologies: "
           + "; ".join(f"{t} = {TOPOLOGIES[t].describe()}" for t in args.topologies))
     print()
@@ -315,7 +329,7 @@ def main(argv: Optional[Sequence[str]] = None) -> List[PlanResult]:
     results: List[PlanResult] = []
     for kind in args.kinds:
         for name in args.topologies:
-            r = plan_kind(kind, TOPOLOGIES[name], args.batch_size)
+            r = plan_kind(kind, TOPOLOGIES[name], args.batch_size, sharding_types=args.sharding_types)
             results.append(r)
             if r.fits:
                 used = sum(1 for b in r.table_bytes if b > 0)
