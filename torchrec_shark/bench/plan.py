@@ -17,15 +17,21 @@ topologies (:data:`TOPOLOGIES`), with the tables stored as
   ``table_wise`` or ``row_wise`` (TT tables whose row-wise shards would split first-core slices are
   held to ``table_wise``, see ``compressed_constraints``).
 
+``--sharding-types`` restricts every table of every kind to ``table_wise`` and/or ``row_wise``.
+
 Nothing is trained and no table storage is allocated (everything is on ``meta``; the peak RSS is
 printed at the end). Per kind and topology the output gives whether a plan was found (a
 ``PlannerError`` otherwise), the number of ranks holding a shard, the plan's storage estimate per
 rank (max, and min over the ranks holding a shard: table, optimizer state and the lookup's
-input/output buffers), the table bytes of the shards the
-plan put on the ranks (max per rank, and summed over ranks to check against the kind's total), and
-the sharding types the plan chose; then, per kind, the smallest GPU and CPU topology it fits on.
-The planner keeps 15% of every rank's memory in reserve. Bytes are printed in GB (1e9); the
-capacities are GiB, as the planner takes them.
+input/output buffers), the table bytes of the shards the plan put on the ranks (max per rank, and
+summed over ranks to check against the kind's total), and the sharding types the plan chose; then,
+per kind, the smallest GPU and CPU topology it fits on. The planner keeps 15% of every rank's memory
+in reserve. Bytes are printed in GB (1e9); the capacities are GiB, as the planner takes them.
+
+``fp16`` is FBGEMM's fp16 table (not ``tables=fp16``, whose bytes are the same plus an 8-byte
+counter per table). TorchRec's estimator counts row-wise Adagrad's state at the weights' element
+size, so its plan figure for ``fp16`` is 2 bytes per row below the table bytes (FBGEMM keeps that
+state in fp32).
 
 Run::
 
