@@ -215,7 +215,9 @@ def _constraints(kind: str, configs, world_size: int,
     if KINDS[kind] is None:
         types = list(sharding_types or STOCK_SHARDING_TYPES)
         return {c.name: ParameterConstraints(sharding_types=types, compute_kernels=["fused"]) for c in configs}
-    base = {c.name: ParameterConstraints(sharding_types=list(sharding_types)) for c in configs} if sharding_types else {}
+    base = {}
+    if sharding_types:
+        base = {c.name: ParameterConstraints(sharding_types=list(sharding_types)) for c in configs}
     return compressed_constraints(configs, world_size, base)
 
 
@@ -282,6 +284,16 @@ def _types(counts: Dict[str, int]) -> str:
     return ", ".join(f"{t} {n}" for t, n in sorted(counts.items(), key=lambda kv: -kv[1]))
 
 
+def _plan_row(r: PlanResult) -> str:
+    head = f"  {r.kind:<6} {r.topology.name:<8}"
+    if not r.fits:
+        return f"{head} {'no':<4} {'':>5} {'':>9} {'':>9} {'':>10} {'':>8}  PlannerError: {r.error}"
+    used = [p for p, t in zip(r.plan_bytes, r.table_bytes) if t > 0]
+    note = f"  ({r.table_wise_only} TT tables table_wise only: row alignment)" if r.table_wise_only else ""
+    return (f"{head} {'yes':<4} {len(used):>5} {_gb(max(r.plan_bytes)):>9} {_gb(min(used)):>9} "
+            f"{_gb(max(r.table_bytes)):>10} {_gb(sum(r.table_bytes)):>8}  {_types(r.sharding_types)}{note}")
+
+
 def _parse_list(value: str, known: Sequence[str], what: str) -> List[str]:
     items = [v.strip() for v in value.split(",") if v.strip()]
     unknown = [v for v in items if v not in known]
@@ -337,15 +349,7 @@ def main(argv: Optional[Sequence[str]] = None) -> List[PlanResult]:
         for name in args.topologies:
             r = plan_kind(kind, TOPOLOGIES[name], args.batch_size, sharding_types=args.sharding_types)
             results.append(r)
-            if r.fits:
-                used = sum(1 for b in r.table_bytes if b > 0)
-                note = f"  ({r.table_wise_only} TT tables table_wise only: row alignment)" if r.table_wise_only else ""
-                print(f"  {kind:<6} {name:<8} {'yes':<4} {used:>5} {_gb(max(r.plan_bytes)):>9} "
-                      f"{_gb(min(b for b in r.plan_bytes if b > 0)):>9} {_gb(max(r.table_bytes)):>10} {_gb(sum(r.table_bytes)):>8}  "
-                      f"{_types(r.sharding_types)}{note}")
-            else:
-                print(f"  {kind:<6} {name:<8} {'no':<4} {'':>5} {'':>9} {'':>9} {'':>10} {'':>8}  "
-                      f"PlannerError: {r.error}")
+            print(_plan_row(r))
             sys.stdout.flush()
     print()
     print("Smallest topology each kind fits on:")
