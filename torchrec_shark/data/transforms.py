@@ -181,8 +181,8 @@ class TabularTransforms:
             if mag > SATURATING_MAGNITUDE:
                 out.append(
                     f"dense column {t.column!r} reaches the model at |x| up to {mag:.3g} (transform {t.applied}); "
-                    f"inputs beyond ~{SATURATING_MAGNITUDE:g} saturate the MLP and the log loss explodes: set "
-                    f"data.dense_transforms.{t.column}=auto (or standardize, log1p, bucketize)"
+                    f"inputs beyond ~{SATURATING_MAGNITUDE:g} saturate the MLP and the log loss explodes: scale it, "
+                    f"e.g. +data.dense_transforms.{t.column}=auto (or standardize, log1p, bucketize)"
                 )
         return out
 
