@@ -13,6 +13,7 @@ and prints val AUC and log loss of each.
 Run::
 
     python -m torchrec_shark.bench.tabular_transforms --rows 60000 --steps 200 --out /tmp/ts_bench
+    python -m torchrec_shark.bench.tabular_transforms --out /tmp/ts_bench_shark --extra tables=shark
 """
 
 from __future__ import annotations
@@ -69,6 +70,7 @@ def main(argv=None) -> Dict[str, Dict]:
     p.add_argument("--steps", type=int, default=200)
     p.add_argument("--batch", type=int, default=512)
     p.add_argument("--out", default="/tmp/tabular_transforms_bench")
+    p.add_argument("--extra", nargs="*", default=[], help="more train.py overrides, e.g. tables=shark")
     args = p.parse_args(argv)
     os.makedirs(args.out, exist_ok=True)
     data = os.path.join(args.out, "clicks_ts.csv")
@@ -82,7 +84,7 @@ def main(argv=None) -> Dict[str, Dict]:
     results = {}
     for name, extra in settings.items():
         run_dir = os.path.join(args.out, name.replace(", ", "_").replace(" ", "_"))
-        cmd = train_command(data, run_dir, args.steps, args.batch, *extra)
+        cmd = train_command(data, run_dir, args.steps, args.batch, *extra, *args.extra)
         proc = subprocess.run(cmd, cwd=root, capture_output=True, text=True,
                               env=dict(os.environ, PYTHONPATH=root))
         if proc.returncode != 0:

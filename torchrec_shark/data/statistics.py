@@ -203,7 +203,7 @@ def prepare_statistics(
     run_dir: str,
     source_dir: Optional[str],
     is_main: bool = True,
-    barrier: Optional[Callable[[], None]] = None,
+    from_main: Optional[Callable[[object], object]] = None,
     log: Callable[[str], None] = print,
 ) -> None:
     """Give ``dataset`` its training-split statistics and keep them in ``run_dir``.
@@ -211,26 +211,39 @@ def prepare_statistics(
     Taken from ``source_dir`` when it has them (the run being resumed, warm-started from or
     loaded by a pass), else computed by the main rank in one pass over the training split.
     Every rank then reads ``run_dir``'s copy, so all ranks and every later reader of the run
-    transform a row the same way. A dataset that learns nothing (``uses_statistics`` false) is
-    left alone.
+    transform a row the same way. ``from_main(obj)`` returns the main rank's ``obj`` on every
+    rank (a broadcast; None for one process): it waits for the file and carries the main rank's
+    error, so that no rank waits forever on a failed one. A dataset that learns nothing
+    (``uses_statistics`` false) is left alone.
     """
     if not getattr(dataset, "uses_statistics", False):
         return
     if is_main:
-        if has_statistics(source_dir):
-            stats = load_statistics(source_dir)
-            dataset.check_statistics(stats, source_dir)
-            log(f"data statistics from {os.path.join(source_dir, STATS_FILE)}")
-        else:
-            if source_dir:
-                warnings.warn(
-                    f"{source_dir} has no {STATS_FILE} (a run from before dense transforms were learned, or of "
-                    "another source): computing them from this run's training split, so its inputs may differ "
-                    "from those the source run saw"
-                )
-            stats = dataset.compute_statistics()
-            log(f"data statistics from one pass over the training split ({stats.rows:,} rows)")
-        save_statistics(stats, run_dir, {"transforms": dataset.describe_transforms(stats)})
-    if barrier is not None:
-        barrier()
+        try:
+            _write_statistics(dataset, run_dir, source_dir, log)
+        except Exception as e:
+            if from_main is not None:
+                from_main(f"{type(e).__name__}: {e}")
+            raise
+    if from_main is not None:
+        error = from_main(None)
+        if error:
+            raise DataError(f"the main rank could not prepare the data statistics: {error}")
     dataset.use_statistics(load_statistics(run_dir))
+
+
+def _write_statistics(dataset, run_dir: str, source_dir: Optional[str], log: Callable[[str], None]) -> None:
+    if has_statistics(source_dir):
+        stats = load_statistics(source_dir)
+        dataset.check_statistics(stats, source_dir)
+        log(f"data statistics from {os.path.join(source_dir, STATS_FILE)}")
+    else:
+        if source_dir:
+            warnings.warn(
+                f"{source_dir} has no {STATS_FILE} (a run from before dense transforms were learned, or of "
+                "another source): computing them from this run's training split, so its inputs may differ "
+                "from those the source run saw"
+            )
+        stats = dataset.compute_statistics()
+        log(f"data statistics from one pass over the training split ({stats.rows:,} rows)")
+    save_statistics(stats, run_dir, {"transforms": dataset.describe_transforms(stats)})

@@ -114,15 +114,15 @@ class Tabular(StreamDataset):
         """One pass over the training split's raw rows."""
         return compute_statistics(self.chunks("train"), self.dense, dict(zip(self.sparse, self.hash_sizes)))
 
-    def check_statistics(self, stats: DataStatistics, where: str) -> None:
+    def check_statistics(self, stats: DataStatistics, where: str = "given") -> None:
         """Raise :class:`DataError` unless ``stats`` cover this source's columns and tables."""
         missing = [c for c in self.dense if c not in stats.dense] + [f for f in self.sparse if f not in stats.id_counts]
         if missing:
-            raise DataError(f"the data statistics in {where} lack column(s) {missing}: they were computed for "
+            raise DataError(f"the data statistics ({where}) lack column(s) {missing}: they were computed for "
                             "other columns; train from scratch to compute new ones")
         for f, n in zip(self.sparse, self.hash_sizes):
             if len(stats.id_counts[f]) != n:
-                raise DataError(f"the data statistics in {where} count the ids of {f!r} over {len(stats.id_counts[f])} "
+                raise DataError(f"the data statistics ({where}) count the ids of {f!r} over {len(stats.id_counts[f])} "
                                 f"rows, this source hashes them into {n}: keep data.num_embeddings_per_feature")
 
     def _resolve(self, stats: DataStatistics) -> TabularTransforms:
@@ -134,7 +134,7 @@ class Tabular(StreamDataset):
 
     def use_statistics(self, stats: DataStatistics) -> None:
         """Transform every later batch with ``stats``; warn about dense inputs that saturate the model."""
-        self.check_statistics(stats, "use")
+        self.check_statistics(stats)
         self.transforms = self._resolve(stats)
         self._described = self.transforms.describe(stats)
         for message in self.transforms.saturating(stats):

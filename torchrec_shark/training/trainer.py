@@ -72,7 +72,7 @@ class Trainer:
         if statistics_from is None:
             statistics_from = run_dir if t.resume and has_statistics(run_dir) else t.init_from
         prepare_statistics(self.dataset, run_dir, statistics_from, env.is_main,
-                           dist.barrier if env.world_size > 1 else None, self._log)
+                           _from_main if env.world_size > 1 else None, self._log)
         self.table_configs = build_table_configs(
             cfg.tables, self.dataset.feature_names, self.dataset.num_embeddings_per_feature
         )
@@ -316,3 +316,10 @@ class Trainer:
                       f"samples/s={samples_per_s:,.0f} embedding_bytes={storage['total']:,} "
                       f"(fp32 {storage['fp32_total']:,})")
         return metrics
+
+
+def _from_main(obj):
+    """Rank 0's ``obj`` on every rank."""
+    box = [obj]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
