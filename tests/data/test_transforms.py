@@ -7,7 +7,9 @@ from data_helpers import rows_of
 
 from torchrec_shark.config import DataConfig
 from torchrec_shark.data import DataError, build_dataset
-from torchrec_shark.data.transforms import AUTO_CLIP, SATURATING_MAGNITUDE
+from torchrec_shark.data.columns import Columns
+from torchrec_shark.data.statistics import compute_statistics
+from torchrec_shark.data.transforms import AUTO_CLIP, SATURATING_MAGNITUDE, resolve_dense
 
 N = 400  # rows; every 4th (i % 4 == 0) is a validation row
 TABLES = [100_000, 1_000_000]  # user, item (large: no two values share a row)
@@ -154,3 +156,15 @@ def test_transform_names_are_checked(tmp_path):
         dataset(path, dense_transforms={"nope": "log1p"})
     with pytest.raises(DataError, match="'sqrt' of column 'ts'"):
         dataset(path, dense_transforms={"ts": "sqrt"})
+
+
+def test_auto_logs_only_a_long_upper_tail():
+    rng = np.random.default_rng(4)
+    ts = np.r_[np.zeros(3), 9e8 + rng.random(3000) * 3e7]  # a few zeros (a missing date written as 0)
+    x = np.stack([ts, rng.lognormal(0, 2, len(ts)), rng.normal(0, 1, len(ts))], 1)
+    x[0, 2] = -1e6  # one far negative value
+    stats = compute_statistics([Columns(x, np.zeros(len(x), np.float32), [], [])], ["ts", "tail", "neg"], {})
+    applied = {c: resolve_dense(c, "auto", stats.dense[c], 16).applied for c in ("ts", "tail", "neg")}
+    assert applied == {"ts": "standardize", "tail": "log1p_standardize", "neg": "standardize"}
+    neg = resolve_dense("neg", "auto", stats.dense["neg"], 16)
+    assert neg.apply(np.array([-1e6]))[0] == -AUTO_CLIP

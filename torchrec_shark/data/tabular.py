@@ -1,6 +1,6 @@
 """Any TSV / CSV (with a header row) or Parquet file with declared columns.
 
-``data.label`` is the 0/1 label column, ``data.dense`` the numeric columns (missing: 0) and
+``data.label`` is the 0/1 label column, ``data.dense`` the numeric columns (a missing value may be empty) and
 ``data.sparse`` the categorical ones, which become the sparse features of the same names.
 A categorical value is split by ``data.multi_hot_sep`` into a bag; every token is hashed
 with pandas' stable SipHash (:func:`pandas.util.hash_array`, not Python's salted ``hash``)

@@ -11,7 +11,7 @@ Per dense column (``data.dense_transform``, overridden per column by ``data.dens
   name with ``data.num_buckets + 1`` rows: id 0 for a missing value, ids ``1..num_buckets`` for
   the training split's quantile buckets (equal-frequency; repeated edges merge buckets).
 - ``auto`` (the default): ``standardize``, or ``log1p`` then ``standardize`` for a non-negative
-  column whose training maximum lies more than ``AUTO_LOG_Z`` standard deviations from its mean
+  column whose training maximum lies more than ``AUTO_LOG_Z`` standard deviations above its mean
   (counts, prices, durations: the long tail is compressed before it is scaled), then clipped to
   ``[-AUTO_CLIP, AUTO_CLIP]`` so a value far outside the training range cannot saturate the MLP.
   Every scale lands near unit variance: a Unix timestamp (~1.7e9, spread ~1e7) as well as a
@@ -122,9 +122,10 @@ def resolve_dense(column: str, kind: str, s: DenseColumnStats, num_buckets: int)
         inner = np.interp(np.arange(1, num_buckets) / num_buckets, grid, s.quantiles)
         return DenseTransform(column, kind, "bucketize", edges=[float(e) for e in np.unique(inner)])
     if kind == "auto":
-        spread = max(s.max - s.mean, s.mean - s.min) / s.std if s.std > 0 else 0.0
+        # Only a long upper tail calls for log1p: a few zeros below a timestamp column must not log it.
+        upper = (s.max - s.mean) / s.std if s.std > 0 else 0.0
         clip = [-AUTO_CLIP, AUTO_CLIP]
-        if s.min >= 0 and spread > AUTO_LOG_Z:
+        if s.min >= 0 and upper > AUTO_LOG_Z:
             return DenseTransform(column, kind, "log1p_standardize", s.log_mean, _nonzero(s.log_std), clip)
         return DenseTransform(column, kind, "standardize", s.mean, _nonzero(s.std), clip)
     raise ValueError(f"dense transform {kind!r} of column {column!r} is not one of {list(TRANSFORMS)}")
