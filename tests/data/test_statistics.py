@@ -1,12 +1,10 @@
 import json
-import os
 import warnings
 
 import numpy as np
 import pytest
 
 from torchrec_shark.config import DataConfig
-from tests.dist_utils import run_ranks
 from torchrec_shark.data import DataError, build_dataset
 from torchrec_shark.data import statistics as st
 from torchrec_shark.data.columns import Columns
@@ -115,22 +113,3 @@ def test_statistics_of_other_columns_are_refused(tmp_path):
     with pytest.raises(DataError, match="hashes them into 49"):
         st.prepare_statistics(wider, str(tmp_path / "run2"), str(tmp_path / "run"), log=lambda m: None)
 
-
-def _prepare_on_ranks(rank, world_size, root):
-    from torchrec_shark.training.trainer import _from_main
-
-    ds = _dataset(os.path.join(root, "a.csv"), num_embeddings_per_feature=[50])
-    try:
-        st.prepare_statistics(ds, os.path.join(root, "run2"), os.path.join(root, "run"), rank == 0, _from_main,
-                              log=lambda m: None)
-    except DataError as e:
-        return str(e)
-    return None
-
-
-def test_an_error_of_the_main_rank_reaches_the_others(tmp_path):
-    _write(tmp_path / "a.csv")
-    st.prepare_statistics(_dataset(tmp_path / "a.csv"), str(tmp_path / "run"), None, log=lambda m: None)
-    errors = run_ranks(_prepare_on_ranks, 2, str(tmp_path))
-    assert "hashes them into 49" in errors[0]
-    assert errors[1].startswith("the main rank could not prepare") and "hashes them into 49" in errors[1]

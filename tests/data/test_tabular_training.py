@@ -1,5 +1,6 @@
 """``train.py data=tabular`` on a file with a timestamp column: sane log loss, statistics kept with the run."""
 
+import dataclasses
 import json
 import math
 import os
@@ -69,7 +70,9 @@ def _train_then_load_on_ranks(rank, world_size, root):
     from torchrec_shark.conf_store import register_configs
     from torchrec_shark.passes.run_loader import load_run
     from torchrec_shark.training.env import init_distributed
-    from torchrec_shark.training.trainer import Trainer
+    from torchrec_shark.data import DataError, build_dataset
+    from torchrec_shark.data.statistics import prepare_statistics
+    from torchrec_shark.training.trainer import Trainer, _from_main
 
     env = init_distributed("cpu", 1)
     data, run = os.path.join(root, "clicks.csv"), os.path.join(root, "run")
@@ -96,14 +99,24 @@ def _train_then_load_on_ranks(rank, world_size, root):
     ds = loaded.trainer.dataset
     ds.files = [(os.path.join(root, "original.csv"), "csv")]  # the rows the run saw
     after = next(ds.batches("val", 256, env.rank, world_size)).dense_features.numpy()
-    return metrics["data_transforms"], ds.stats()["data_transforms"], bool(np.array_equal(before, after))
+
+    # Statistics that do not fit (other table sizes) fail on the main rank, and the others hear of it.
+    other = build_dataset(dataclasses.replace(cfg.data, num_embeddings_per_feature=[50]))
+    try:
+        prepare_statistics(other, os.path.join(root, "other"), run, env.is_main, _from_main, log=lambda m: None)
+        error = None
+    except DataError as e:
+        error = str(e)
+    return metrics["data_transforms"], ds.stats()["data_transforms"], bool(np.array_equal(before, after)), error
 
 
 def test_ranks_and_passes_share_the_runs_statistics(tmp_path):
     write_timestamp_table(str(tmp_path / "clicks.csv"), 3000)
     (tmp_path / "original.csv").write_bytes((tmp_path / "clicks.csv").read_bytes())
     results = run_ranks(_train_then_load_on_ranks, 2, str(tmp_path))
-    for trained, loaded, same_inputs in results:
+    for trained, loaded, same_inputs, _ in results:
         assert loaded == trained == results[0][0]
         assert same_inputs
+    assert "hashes them into 49" in results[0][3]
+    assert results[1][3].startswith("the main rank could not prepare") and "hashes them into 49" in results[1][3]
     assert json.loads((tmp_path / "pass" / STATS_FILE).read_text())["transforms"] == results[0][0]
