@@ -65,7 +65,8 @@ def test_saved_statistics_read_back_exactly(tmp_path):
 
 def _dataset(path, **kw):
     kw.setdefault("num_embeddings_per_feature", [100])
-    return build_dataset(DataConfig(source="tabular", path=str(path), label="click", dense=["ts"], sparse=["user"], **kw))
+    return build_dataset(DataConfig(source="tabular", path=str(path), label="click", dense=["ts"], sparse=["user"],
+                                    **kw))
 
 
 def _write(path, ts_offset=0.0, n=200):

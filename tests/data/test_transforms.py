@@ -128,7 +128,8 @@ def test_rare_ids_share_the_fields_last_row(tmp_path):
     path, _, train = table(tmp_path)
     ds = dataset(path, min_count=2)
     got = train_rows(ds)
-    # user: 50 values, each in 4 (even ones) or 8 (odd ones) training rows -> kept; item: every value once -> its OOV row
+    # user: 50 values, each in 4 (even ones) or 8 (odd ones) training rows -> kept;
+    # item: every value once -> its OOV row
     assert np.all(got.ids[1] == TABLES[1] - 1)
     assert len(set(got.ids[0])) == 50 and TABLES[0] - 1 not in set(got.ids[0])
     fields = ds.stats()["data_transforms"]["sparse"]["fields"]
