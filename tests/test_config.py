@@ -63,6 +63,13 @@ def test_wrong_type_in_structured_merge():
         (["trainer.init_from=/no/such/run"], "trainer.init_from"),
         (["trainer.embedding_lr=-0.1"], "trainer.embedding_lr=-0.1 must be positive"),
         (["trainer.dense_lr=0"], "trainer.dense_lr=0.0 must be positive"),
+        (["data=tabular", f"data.path={CONF}", "data.dense_transform=sqrt"], "data.dense_transform='sqrt'"),
+        (["data=tabular", f"data.path={CONF}", "+data.dense_transforms.price=log1p"],
+         "data.dense_transforms.price: 'price' is not a data.dense column"),
+        (["data=tabular", f"data.path={CONF}", "data.dense=[price]", "+data.dense_transforms.price=cube"],
+         "data.dense_transforms.price='cube'"),
+        (["data=tabular", f"data.path={CONF}", "data.num_buckets=1"], "data.num_buckets=1"),
+        (["data=tabular", f"data.path={CONF}", "data.min_count=256"], "data.min_count=256"),
     ],
 )
 def test_semantic_errors_name_the_key(overrides, message):

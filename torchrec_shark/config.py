@@ -69,6 +69,15 @@ class DataConfig:
     sparse: List[str] = field(default_factory=list)
     multi_hot_sep: str = "|"
     file_format: str = "auto"  # auto | tsv | csv | parquet
+    # tabular: how dense columns reach the model (torchrec_shark/data/transforms.py), learned from the
+    # training split: auto | none | log1p | standardize | minmax | bucketize. `dense_transforms` sets it
+    # per column, e.g. {ts: bucketize, price: log1p}; `auto` standardizes (after log1p for a long tail).
+    dense_transform: str = "auto"
+    dense_transforms: Dict[str, str] = field(default_factory=dict)
+    num_buckets: int = 16  # bucketize: quantile buckets per column
+    # tabular: ids seen fewer than min_count times in the training split share their field's
+    # out-of-vocabulary row (the last row of its table); 0 turns this off.
+    min_count: int = 2
     # criteo_npy: day files used for training / validation
     train_days: List[int] = field(default_factory=lambda: [0])
     val_days: List[int] = field(default_factory=lambda: [1])
@@ -239,6 +248,7 @@ def validate(cfg: TrainConfig) -> None:
             raise ConfigError(f"data.path={cfg.data.path!r} does not exist")
     if not 0.0 < cfg.data.val_fraction < 1.0:
         raise ConfigError(f"data.val_fraction={cfg.data.val_fraction} must be in (0, 1)")
+    _check_data_transforms(cfg.data)
     _check_choice("model.projection", cfg.model.projection, ("linear", "zero_pad"))
     _check_choice("tables.pooling", cfg.tables.pooling, ("sum", "mean"))
     _check_compression("tables.compression", cfg.tables.compression)
@@ -275,6 +285,21 @@ def validate(cfg: TrainConfig) -> None:
                               "(no GPU, or a CPU build of torch): use trainer.device=cpu or auto")
     if t.init_from is not None and not os.path.isdir(t.init_from):
         raise ConfigError(f"trainer.init_from={t.init_from!r} is not a directory")
+
+
+def _check_data_transforms(d: DataConfig) -> None:
+    from torchrec_shark.data.statistics import COUNT_CAP
+    from torchrec_shark.data.transforms import TRANSFORMS
+
+    _check_choice("data.dense_transform", d.dense_transform, TRANSFORMS)
+    for column, kind in d.dense_transforms.items():
+        _check_choice(f"data.dense_transforms.{column}", kind, TRANSFORMS)
+        if d.source == "tabular" and column not in d.dense:
+            raise ConfigError(f"data.dense_transforms.{column}: {column!r} is not a data.dense column {list(d.dense)}")
+    if d.num_buckets < 2:
+        raise ConfigError(f"data.num_buckets={d.num_buckets} must be >= 2")
+    if not 0 <= d.min_count <= COUNT_CAP:
+        raise ConfigError(f"data.min_count={d.min_count} must be in [0, {COUNT_CAP}]")
 
 
 def _check_compression(key: str, c: CompressionConfig) -> None:

@@ -1,12 +1,20 @@
 """Any TSV / CSV (with a header row) or Parquet file with declared columns.
 
-``data.label`` is the 0/1 label column, ``data.dense`` the numeric columns (missing: 0) and
+``data.label`` is the 0/1 label column, ``data.dense`` the numeric columns (a missing value may be empty) and
 ``data.sparse`` the categorical ones, which become the sparse features of the same names.
 A categorical value is split by ``data.multi_hot_sep`` into a bag; every token is hashed
 with pandas' stable SipHash (:func:`pandas.util.hash_array`, not Python's salted ``hash``)
-modulo its table size; a missing value is id 0. Numbers in Parquet are hashed by their
-text, so a file hashes the same in either format. Data row ``i`` (counted from 0 over all
-files) is a validation row when ``i % round(1 / val_fraction) == 0``.
+modulo its table size less one; a missing value is id 0. The last row of every table is
+the field's out-of-vocabulary row, shared by ids rarer than ``data.min_count`` in the training
+split. Numbers in Parquet are hashed by their text, so a file hashes the same in either format.
+Data row ``i`` (counted from 0 over all files) is a validation row when
+``i % round(1 / val_fraction) == 0``.
+
+Dense columns reach the model through the transforms of :mod:`torchrec_shark.data.transforms`
+(``data.dense_transform`` / ``data.dense_transforms``; ``bucketize`` turns a column into a sparse
+feature of its name), learned from the training split in one pass
+(:mod:`torchrec_shark.data.statistics`). The trainer keeps those statistics with the run; a
+dataset used on its own computes them at its first ``batches`` call.
 
 Rows with a wrong number of columns, a label other than 0/1 or a non-numeric dense value
 are skipped and counted, or raise :class:`DataError` under ``data.strict``. Files are read
@@ -16,8 +24,9 @@ in blocks with pyarrow.
 from __future__ import annotations
 
 import os
+import warnings
 from dataclasses import dataclass
-from typing import Iterator, List, Optional, Tuple
+from typing import Dict, Iterator, List, Optional, Tuple
 
 import numpy as np
 import pyarrow as pa
@@ -27,6 +36,8 @@ import pyarrow.parquet as pq
 
 from torchrec_shark.data.columns import Columns, StreamDataset, table_sizes, val_every
 from torchrec_shark.data.criteo_tsv import list_files
+from torchrec_shark.data.statistics import DataStatistics, compute_statistics
+from torchrec_shark.data.transforms import TRANSFORMS, TabularTransforms, hash_size
 from torchrec_shark.data.types import DataError
 
 BLOCK_BYTES = 1 << 22
@@ -69,6 +80,7 @@ class Tabular(StreamDataset):
         self.num_dense = len(self.dense)
         self.sep = str(cfg.multi_hot_sep)
         self.val_every = val_every(cfg.val_fraction)
+        self._setup_transforms(cfg)
         for path, fmt in self.files:
             try:
                 names = (pq.ParquetFile(path).schema_arrow.names if fmt == "parquet"
@@ -79,6 +91,72 @@ class Tabular(StreamDataset):
             if missing:
                 raise DataError(f"{path}: declared column(s) {missing} missing from the file (it has {names})")
 
+    def _setup_transforms(self, cfg) -> None:
+        """Features and table sizes as the model sees them; the statistics come later."""
+        self.kinds: Dict[str, str] = {c: str(cfg.dense_transform) for c in self.dense}
+        for c, kind in dict(cfg.dense_transforms).items():
+            if c not in self.kinds:
+                raise DataError(f"data.dense_transforms names {c!r}, not a data.dense column {self.dense}")
+            self.kinds[c] = str(kind)
+        for c, kind in self.kinds.items():
+            if kind not in TRANSFORMS:
+                raise DataError(f"dense transform {kind!r} of column {c!r} is not one of {list(TRANSFORMS)}")
+        self.num_buckets = int(cfg.num_buckets)
+        self.min_count = int(cfg.min_count)
+        self.table_sizes = list(self.num_embeddings_per_feature)  # of the declared sparse columns
+        self.hash_sizes = [hash_size(n) for n in self.table_sizes]
+        buckets = [c for c in self.dense if self.kinds[c] == "bucketize"]
+        self.feature_names = self.sparse + buckets
+        self.num_embeddings_per_feature = self.table_sizes + [self.num_buckets + 1] * len(buckets)
+        self.num_dense = len(self.dense) - len(buckets)
+        self.transforms: Optional[TabularTransforms] = None
+        self._described: Dict = {}
+
+    # ------------------------------------------------------------ statistics and transforms
+    uses_statistics = True
+
+    def compute_statistics(self) -> DataStatistics:
+        """One pass over the training split's raw rows."""
+        return compute_statistics(self.chunks("train"), self.dense, dict(zip(self.sparse, self.hash_sizes)))
+
+    def check_statistics(self, stats: DataStatistics, where: str = "given") -> None:
+        """Raise :class:`DataError` unless ``stats`` cover this source's columns and tables."""
+        missing = [c for c in self.dense if c not in stats.dense] + [f for f in self.sparse if f not in stats.id_counts]
+        if missing:
+            raise DataError(f"the data statistics ({where}) lack column(s) {missing}: they were computed for "
+                            "other columns; train from scratch to compute new ones")
+        for f, n in zip(self.sparse, self.hash_sizes):
+            if len(stats.id_counts[f]) != n:
+                raise DataError(f"the data statistics ({where}) count the ids of {f!r} over {len(stats.id_counts[f])} "
+                                f"rows, this source hashes them into {n}: keep data.num_embeddings_per_feature")
+
+    def _resolve(self, stats: DataStatistics) -> TabularTransforms:
+        return TabularTransforms.resolve(stats, self.kinds, self.num_buckets, self.sparse, self.table_sizes,
+                                         self.min_count)
+
+    def describe_transforms(self, stats: DataStatistics) -> Dict:
+        return self._resolve(stats).describe(stats)
+
+    def use_statistics(self, stats: DataStatistics) -> None:
+        """Transform every later batch with ``stats``; warn about dense inputs that saturate the model."""
+        self.check_statistics(stats)
+        self.transforms = self._resolve(stats)
+        self._described = self.transforms.describe(stats)
+        for message in self.transforms.saturating(stats):
+            warnings.warn(message)
+
+    def batches(self, split, batch_size, rank=0, world_size=1, start_batch=0):
+        if self.transforms is None:
+            self.use_statistics(self.compute_statistics())
+        return super().batches(split, batch_size, rank, world_size, start_batch)
+
+    def _batch(self, cols: Columns):
+        return super()._batch(self.transforms.apply(cols))
+
+    def stats(self) -> Dict:
+        return {**super().stats(), "data_transforms": self._described}
+
+    # ------------------------------------------------------------ reading
     def _open_csv(self, path, fmt: str, handler, column_names: Optional[List[str]] = None):
         return pcsv.open_csv(
             path,
@@ -179,7 +257,7 @@ class Tabular(StreamDataset):
     def _convert(self, split: str, path: str, rb: pa.RecordBatch, index: np.ndarray, upto: int) -> Columns:
         label, label_ok = _numbers(rb.column(self.label))
         label_ok &= (label == 0) | (label == 1)
-        dense = np.zeros((rb.num_rows, self.num_dense))
+        dense = np.zeros((rb.num_rows, len(self.dense)))
         ok = label_ok.copy()
         why = np.full(rb.num_rows, -1)  # column of the first bad value
         why[~label_ok] = 0
@@ -188,7 +266,7 @@ class Tabular(StreamDataset):
             x_ok &= np.isfinite(x)
             why[ok & ~x_ok] = i + 1
             ok &= x_ok
-            dense[:, i] = x
+            dense[:, i] = np.where(pc.is_valid(rb.column(c)).to_numpy(zero_copy_only=False), x, np.nan)  # missing
         bad = np.flatnonzero(~ok)
 
         def describe(i: int) -> str:
@@ -201,11 +279,12 @@ class Tabular(StreamDataset):
         if len(bad):
             rb = rb.take(pa.array(np.flatnonzero(ok)))
         ids, lengths = [], []
-        for c, n in zip(self.sparse, self.num_embeddings_per_feature):
+        for c, n in zip(self.sparse, self.hash_sizes):
             v, ln = self._hash(rb.column(c), n)
             ids.append(v)
             lengths.append(ln)
-        return Columns(dense[ok].astype(np.float32), label[ok].astype(np.float32), ids, lengths)
+        # raw float64 (NaN: missing) until the transforms: a timestamp keeps its seconds
+        return Columns(dense[ok], label[ok].astype(np.float32), ids, lengths)
 
     def _hash(self, col: pa.Array, n: int) -> Tuple[np.ndarray, np.ndarray]:
         """Ids of a categorical column (bags split by ``multi_hot_sep``; missing: id 0)."""

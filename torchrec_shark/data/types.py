@@ -10,7 +10,7 @@ batch, ``b = batch_size // world_size``, so results do not depend on the world s
 from __future__ import annotations
 
 import abc
-from typing import Dict, Iterator, List, Optional
+from typing import Any, Dict, Iterator, List, Optional
 
 from torchrec.datasets.utils import Batch
 
@@ -45,6 +45,11 @@ class ClickDataset(abc.ABC):
         """Planted ground truth (synthetic data only), written to ``data_truth.json``."""
         return None
 
-    def stats(self) -> Dict[str, int]:
-        """Counters for ``metrics.json`` (e.g. ``malformed_lines``)."""
+    # Sources that learn input transforms from the training split set this and provide
+    # compute_statistics / check_statistics / describe_transforms / use_statistics
+    # (see torchrec_shark.data.statistics.prepare_statistics).
+    uses_statistics: bool = False
+
+    def stats(self) -> Dict[str, Any]:
+        """Entries for ``metrics.json`` (e.g. ``malformed_lines``, ``data_transforms``)."""
         return {}

@@ -65,7 +65,7 @@ def load_run(run_dir: str, out_dir: str, env: DistEnv) -> LoadedRun:
     cfg = run_config(run_dir)
     cfg.trainer.resume, cfg.trainer.init_from = False, None
     validate(cfg)
-    trainer = Trainer(cfg, out_dir, env)
+    trainer = Trainer(cfg, out_dir, env, statistics_from=run_dir)  # the run's inputs, transformed as it saw them
     ckpt.load_checkpoint(checkpoint, {"model": trainer.model})
     trainer.model.eval()
     return LoadedRun(run_dir, cfg, trainer, checkpoint)

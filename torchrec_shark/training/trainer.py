@@ -25,6 +25,7 @@ from tqdm import tqdm
 
 from torchrec_shark.config import TrainConfig
 from torchrec_shark import data as data_sources
+from torchrec_shark.data.statistics import has_statistics, prepare_statistics
 from torchrec_shark.distributed.model_parallel import compressed_sharders, plan_model, shard_model
 from torchrec_shark.distributed.planner import describe_plan
 from torchrec_shark.models.dlrm import DLRM, DLRMTrain
@@ -59,7 +60,9 @@ class Trainer:
     before the lookup; its fused optimizer's ``step()`` closes the tables' step).
     """
 
-    def __init__(self, cfg: TrainConfig, run_dir: str, env: DistEnv) -> None:
+    def __init__(self, cfg: TrainConfig, run_dir: str, env: DistEnv, statistics_from: Optional[str] = None) -> None:
+        """``statistics_from``: the run whose data statistics to use (a pass loading that run); by default
+        this run's own on resume, else ``trainer.init_from``'s, else computed from the training split."""
         self.cfg = cfg
         self.run_dir = run_dir
         self.env = env
@@ -72,6 +75,10 @@ class Trainer:
         np.random.seed(t.seed)
 
         self.dataset = data_sources.build_dataset(cfg.data)
+        if statistics_from is None:
+            statistics_from = run_dir if t.resume and has_statistics(run_dir) else t.init_from
+        prepare_statistics(self.dataset, run_dir, statistics_from, env.is_main,
+                           _from_main if env.world_size > 1 else None, self._log)
         check_splits(self.dataset, t.batch_size, env.rank, env.world_size,
                      f"data.path={cfg.data.path}" if cfg.data.path else f"data.source={cfg.data.source}")
         self.table_configs = build_table_configs(
@@ -320,3 +327,10 @@ class Trainer:
                       f"samples/s={samples_per_s:,.0f} embedding_bytes={storage['total']:,} "
                       f"(fp32 {storage['fp32_total']:,})")
         return metrics
+
+
+def _from_main(obj):
+    """Rank 0's ``obj`` on every rank."""
+    box = [obj]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
