@@ -379,3 +379,19 @@ def test_tier_activity_counts_lookups_by_the_tier_serving_them_and_rows_moved():
     moved = table.retier()
     assert moved > 0 and table.tier_activity()["moves"] == moved
     assert table.tier_activity() == {"rows": activity["rows"], "hits": {"fp32": 0, "fp16": 0, "int8": 0}, "moves": 0}
+
+
+def test_retier_in_small_chunks_equals_one_pass(monkeypatch):
+    """Re-tiering moves rows a bounded chunk at a time; the result does not depend on the chunk size."""
+    import torchrec_shark.modules.mixed_precision as mp
+
+    spec = MixedPrecision(fp32_fraction=0.2, fp16_fraction=0.3, rounding="nearest", retier_every=1000)
+    a, b = _table(n=80, dim=8, spec=spec, seed=4), _table(n=80, dim=8, spec=spec, seed=4)
+    g = torch.Generator().manual_seed(5)
+    pr = torch.rand(80, generator=g)
+    a.priority.copy_(pr)
+    b.priority.copy_(pr)
+    moved = a.retier()
+    monkeypatch.setattr(mp, "CHUNK_ROWS", 3)
+    assert b.retier() == moved > 3 * 2  # several chunks
+    _assert_state_equal(_state(a), _state(b))

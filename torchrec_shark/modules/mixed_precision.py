@@ -520,24 +520,39 @@ class MixedPrecisionTable(RowStoreTable):
 
     @torch.no_grad()
     def retier(self) -> int:
-        """Re-assign tiers by priority now; returns how many rows moved."""
+        """Re-assign tiers by priority now; returns how many rows moved.
+
+        Movers are decoded :data:`CHUNK_ROWS` at a time and held encoded in their new tier until every
+        mover has been read (a mover's new slot is one another mover vacates), so no more than a chunk
+        of fp32 values exists at once however many rows move."""
         self._rescale()
         order = torch.sort(self.priority, descending=True, stable=True).indices
         target = self._target_tiers(order)
+        del order
         current = self._tier_of_slots(self.row_slot)
         movers = (target != current).nonzero().squeeze(1)
         if movers.numel() == 0:
             return 0
-        values = self.read_rows(movers)
-        old_slots = self.row_slot.index_select(0, movers).long()
         src, dst = current.index_select(0, movers), target.index_select(0, movers)
+        del target, current
+        encoded = []  # per chunk: its movers' values in their destination tiers' encodings
+        for a in range(0, movers.numel(), CHUNK_ROWS):
+            rows, to = movers[a : a + CHUNK_ROWS], dst[a : a + CHUNK_ROWS]
+            values = self.read_rows(rows)
+            encoded.append({k: CODECS[TIERS[k]].encode(values[to == k], "nearest") for k in range(len(self._tiers))})
+        old_slots = self.row_slot.index_select(0, movers).long()
         new_slots = torch.empty_like(old_slots)
         for k in range(len(self._tiers)):
             leaving, arriving = (src == k).nonzero().squeeze(1), (dst == k).nonzero().squeeze(1)
             assert leaving.numel() == arriving.numel(), "tier sizes must be invariant"
             new_slots[arriving] = old_slots.index_select(0, leaving)
         self.row_slot[movers] = new_slots.to(self.row_slot.dtype)
-        self.write_rows(movers, values, rounding="nearest")
+        for i, a in enumerate(range(0, movers.numel(), CHUNK_ROWS)):
+            slots, to = new_slots[a : a + CHUNK_ROWS], dst[a : a + CHUNK_ROWS]
+            for k, (_, start, _) in enumerate(self._tiers):
+                if encoded[i][k].shape[0]:
+                    self._pool(k).index_copy_(0, slots[to == k] - start, encoded[i][k])
+        self.version += 1
         self._moves += int(movers.numel())
         return int(movers.numel())
 
