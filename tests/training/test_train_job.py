@@ -73,8 +73,14 @@ def _model_state(run_dir):
     return state
 
 
-def test_resume_reaches_the_uninterrupted_state(tmp_path):
-    common = ["trainer.eval_every=15", "trainer.checkpoint_every=15", "planner.sharding_types=[row_wise]"]
+@pytest.mark.parametrize("tables", [
+    [],
+    # stochastic rounding, re-tiering before and after the checkpoint: the noise is a function of
+    # (seed, step, row), so it continues exactly
+    ["tables=shark", "tables.compression.mixed_precision.retier_every=10"],
+])
+def test_resume_reaches_the_uninterrupted_state(tmp_path, tables):
+    common = ["trainer.eval_every=15", "trainer.checkpoint_every=15", "planner.sharding_types=[row_wise]", *tables]
     full, _ = train(tmp_path / "full", "trainer.max_steps=30", *common)
     train(tmp_path / "split", "trainer.max_steps=15", *common)
     resumed, out = train(tmp_path / "split", "trainer.max_steps=30", "trainer.resume=true", *common)

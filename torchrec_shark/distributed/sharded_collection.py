@@ -198,7 +198,7 @@ class _TableState:
 
     def aliases(self, shard: TableShard, values: Dict[str, Any]) -> bool:
         """``values`` are this shard's own live tensors (an in-place load, e.g. DCP into ``state_dict()``)."""
-        local = self.kind.local_state(shard.table)
+        local = self.kind.local_state(shard.table, sync=False)
         for key, value in values.items():
             if key not in local:
                 return False

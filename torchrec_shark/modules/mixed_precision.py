@@ -493,9 +493,12 @@ class MixedPrecisionTable(RowStoreTable):
             self.retier()
 
     def shard_record(self) -> torch.Tensor:
-        """``[[row_start, rows, n32, n16, n8]]``: where this table's rows and pools sit in the whole table."""
-        sizes = [n for _, _, n in self._tiers]
-        return torch.tensor([[self.row_start, self.num_embeddings, *sizes]], dtype=torch.int64)
+        """``[[row_start, rows, n32, n16, n8]]``: where this table's rows and pools sit in the whole table
+        (one tensor for the table's life, so an in-place load into its export is recognised as such)."""
+        if getattr(self, "_shard_record", None) is None:
+            sizes = [n for _, _, n in self._tiers]
+            self._shard_record = torch.tensor([[self.row_start, self.num_embeddings, *sizes]], dtype=torch.int64)
+        return self._shard_record
 
     def sync_state(self) -> None:
         super().sync_state()
@@ -730,8 +733,9 @@ class RowStoreKind(TableKind):
             out.append(spec)
         return out
 
-    def local_state(self, table) -> Dict[str, torch.Tensor]:
-        table.sync_state()
+    def local_state(self, table, sync: bool = True) -> Dict[str, torch.Tensor]:
+        if sync:
+            table.sync_state()
         out = {name: getattr(table, name) for name in (*self.pool_names, *self.row_buffers, *self.scalar_buffers)}
         out.update({f"optim.{k}": v for k, v in table.optim.state().items()})
         return out
@@ -844,8 +848,8 @@ class MixedPrecisionKind(RowStoreKind):
             spec["shards"] = PieceSpec((len(ranges), 5), torch.int64, j, 1)
         return out
 
-    def local_state(self, table) -> Dict[str, torch.Tensor]:
-        out = super().local_state(table)
+    def local_state(self, table, sync: bool = True) -> Dict[str, torch.Tensor]:
+        out = super().local_state(table, sync)
         out["shards"] = table.shard_record()
         return out
 

@@ -149,8 +149,9 @@ class TableKind(abc.ABC):
         pieces of global tensors; ``optimizer`` state under the prefix ``optim.``."""
 
     @abc.abstractmethod
-    def local_state(self, table) -> Dict[str, torch.Tensor]:
-        """The shard's state tensors named as in :meth:`state_layout` (the live tensors themselves)."""
+    def local_state(self, table, sync: bool = True) -> Dict[str, torch.Tensor]:
+        """The shard's state tensors named as in :meth:`state_layout` (the live tensors themselves);
+        ``sync``: first bring them up to date with the table (an export; not before a load)."""
 
     @abc.abstractmethod
     def load_state(self, table, reader: StateReader, row_start: int, columns: Optional[Sequence[int]] = None) -> None:

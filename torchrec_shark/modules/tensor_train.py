@@ -631,7 +631,7 @@ class TensorTrainKind(TableKind):
             out.append(spec)
         return out
 
-    def local_state(self, table) -> Dict[str, torch.Tensor]:
+    def local_state(self, table, sync: bool = True) -> Dict[str, torch.Tensor]:
         ns = table.slices
         out = {"core_0": table.core_0[:, :ns]}
         out.update({f"core_{k}": table.cores[k] for k in range(1, table.layout.num_cores)})
