@@ -115,13 +115,13 @@ def _train(run_dir, overrides, env):
     return Trainer(cfg, run_dir, env).run()
 
 
-def _two_ranks(rank, world_size, root):
+def _two_ranks(rank, world_size, root, tables=()):
     """Train row-wise on two ranks, search on the two ranks, retrain its widths table-wise from its command."""
     from torchrec_shark.training.env import init_distributed
 
     env = init_distributed("cpu", 1)  # joins the group the test harness created
     base, search, retrain = (os.path.join(root, n) for n in ("base", "search", "retrain"))
-    _train(base, [*SMALL, "trainer.max_steps=12", "trainer.eval_every=12", "trainer.checkpoint_every=12",
+    _train(base, [*SMALL, *tables, "trainer.max_steps=12", "trainer.eval_every=12", "trainer.checkpoint_every=12",
                   "planner.sharding_types=[row_wise]"], env)
     cfg = dim_search.DimSearchConfig(run_dir=base, budget=0.5, num_batches=4)
     summary = dim_search.search(cfg, search, env)
@@ -187,6 +187,22 @@ def test_search_on_two_ranks_matches_one_and_retrains_under_other_sharding(tmp_p
     assert len(report["narrowed"]) == 6 and report["fresh_tables"] == []
     narrowed = [t for t, w in widths["table_widths"].items() if w != 16]
     assert sorted(report["projections"]) == sorted(f"model.projection.proj.{t[2:]}.weight" for t in narrowed)
+
+
+def test_search_on_a_sharded_mixed_precision_run_narrows_its_tables(tmp_path):
+    """The pass loads a row-wise mixed-precision run; its retrain (table-wise) starts every narrowed table from
+    the kept columns of the compressed rows, read a chunk at a time from the checkpoint."""
+    from tests.dist_utils import run_ranks
+
+    widths = run_ranks(_two_ranks, 2, str(tmp_path), ["tables=shark"])[0]
+    with open(os.path.join(tmp_path, "retrain", "warm_start.json")) as f:
+        report = json.load(f)
+    assert report["fresh_tables"] == [] and len(report["narrowed"]) == 6
+    with open(os.path.join(tmp_path, "retrain", "metrics.json")) as f:
+        metrics = json.load(f)
+    assert {t: i["embedding_dim"] for t, i in metrics["tables"].items()} == widths
+    assert all(i["kind"] == "MixedPrecision" for i in metrics["tables"].values())
+    assert metrics["val_auc"] > 0.55  # a start from the searched columns, not from scratch
 
 
 def _run(cmd, timeout=300):
