@@ -71,6 +71,14 @@ def _shard_local(rank, ws, path):
             "init": {t: (s.row_start, s.table.full_weight()) for t, s in shards.items()},
             "tiers": {t: s.table.tier_of_rows() for t, s in shards.items() if hasattr(s.table, "tier_of_rows")},
         }
+        sd = dmp.state_dict()
+        prefix = "model.embedding_bag_collection.embedding_bags."
+        out[st]["keys"] = {t: sorted(k[len(prefix) + len(t) + 1:] for k in sd if k.startswith(f"{prefix}{t}."))
+                           for t in ("t_mp", "t_i8", "t_tt", "t_fp")}
+        if "t_fp" in shards:  # the state dict's tensors are the table's: a write into them is a write into it
+            for piece in sd[prefix + "t_fp.weight"].local_shards():
+                piece.tensor.fill_(0.25)
+            out[st]["aliased"] = bool((shards["t_fp"].table.full_weight() == 0.25).all())
         # a checkpoint: its table payload against the tables' bytes
         embedding = coll.memory_bytes()["per_table"]
         local_bytes = sum(p["table"] for p in embedding.values())
@@ -106,6 +114,17 @@ def test_each_rank_allocates_only_the_rows_it_owns(shard_local):
                 assert abs(nbytes - res["expected"][t]) <= 0.02 * res["expected"][t] + 64, (st, t, nbytes)
         if st == "row_wise":  # both ranks hold part of every table
             assert all(set(r[st]["rows"]) == {"t_mp", "t_i8", "t_tt", "t_fp"} for r in shard_local)
+
+
+def test_sharded_state_dict_aliases_the_tables_and_has_the_unsharded_keys(shard_local):
+    unsharded = CompressedEmbeddingBagCollection(_big_configs(), optimizer=OPT).state_dict()
+    for st in ("table_wise", "row_wise"):
+        assert any(r[st].get("aliased") for r in shard_local)
+        assert all(r[st]["aliased"] for r in shard_local if "aliased" in r[st])
+        for t in ("t_mp", "t_i8", "t_tt", "t_fp"):
+            holder = next(r for r in shard_local if t in r[st]["rows"])  # replicated keys: on its ranks only
+            want = sorted(k.split(".", 2)[2] for k in unsharded if k.startswith(f"embedding_bags.{t}."))
+            assert holder[st]["keys"][t] == want, (st, t)
 
 
 def test_initial_values_do_not_depend_on_the_sharding(shard_local):

@@ -222,3 +222,31 @@ def test_building_leaves_the_global_rng_alone_and_is_seeded():
     torch.manual_seed(6)
     c = CompressedEmbeddingBagCollection(_configs())
     assert not torch.equal(a.embedding_bags["t2"].weight, c.embedding_bags["t2"].weight)
+
+
+def test_stock_tables_have_stock_state_dict_keys_and_no_optimizer_state():
+    stock_cfgs = [EmbeddingBagConfig(name=f"t{i}", num_embeddings=20 + i, embedding_dim=4, feature_names=[f"f{i}"])
+                  for i in range(3)]
+    stock = EmbeddingBagCollection(tables=stock_cfgs)
+    ours = CompressedEmbeddingBagCollection(
+        [CompressedEmbeddingBagConfig(**{k: getattr(c, k) for k in ("name", "num_embeddings", "embedding_dim",
+                                                                     "feature_names")}) for c in stock_cfgs],
+        optimizer=SparseOptimizerSpec("adam"))
+    sd, ref = ours.state_dict(), stock.state_dict()
+    assert list(sd) == list(ref) and all(sd[k].shape == ref[k].shape for k in ref)
+    ours.load_state_dict(ref)  # strict, both ways
+    stock.load_state_dict(ours.state_dict())
+    assert all(torch.equal(ours.state_dict()[k], ref[k]) for k in ref)
+
+
+@pytest.mark.parametrize("spec", [MixedPrecision(fp32_fraction=0.2, fp16_fraction=0.3), Uniform("int8"), Uniform("fp16")])
+def test_stock_state_dict_loads_into_a_compressed_kind(spec):
+    cfg = dict(name="t", num_embeddings=50, embedding_dim=8, feature_names=["f"])
+    torch.manual_seed(3)
+    stock = EmbeddingBagCollection(tables=[EmbeddingBagConfig(**cfg)])
+    ours = CompressedEmbeddingBagCollection([CompressedEmbeddingBagConfig(**cfg, compression=spec)])
+    before = ours.embedding_bags["t"].full_weight()
+    ours.load_state_dict(stock.state_dict())  # another layout: encoded through the table's kind
+    w, ref = ours.embedding_bags["t"].full_weight(), stock.state_dict()["embedding_bags.t.weight"]
+    step = 1.01 * (ref.amax(1, keepdim=True) - ref.amin(1, keepdim=True)) / 255 + ref.abs() * 2.0**-10
+    assert bool(((w - ref).abs() <= step).all()) and not torch.equal(w, before)

@@ -18,18 +18,16 @@ Example::
 from __future__ import annotations
 
 import functools
-from typing import Any, Dict, Optional, Sequence, Tuple
+from typing import Optional, Sequence, Tuple
 
 import torch
-from torch.distributed._shard.sharded_tensor import ShardedTensor
 from torch.distributed.checkpoint import DefaultLoadPlanner, FileSystemReader
 from torch.distributed.checkpoint import load as dcp_load
 from torch.distributed.checkpoint.metadata import ChunkStorageMetadata, TensorStorageMetadata
 from torch.distributed.checkpoint.planner import LoadPlan
 from torch.distributed.checkpoint.planner_helpers import create_read_items_for_chunk_list
-from torch.distributed.tensor import DTensor
 
-from torchrec_shark.modules.table_kind import StateReader
+from torchrec_shark.modules.table_kind import DictStateReader, StateReader  # noqa: F401  (DictStateReader: re-exported)
 
 
 def _region(size: Sequence[int], offset: int, length: Optional[int], dim: int) -> Tuple[list, list]:
@@ -38,40 +36,6 @@ def _region(size: Sequence[int], offset: int, length: Optional[int], dim: int) -
         length = sizes[dim] - offset if length is None else length
         offsets[dim], sizes[dim] = offset, length
     return offsets, sizes
-
-
-class DictStateReader(StateReader):
-    """Ranges of in-memory tensors (full, ``ShardedTensor`` local shards, or ``DTensor``)."""
-
-    def __init__(self, values: Dict[str, Any]) -> None:
-        self._values = values
-
-    def keys(self) -> Sequence[str]:
-        return list(self._values)
-
-    def size(self, key: str) -> Tuple[int, ...]:
-        return tuple(self._values[key].size())
-
-    def read(self, key: str, offset: int = 0, length: Optional[int] = None, dim: int = 0) -> torch.Tensor:
-        value = self._values[key]
-        if value.dim() == 0:
-            return value.detach() if not isinstance(value, DTensor) else value.full_tensor()
-        length = value.size(dim) - offset if length is None else length
-        if isinstance(value, ShardedTensor):
-            parts = []
-            for s in sorted(value.local_shards(), key=lambda s: s.metadata.shard_offsets[dim]):
-                o, n = s.metadata.shard_offsets[dim], s.metadata.shard_sizes[dim]
-                lo, hi = max(o, offset), min(o + n, offset + length)
-                if hi > lo:
-                    parts.append(s.tensor.detach().narrow(dim, lo - o, hi - lo))
-            covered = sum(p.shape[dim] for p in parts)
-            if covered != length:
-                raise ValueError(f"{key}: this rank's shards of the given ShardedTensor do not cover "
-                                 f"[{offset}, {offset + length}) along dim {dim}")
-            return parts[0] if len(parts) == 1 else torch.cat(parts, dim)
-        if isinstance(value, DTensor):
-            value = value.full_tensor()
-        return value.detach().narrow(dim, offset, length)
 
 
 class _RegionLoadPlanner(DefaultLoadPlanner):

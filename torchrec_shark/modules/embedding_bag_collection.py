@@ -140,6 +140,27 @@ class CompressedEmbeddingBagCollection(EmbeddingBagCollectionInterface, FusedOpt
         ]
         self._permute_cache: Dict[Tuple[str, ...], Optional[List[int]]] = {}
         self._fused_optimizer: Optional[CompressedTablesOptimizer] = None
+        self._register_load_state_dict_pre_hook(self._load_other_layouts, with_module=True)
+
+    @staticmethod
+    def _load_other_layouts(module, state_dict, prefix, *args) -> None:
+        """A table's state in another layout (a stock ``weight`` for a mixed-precision table, a sharded
+        layout's extra keys, another row-store kind) loads through the table's kind, a chunk at a time;
+        a table's own layout loads as usual."""
+        from torchrec_shark.modules.table_kind import DictStateReader, kind_of
+
+
+        for cfg in module._embedding_bag_configs:
+            table = module.embedding_bags[cfg.name]
+            table_prefix = f"{prefix}embedding_bags.{cfg.name}."
+            keys = [k for k in state_dict if k.startswith(table_prefix)]
+            own = {table_prefix + k for k in table.state_dict()}
+            if not keys or set(keys) == own:
+                continue
+            present = {k[len(table_prefix):]: state_dict.pop(k) for k in keys}
+            kind_of(cfg).load_state(table, DictStateReader(present), 0)
+            # the table's own tensors take the popped keys' place: a strict load finds every key it expects
+            state_dict.update({table_prefix + k: v for k, v in table.state_dict().items()})
 
     # ------------------------------------------------------------------ contract
     def embedding_bag_configs(self) -> List[EmbeddingBagConfig]:

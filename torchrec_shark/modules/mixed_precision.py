@@ -47,6 +47,7 @@ from torchrec_shark.modules.kernels.sparse_optimizer import RowOptimizer
 from torchrec_shark.modules.quantization import CODECS, ROUNDING_MODES, CounterNoise, Fp32Codec, Int8Codec
 from torchrec_shark.modules.table_kind import (
     CHUNK_ROWS,
+    DictStateReader,
     PieceSpec,
     StateReader,
     TableKind,
@@ -491,6 +492,20 @@ class MixedPrecisionTable(RowStoreTable):
         self.step.fill_(self._step)
         if self._step % self.spec.retier_every == 0:
             self.retier()
+
+    def _save_to_state_dict(self, destination, prefix, keep_vars) -> None:
+        super()._save_to_state_dict(destination, prefix, keep_vars)
+        destination[prefix + "shards"] = self.shard_record()  # the same keys as a sharded table's
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs) -> None:
+        record = state_dict.pop(prefix + "shards", None)
+        if record is not None and not torch.equal(torch.as_tensor(record).reshape(-1, 5), self.shard_record()):
+            # saved under another sharding: re-slice it for this table's rows
+            present = {k[len(prefix):]: state_dict.pop(k) for k in list(state_dict) if k.startswith(prefix)}
+            present["shards"] = record
+            MixedPrecisionKind().load_state(self, DictStateReader(present), self.row_start)
+            return
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def shard_record(self) -> torch.Tensor:
         """``[[row_start, rows, n32, n16, n8]]``: where this table's rows and pools sit in the whole table

@@ -31,7 +31,7 @@ from __future__ import annotations
 import abc
 import zlib
 from dataclasses import dataclass
-from typing import Callable, Dict, Iterator, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple
 
 import torch
 
@@ -119,6 +119,42 @@ class StateReader(abc.ABC):
         for a in range(offset, offset + length, chunk):
             n = min(chunk, offset + length - a)
             yield a, self.read(key, a, n)
+
+
+class DictStateReader(StateReader):
+    """Ranges of in-memory tensors: full tensors, a ``ShardedTensor``'s local shards, or a ``DTensor``."""
+
+    def __init__(self, values: Dict[str, Any]) -> None:
+        self._values = values
+
+    def keys(self) -> Sequence[str]:
+        return list(self._values)
+
+    def size(self, key: str) -> Tuple[int, ...]:
+        return tuple(self._values[key].size())
+
+    def read(self, key: str, offset: int = 0, length: Optional[int] = None, dim: int = 0) -> torch.Tensor:
+        value = self._values[key]
+        if value.dim() == 0:
+            return value.detach() if not hasattr(value, "full_tensor") else value.full_tensor()
+        length = value.size(dim) - offset if length is None else length
+        if hasattr(value, "local_shards"):
+            parts = []
+            for s in sorted(value.local_shards(), key=lambda s: s.metadata.shard_offsets[dim]):
+                o, n = s.metadata.shard_offsets[dim], s.metadata.shard_sizes[dim]
+                lo, hi = max(o, offset), min(o + n, offset + length)
+                if hi > lo:
+                    parts.append(s.tensor.detach().narrow(dim, lo - o, hi - lo))
+            covered = sum(p.shape[dim] for p in parts)
+            if length == 0:
+                return torch.empty(*[0 if d == dim else n for d, n in enumerate(value.size())], dtype=value.dtype)
+            if covered != length:
+                raise ValueError(f"{key}: this rank's shards of the given ShardedTensor do not cover "
+                                 f"[{offset}, {offset + length}) along dim {dim}")
+            return parts[0] if len(parts) == 1 else torch.cat(parts, dim)
+        if hasattr(value, "full_tensor"):
+            value = value.full_tensor()
+        return value.detach().narrow(dim, offset, length)
 
 
 class TableKind(abc.ABC):
