@@ -129,6 +129,21 @@ def shard(model, world_size: int, sharding_type: str, batch_size: int = GLOBAL_B
     return dmp, plan
 
 
+def load_sharded(path: str, kinds, world_size: int, sharding_type: str, pg=None, batch_size: int = GLOBAL_BATCH // 2,
+                 seed: int = 7):
+    """A model of another initialisation, sharded ``sharding_type``, with everything loaded from the checkpoint
+    at ``path`` (which any sharding may have saved): ``(dmp, plan, optimizer)``."""
+    from torchrec_shark.distributed import resharding
+
+    dmp, plan = shard(build_model(kinds, seed=seed), world_size, sharding_type, batch_size=batch_size, pg=pg)
+    opt = CombinedOptimizer([dmp.fused_optimizer, dense_opt(dmp)])
+    state = {"model": dmp.state_dict(), "optim": opt.state_dict()}
+    resharding.load(state, path, dmp, process_group=pg)
+    dmp.load_state_dict(state["model"])
+    opt.load_state_dict(state["optim"])
+    return dmp, plan, opt
+
+
 def train_sharded(dmp, kinds, steps: int, rank: int, world_size: int, start: int = 0):
     opt = CombinedOptimizer([dmp.fused_optimizer, dense_opt(dmp)])
     dmp.train()

@@ -18,7 +18,6 @@ import torch.distributed.checkpoint as dcp
 from torchrec.optim.keyed import CombinedOptimizer
 
 from tests.dist_utils import run_ranks
-from torchrec_shark.distributed import resharding
 from tests.distributed import compressed_common as C
 
 KINDS = ["fp32", "mp", "tt"]
@@ -119,24 +118,14 @@ def _checkpoint(rank, ws, ref4, path):
     dist.barrier()
     out = {}
     # a different initialisation, sharded table-wise: everything must come from the checkpoint
-    dmp2, plan2 = C.shard(C.build_model(KINDS, seed=7), ws, "table_wise")
-    opt2 = CombinedOptimizer([dmp2.fused_optimizer, C.dense_opt(dmp2)])
-    state = {"model": dmp2.state_dict(), "optim": opt2.state_dict()}
-    resharding.load(state, path, dmp2)
-    dmp2.load_state_dict(state["model"])
-    opt2.load_state_dict(state["optim"])
+    dmp2, plan2, _ = C.load_sharded(path, KINDS, ws, "table_wise")
     opt2 = C.train_sharded(dmp2, KINDS, 2, rank, ws, start=2)
     types = {t: ps.sharding_type for t, ps in plan2.plan["model.embedding_bag_collection"].items()}
     out["rw_to_tw"] = (types, _compare(dmp2, opt2, ref4, rank, ws, KINDS))
     # the same checkpoint on one rank (a group of rank 0 alone)
     pg1 = dist.new_group([0])
     if rank == 0:
-        dmp1, plan1 = C.shard(C.build_model(KINDS, seed=9), 1, "table_wise", batch_size=C.GLOBAL_BATCH, pg=pg1)
-        opt1 = CombinedOptimizer([dmp1.fused_optimizer, C.dense_opt(dmp1)])
-        state = {"model": dmp1.state_dict(), "optim": opt1.state_dict()}
-        resharding.load(state, path, dmp1, process_group=pg1)
-        dmp1.load_state_dict(state["model"])
-        opt1.load_state_dict(state["optim"])
+        dmp1, plan1, _ = C.load_sharded(path, KINDS, 1, "table_wise", pg=pg1, batch_size=C.GLOBAL_BATCH, seed=9)
         opt1 = C.train_sharded(dmp1, KINDS, 2, 0, 1, start=2)
         types = {t: ps.sharding_type for t, ps in plan1.plan["model.embedding_bag_collection"].items()}
         out["two_to_one"] = (types, _compare(dmp1, opt1, ref4, 0, 1, KINDS))

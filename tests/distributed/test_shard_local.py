@@ -10,11 +10,9 @@ import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint import FileSystemReader
-from torchrec.optim.keyed import CombinedOptimizer
 
 from tests.dist_utils import run_ranks
 from tests.distributed import compressed_common as C
-from torchrec_shark.distributed import resharding
 from torchrec_shark.distributed.compressed_kernels import allocated_bytes
 from torchrec_shark.modules import (
     CompressedEmbeddingBagCollection,
@@ -174,12 +172,7 @@ def _reshard(rank, ws, path, ref4):
     from tests.distributed.test_compressed_sharding import _compare
 
     for name, ckpt in (("tw_to_rw", tw), ("one_to_rw", one)):
-        dmp2, plan2 = C.shard(C.build_model(KINDS, seed=7), ws, "row_wise")
-        opt2 = CombinedOptimizer([dmp2.fused_optimizer, C.dense_opt(dmp2)])
-        state = {"model": dmp2.state_dict(), "optim": opt2.state_dict()}
-        resharding.load(state, ckpt, dmp2)
-        dmp2.load_state_dict(state["model"])
-        opt2.load_state_dict(state["optim"])
+        dmp2, plan2, _ = C.load_sharded(ckpt, KINDS, ws, "row_wise")
         opt2 = C.train_sharded(dmp2, KINDS, 2, rank, ws, start=2)
         types = {t: ps.sharding_type for t, ps in plan2.plan["model.embedding_bag_collection"].items()}
         out[name] = (types, _compare(dmp2, opt2, ref4, rank, ws, KINDS))

@@ -172,16 +172,14 @@ def warm_start(
     saved = checkpoint_tensor_shapes(checkpoint)
     current = model.state_dict()
     columns = dict(columns or {})
-    # Sharded compressed tables load themselves, a chunk at a time, from any row-store kind and sharding.
-    compressed = _warm_start_sharded_tables(checkpoint, saved, model, columns)
+    # Compressed tables (sharded or not) load themselves, a chunk at a time, from any row-store kind and
+    # any sharding, narrowed to init_columns where asked.
+    compressed = _warm_start_compressed_tables(checkpoint, saved, model, columns)
     current = {k: v for k, v in current.items() if _table_prefix(k) not in compressed["prefixes"]}
     wanted = {k: v for k, v in current.items() if k in saved and _global_shape(v) == saved[k]}
-    # Unsharded compressed tables store encoded pools; they narrow through their logical rows.
-    row_stores = {t: m for t, m in _row_store_tables(model, current).items() if t in columns}
-    narrowed = _narrowed_tables(current, saved, {t: c for t, c in columns.items() if t not in row_stores})
-    # A table loads whole or not at all: a tensor-train table at a new width may share a core's
-    # shape with its source, but a core of another factorisation means nothing here.
-    keep = {k.rsplit(".", 1)[0] for k in narrowed} | {prefix for prefix, _, _ in row_stores.values()}
+    narrowed = _narrowed_tables(current, saved, {t: c for t, c in columns.items() if t not in compressed["tables"]})
+    # A table loads whole or not at all.
+    keep = {k.rsplit(".", 1)[0] for k in narrowed}
     fresh = _changed_tables(current, wanted, keep)
     wanted = {k: v for k, v in wanted.items() if _table_prefix(k) not in fresh}
     dcp.load({"model": wanted}, checkpoint_id=checkpoint, planner=DefaultLoadPlanner(allow_partial_load=True))
@@ -196,8 +194,6 @@ def warm_start(
         # A sharded compressed table exports copies of its rows: hand them back through its load hook.
         model.load_state_dict({key: current[key]}, strict=False)
     narrowed_keys = set(narrowed)
-    for table, (prefix, module, config) in row_stores.items():
-        narrowed_keys |= _narrow_row_store(checkpoint, saved, prefix, module, config, columns[table])
     skipped = sorted(set(current) - set(wanted) - narrowed_keys)
     fresh_tables = sorted([p.rsplit(".", 1)[1] for p in fresh] + compressed["fresh"])
     wanted.update({k: None for k in compressed["loaded"]})
@@ -210,33 +206,51 @@ def warm_start(
             "fresh_tables": fresh_tables}
 
 
-def _warm_start_sharded_tables(checkpoint: str, saved: Dict, model: torch.nn.Module,
-                               columns: Dict[str, List[int]]) -> Dict:
-    """Warm-start every table of the model's sharded compressed collections through its kind's chunked
-    load (stock rows into any row store, any sharding; ``columns`` narrow row stores). Returns the
-    tables' key prefixes handled here and what was loaded, narrowed or left fresh (and why, logged)."""
+def _warm_start_compressed_tables(checkpoint: str, saved: Dict, model: torch.nn.Module,
+                                  columns: Dict[str, List[int]]) -> Dict:
+    """Warm-start every table of the model's compressed collections, sharded or not, through its kind's
+    chunked load (stock rows into any row store, any sharding; ``columns`` narrow row stores). Returns the
+    tables and their key prefixes handled here, and what was loaded, narrowed or left fresh (why: logged)."""
     from torchrec_shark.distributed.resharding import _unwrapped
     from torchrec_shark.distributed.state_readers import CheckpointStateReader
+    from torchrec_shark.modules.table_kind import kind_of
 
-    out: Dict = {"prefixes": set(), "loaded": [], "narrowed": [], "fresh": []}
-    for module in model.modules():
-        prefix = getattr(module, "state_prefix", None) if hasattr(module, "load_table") else None
-        if prefix is None:
+    out: Dict = {"prefixes": set(), "tables": set(), "loaded": [], "narrowed": [], "fresh": []}
+    for path, module in model.named_modules():
+        if hasattr(module, "load_table"):  # sharded: each rank loads its own shards
+            prefix = getattr(module, "state_prefix", None)
+            if prefix is None:
+                continue
+            tables = {name: (module.unloadable, module.load_table) for name in module._table_states}
+        elif isinstance(getattr(module, "embedding_bags", None), torch.nn.ModuleDict) \
+                and hasattr(module, "init_seed"):  # an unsharded compressed collection
+            prefix = f"{path}." if path else ""
+            configs = {c.name: c for c in module.embedding_bag_configs()}
+
+            def unloadable(name, reader, cols, c=configs):
+                return kind_of(c[name]).unloadable(c[name], reader, cols)
+
+            def load(name, reader, columns=None, c=configs, m=module):
+                kind_of(c[name]).load_state(m.embedding_bags[name], reader, 0, columns)
+
+            tables = {name: (unloadable, load) for name in configs}
+        else:
             continue
-        for name in module._table_states:
+        for name, (unloadable, load) in tables.items():
             table_key = _unwrapped(f"{prefix}embedding_bags.{name}")
             out["prefixes"].add(table_key)
+            out["tables"].add(name)
             if not any(k.startswith(table_key + ".") for k in saved):
                 out["fresh"].append(name)
                 continue
             reader = CheckpointStateReader(checkpoint, f"model.{table_key}.")
             cols = columns.get(name)
-            problem = module.unloadable(name, reader, cols)
+            problem = unloadable(name, reader, cols)
             if problem is not None:
                 logger.info("warm start: table %s starts fresh (%s)", name, problem)
                 out["fresh"].append(name)
                 continue
-            module.load_table(name, reader, columns=cols)
+            load(name, reader, columns=cols)
             # the optimizer state is keyed by the table's "weight" handle: it continues where shapes allow
             out["narrowed" if cols is not None else "loaded"].append(f"{table_key}.weight")
     return out
@@ -267,57 +281,6 @@ def _changed_tables(current: Dict, wanted: Dict, keep: set) -> set:
             continue
         out.add(prefix)
     return out
-
-
-def _row_store_tables(model: torch.nn.Module, current: Dict) -> Dict[str, Tuple[str, torch.nn.Module, object]]:
-    """Compressed tables whose own buffers are the state dict (unsharded): ``{table: (prefix, module, config)}``."""
-    out = {}
-    for cprefix, coll in model.named_modules():
-        bags = getattr(coll, "embedding_bags", None)
-        if not isinstance(bags, torch.nn.ModuleDict) or not hasattr(coll, "embedding_bag_configs"):
-            continue
-        configs = {c.name: c for c in coll.embedding_bag_configs()}
-        for name, table in bags.items():
-            prefix = f"{cprefix}.embedding_bags.{name}" if cprefix else f"embedding_bags.{name}"
-            keys = list(table.state_dict())
-            if hasattr(table, "load_logical_state_dict") and keys and all(f"{prefix}.{k}" in current for k in keys):
-                out[name] = (prefix, table, configs[name])
-    return out
-
-
-@torch.no_grad()
-def _narrow_row_store(
-    checkpoint: str, saved: Dict, prefix: str, table: torch.nn.Module, config, cols: List[int]
-) -> set:
-    """``table`` starts as the source table's rows restricted to ``cols`` (values, tiers, priorities).
-
-    The source is the same kind of table, wider: it is rebuilt at its saved width, loaded from
-    the checkpoint, and its logical rows (decoded to fp32) are sliced and re-encoded here.
-    Returns the state-dict keys whose shape the narrowing changed.
-    """
-    own = {k: v for k, v in table.state_dict().items()}
-    missing = [k for k in own if f"{prefix}.{k}" not in saved]
-    if missing:
-        raise CheckpointError(f"init_columns for table {table.name!r}: the source checkpoint has no "
-                              f"{[f'{prefix}.{k}' for k in missing]} (another table kind or sharding?)")
-    src_width = _saved_width(saved, prefix, own, table.embedding_dim)
-    if len(cols) != table.embedding_dim or max(cols) >= src_width:
-        raise CheckpointError(f"init_columns for table {table.name!r}: {len(cols)} columns (max {max(cols)}) "
-                              f"cannot fill width {table.embedding_dim} from saved width {src_width}")
-    source = type(table)(dataclasses.replace(config, embedding_dim=src_width), device=torch.device("cpu"))
-    src_state = {f"{prefix}.{k}": v for k, v in source.state_dict().items()
-                 if f"{prefix}.{k}" in saved and tuple(v.shape) == tuple(saved[f"{prefix}.{k}"])}
-    dcp.load({"model": src_state}, checkpoint_id=checkpoint, no_dist=True,
-             planner=DefaultLoadPlanner(allow_partial_load=True))
-    source.load_state_dict({k[len(prefix) + 1:]: v for k, v in src_state.items()}, strict=False)
-    full = source.logical_state_dict()
-    state = table.logical_state_dict()
-    state["weight"] = full["weight"][:, list(cols)].to(state["weight"])
-    for key in ("tier", "priority"):
-        if key in state and key in full:
-            state[key] = full[key]
-    table.load_logical_state_dict(state)
-    return {f"{prefix}.{k}" for k, v in own.items() if tuple(v.shape) != tuple(saved[f"{prefix}.{k}"])}
 
 
 def _saved_width(saved: Dict, prefix: str, own: Dict[str, object], width: int) -> int:
