@@ -5,6 +5,12 @@
   really allocates (:func:`shard_bytes`: tier pools, int8 scale/bias, row->slot map,
   priorities, TT cores, LFU cache, pending replica gradients, fused optimizer state). The
   1.8 planner ignores ``sharder.storage_usage()``, so this is the hook that counts.
+* :func:`planning_dtype` and :func:`register_customized_kernel_bandwidth`: what lets TorchRec's
+  *default* planner (``EmbeddingShardingPlanner()``, or ``DistributedModelParallel`` without a
+  plan) plan compressed tables with no estimator of ours: the sharder's planning tensors carry the
+  standard dtype (1, 2 or 4 bytes) nearest to each table's real bytes per element, which the
+  default ``EmbeddingStorageEstimator`` counts, and the default perf config gets a bandwidth for
+  ``customized_kernel`` when the sharder module is imported.
 * :class:`CompressedPerfEstimator`: TorchRec's default perf model with a bandwidth for
   ``customized_kernel`` (otherwise planning raises "Unrecognized or unsupported compute
   kernel"), with each shard's compute scaled by its kind's cost per row (:func:`kind_cost_factor`:
@@ -23,6 +29,7 @@ from __future__ import annotations
 import math
 from typing import Dict, List, Optional
 
+import torch
 from torchrec.distributed.embedding_types import EmbeddingComputeKernel
 from torchrec.distributed.planner.constants import DDR_MEM_BW, HBM_MEM_BW
 from torchrec.distributed.planner.estimator.estimator import EmbeddingPerfEstimatorFactory
@@ -154,6 +161,30 @@ def shard_bytes(config, source, sharding_type: str, row_offset: int, rows: int) 
             return tt_shard_bytes(lay, spec, rows, ns, opt, True)["total"]
         return tt_shard_bytes(lay, spec, config.num_embeddings, None, opt, False)["total"]
     return row_store_bytes(spec, rows, config.embedding_dim, opt)["total"]
+
+
+# Standard dtypes a planning tensor can take, by bytes per element.
+_PLANNING_DTYPES = ((1, torch.uint8), (2, torch.float16), (4, torch.float32))
+
+
+def planning_dtype(table) -> torch.dtype:
+    """The dtype whose element size is nearest (by ratio) to the bytes per element ``table`` really
+    allocates (rows, scales, slot map, priorities, TT cores; no optimizer state, as TorchRec counts
+    a fused table): TorchRec's default storage estimator counts ``numel * element_size`` of the
+    planning tensor, and this is the finest it can see. Exact bytes: :class:`CompressedStorageEstimator`."""
+    per_element = table.memory_bytes()["total"] / max(1, table.num_embeddings * table.embedding_dim)
+    return min(_PLANNING_DTYPES, key=lambda e: abs(math.log2(e[0]) - math.log2(max(per_element, 1e-9))))[1]
+
+
+def register_customized_kernel_bandwidth(config_cls=EmbeddingPerfEstimatorConfig) -> None:
+    """Give ``config_cls`` (TorchRec's default perf config unless told) a ``customized_kernel``
+    bandwidth for cpu and cuda, as for TBE's fused kernel; a bandwidth already set is kept. Without
+    one, the default perf estimator raises "Unrecognized or unsupported compute kernel".
+    Configs derived from it afterwards inherit the entry (``device_bw`` copies the parent's)."""
+    have = getattr(config_cls, "kernel_device_bandwidths", None) or {}
+    for device, bw in (("cpu", DDR_MEM_BW), ("cuda", HBM_MEM_BW)):
+        if (device, CUSTOM) not in have:
+            device_bw(bandwidth=bw, device=device, compute_kernel=CUSTOM)(config_cls)
 
 
 def _compressed_collection(module) -> bool:
