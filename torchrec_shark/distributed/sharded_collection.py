@@ -69,6 +69,7 @@ from torchrec_shark.distributed.compressed_kernels import (
     shard_row_range,
     table_kind,
 )
+from torchrec_shark.distributed.fused_params import optimizer_spec_from_fused_params, with_optimizer
 from torchrec_shark.modules.base import CompressedTable
 from torchrec_shark.modules.specs import TensorTrain
 
@@ -81,14 +82,19 @@ SHARK_KIND = "shark_kind"
 class _Context:
     """What the kernels need from the unsharded module; built before TorchRec's constructor runs."""
 
-    def __init__(self, module, env: ShardingEnv, device: Optional[torch.device]) -> None:
+    def __init__(self, module, env: ShardingEnv, device: Optional[torch.device],
+                 fused_params: Optional[Dict[str, Any]] = None) -> None:
         self.configs = {c.name: c for c in module.embedding_bag_configs()}
-        self.sources: Dict[str, nn.Module] = dict(module.embedding_bags.items())
+        # The sharder's fused_params choose the shards' optimizer, as they do a TBE's (never ignored).
+        spec = optimizer_spec_from_fused_params(fused_params, module._optimizer_spec)
+        self.sources: Dict[str, nn.Module] = {
+            n: with_optimizer(t, self.configs[n], spec) for n, t in module.embedding_bags.items()
+        }
         self.env = env
         self.device = device if device is not None else torch.device("cpu")
         self.labels = LabelBox()
         self.shards: Dict[str, TableShard] = {}
-        self.lr = float(getattr(module, "_optimizer_spec").lr) if hasattr(module, "_optimizer_spec") else None
+        self.lr = float(spec.lr)
 
     def build(self, table, sharding_type: str, pg) -> TableShard:
         r0, n = shard_row_range(table)
@@ -241,7 +247,7 @@ class ShardedCompressedEmbeddingBagCollection(ShardedEmbeddingBagCollection):
             if ps.sharding_type not in (ShardingType.TABLE_WISE.value, ShardingType.ROW_WISE.value):
                 raise ValueError(f"table {name!r}: sharding type {ps.sharding_type}; compressed tables shard "
                                  "table_wise or row_wise")
-        self.__dict__["_shark"] = _Context(module, env, device)
+        self.__dict__["_shark"] = _Context(module, env, device, fused_params)
         super().__init__(module, table_name_to_parameter_sharding, env, fused_params, device, qcomm_codecs_registry,
                          module_fqn, sharded_module_order_overwrite)
         ctx: _Context = self.__dict__["_shark"]
