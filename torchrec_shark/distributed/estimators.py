@@ -26,6 +26,7 @@ Example::
 
 from __future__ import annotations
 
+import contextlib
 import math
 from typing import Dict, List, Optional
 
@@ -193,11 +194,28 @@ def _compressed_collection(module) -> bool:
     )
 
 
+@contextlib.contextmanager
+def _fp32_planning_tensors(sharding_options: List[ShardingOption]):
+    """Compressed-collection options seen with fp32 planning tensors (what the tables output, so what
+    TorchRec's IO and comms terms must count); their own dtypes (:func:`planning_dtype`) are put back."""
+    saved = []
+    for so in sharding_options:
+        if so.compute_kernel == CUSTOM and _compressed_collection(so.module[1]) and so.tensor.dtype != torch.float32:
+            saved.append((so, so.tensor))
+            so.tensor = torch.empty(so.tensor.shape, dtype=torch.float32, device="meta")
+    try:
+        yield
+    finally:
+        for so, tensor in saved:
+            so.tensor = tensor
+
+
 class CompressedStorageEstimator(EmbeddingStorageEstimator):
     """TorchRec's storage estimator, then the real compressed bytes for ``customized_kernel`` shards."""
 
     def estimate(self, sharding_options: List[ShardingOption], sharder_data_map=None) -> None:  # type: ignore[override]
-        super().estimate(sharding_options, sharder_data_map)
+        with _fp32_planning_tensors(sharding_options):
+            super().estimate(sharding_options, sharder_data_map)
         device = self._topology.compute_device
         for so in sharding_options:
             if so.compute_kernel != CUSTOM:
@@ -209,7 +227,7 @@ class CompressedStorageEstimator(EmbeddingStorageEstimator):
             source = module.embedding_bags[so.name]
             for shard in so.shards:
                 rows, cols = shard.size
-                dense = math.ceil(so.tensor.element_size() * rows * cols)
+                dense = math.ceil(4 * rows * cols)  # the fp32 planning tensor the base estimate saw
                 real = shard_bytes(config, source, so.sharding_type, shard.offset[0], rows)
                 st = shard.storage
                 if device == "cuda":
@@ -237,7 +255,8 @@ class CompressedPerfEstimator(EmbeddingPerfEstimator):
         )
 
     def estimate(self, sharding_options: List[ShardingOption], sharder_data_map=None) -> None:  # type: ignore[override]
-        super().estimate(sharding_options, sharder_data_map)
+        with _fp32_planning_tensors(sharding_options):
+            super().estimate(sharding_options, sharder_data_map)
         for so in sharding_options:
             if so.compute_kernel != CUSTOM or not _compressed_collection(so.module[1]):
                 continue
