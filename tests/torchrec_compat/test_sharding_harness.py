@@ -5,7 +5,8 @@ The harness builds the same model twice (unsharded and, through TorchRec's defau
 ``DistributedModelParallel``, sharded), copies the unsharded state into the sharded one, trains one
 SGD step on each and checks that the sharded predictions equal the unsharded ones. Each compressed
 kind is compared with itself unsharded (the reference computes over the same dequantised values).
-The default suite runs a representative subset; ``-m torchrec_full`` runs every kind x sharding type.
+The default suite runs one model mixing three kinds and both sharding types; ``-m torchrec_full``
+runs every kind x sharding type (``make test-torchrec``).
 """
 
 from __future__ import annotations
@@ -41,21 +42,23 @@ KINDS = {
     "tensor_train": TensorTrain(num_cores=3, ranks=(4,), row_factors=(4, 4, 4)),
 }
 SHARDING_TYPES = ["table_wise", "row_wise"]
-DEFAULT_SUBSET = [("fp32", "row_wise"), ("mixed_precision", "row_wise"), ("tensor_train", "table_wise")]
+# The default suite's run: one model whose tables are of three kinds and both sharding types
+# (table_0, table_1, weighted_table_0).
+MIXED = (("fp32", "row_wise"), ("mixed_precision", "row_wise"), ("tensor_train", "table_wise"))
 
 
-def _tables(spec):
+def _tables(specs):
     tables = [
         CompressedEmbeddingBagConfig(name="table_0", num_embeddings=ROWS, embedding_dim=8, feature_names=["feature_0"],
-                                     compression=spec),
+                                     compression=specs[0]),
         # two features share a table; MEAN pooling
         CompressedEmbeddingBagConfig(name="table_1", num_embeddings=ROWS, embedding_dim=16,
                                      feature_names=["feature_1", "feature_2"], pooling=PoolingType.MEAN,
-                                     compression=spec),
+                                     compression=specs[1]),
     ]
     weighted = [
         CompressedEmbeddingBagConfig(name="weighted_table_0", num_embeddings=ROWS, embedding_dim=8,
-                                     feature_names=["weighted_feature_0"], compression=spec),
+                                     feature_names=["weighted_feature_0"], compression=specs[2]),
     ]
     return tables, weighted
 
@@ -70,10 +73,11 @@ def _copy_dense_state(loc, glob, exclude_predfix=None):
     return _harness_copy_state_dict({k: v for k, v in loc.items() if not k.startswith(sparse)}, glob, exclude_predfix)
 
 
-def _rank_main(rank: int, world_size: int, kind: str, sharding_type: str) -> None:
+def _rank_main(rank: int, world_size: int, layout) -> None:
+    """``layout``: ``(kind, sharding type)`` of table_0, table_1 and weighted_table_0."""
     torch.set_num_threads(1)
     test_sharding.copy_state_dict = _copy_dense_state
-    tables, weighted = _tables(KINDS[kind])
+    tables, weighted = _tables([KINDS[kind] for kind, _ in layout])
     sharding_single_rank_test(
         rank=rank,
         world_size=world_size,
@@ -85,7 +89,7 @@ def _rank_main(rank: int, world_size: int, kind: str, sharding_type: str) -> Non
             fused_params={"optimizer": EmbOptimType.EXACT_SGD, "learning_rate": 0.1})],
         backend="gloo",
         optim=EmbOptimType.EXACT_SGD,
-        constraints={t.name: ParameterConstraints(sharding_types=[sharding_type]) for t in tables + weighted},
+        constraints={t.name: ParameterConstraints(sharding_types=[st]) for t, (_, st) in zip(tables + weighted, layout)},
         # tighter than the harness's float32 default: one SGD step moves these predictions by ~1e-5
         # per 0.2 of learning rate, which the default tolerance would not see
         atol=1e-6,
@@ -99,10 +103,10 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def run_harness(kind: str, sharding_type: str, world_size: int = WORLD_SIZE) -> None:
+def run_harness(layout, world_size: int = WORLD_SIZE) -> None:
     """Run the harness on ``world_size`` spawned gloo ranks; fail (never hang) after ``TIMEOUT_S``."""
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()))
-    ctx = mp.start_processes(_rank_main, args=(world_size, kind, sharding_type), nprocs=world_size,
+    ctx = mp.start_processes(_rank_main, args=(world_size, tuple(layout)), nprocs=world_size,
                              start_method="spawn", join=False)
     deadline = time.monotonic() + TIMEOUT_S
     while not ctx.join(timeout=5):
@@ -110,16 +114,15 @@ def run_harness(kind: str, sharding_type: str, world_size: int = WORLD_SIZE) -> 
             for p in ctx.processes:
                 if p.is_alive():
                     p.terminate()
-            pytest.fail(f"TorchRec harness ({kind}, {sharding_type}) did not finish in {TIMEOUT_S}s")
+            pytest.fail(f"TorchRec harness {layout} did not finish in {TIMEOUT_S}s")
 
 
-@pytest.mark.parametrize("kind, sharding_type", DEFAULT_SUBSET)
-def test_torchrec_harness_subset(kind, sharding_type):
-    run_harness(kind, sharding_type)
+def test_torchrec_harness_three_kinds_both_sharding_types():
+    run_harness(MIXED)
 
 
 @pytest.mark.torchrec_full
 @pytest.mark.parametrize("sharding_type", SHARDING_TYPES)
 @pytest.mark.parametrize("kind", list(KINDS))
 def test_torchrec_harness_full(kind, sharding_type):
-    run_harness(kind, sharding_type)
+    run_harness([(kind, sharding_type)] * 3)
