@@ -143,3 +143,30 @@ def test_fused_updates_match_fused_embedding_bag_collection_over_two_steps(optim
             (m(kjt).values() * probe).sum().backward()
     for name, table in ours.embedding_bags.items():
         torch.testing.assert_close(table.full_weight(), stock.state_dict()[f"embedding_bags.{name}.weight"])
+
+
+# ---------------------------------------------------------------------------- documented differences
+def test_a_compressed_update_is_the_stock_update_rounded_to_the_tables_storage():
+    """Stock's fused update lands exactly; an int8 table stores the updated row re-quantised (nearest
+    rounding here), so it differs from stock by at most that row's quantisation step."""
+    configs = [CompressedEmbeddingBagConfig(name="t", num_embeddings=12, embedding_dim=8, feature_names=["f"],
+                                            compression=Uniform("int8", rounding="nearest"))]
+    torch.manual_seed(0)
+    ours = CompressedEmbeddingBagCollection(configs, optimizer=SparseOptimizerSpec("sgd", lr=0.5))
+    stock = FusedEmbeddingBagCollection(
+        tables=[EmbeddingBagConfig(name="t", num_embeddings=12, embedding_dim=8, feature_names=["f"])],
+        optimizer_type=torch.optim.SGD, optimizer_kwargs={"lr": 0.5}, device=torch.device("cpu"))
+    weight = stock.state_dict()["embedding_bags.t.weight"]
+    weight.copy_(ours.embedding_bags["t"].full_weight())
+    kjt = _kjt(["f"], 4)
+    for m in (ours, stock):
+        (m(kjt).values() * torch.arange(8.0)).sum().backward()
+    got = ours.embedding_bags["t"].full_weight()
+    step = (weight.amax(1) - weight.amin(1)) / 255
+    assert (got - weight).abs().amax(1).le(step + 1e-6).all()
+    assert (got - weight).abs().max() > 0  # rounded, not the exact stock update
+
+
+def test_meta_device_construction_is_refused_with_reason():
+    with pytest.raises(ValueError, match="real device"):
+        CompressedEmbeddingBagCollection(_configs("int8"), device=torch.device("meta"))
