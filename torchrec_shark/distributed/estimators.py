@@ -202,12 +202,12 @@ def _fp32_planning_tensors(sharding_options: List[ShardingOption]):
     for so in sharding_options:
         if so.compute_kernel == CUSTOM and _compressed_collection(so.module[1]) and so.tensor.dtype != torch.float32:
             saved.append((so, so.tensor))
-            so.tensor = torch.empty(so.tensor.shape, dtype=torch.float32, device="meta")
+            so._tensor = torch.empty(so.tensor.shape, dtype=torch.float32, device="meta")  # read-only property
     try:
         yield
     finally:
         for so, tensor in saved:
-            so.tensor = tensor
+            so._tensor = tensor
 
 
 class CompressedStorageEstimator(EmbeddingStorageEstimator):
