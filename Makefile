@@ -3,7 +3,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: install train test bench clean
+.PHONY: install train test test-torchrec bench clean
 
 install: $(STAMP)
 
@@ -20,6 +20,10 @@ train: install
 
 test: install
 	$(PY) -m pytest -q tests $(PYTEST_ARGS)
+
+# TorchRec's sharding harness over every compressed kind x sharding type (2 gloo ranks; slow)
+test-torchrec: install
+	$(PY) -m pytest -q tests/torchrec_compat -m torchrec_full $(PYTEST_ARGS)
 
 bench: install
 	$(PY) -m torchrec_shark.bench.tables $(ARGS)

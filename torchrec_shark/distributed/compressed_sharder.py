@@ -6,6 +6,12 @@ shards on the same path) is offered ``table_wise`` and ``row_wise`` on every dev
 first-core slices: :func:`compressed_constraints` restricts the ones that would not align to
 ``table_wise`` (and logs why).
 
+TorchRec's own planner works as it is (``EmbeddingShardingPlanner()``, or ``DistributedModelParallel``
+without a plan): importing this module registers a ``customized_kernel`` bandwidth with TorchRec's
+default perf config, and the planning tensors' dtypes carry the compressed size to its default storage
+estimator (to the nearest 1, 2 or 4 bytes per element). :func:`build_compressed_planner` counts the
+exact bytes and each kind's compute cost.
+
 Example::
 
     sharders = [CompressedEmbeddingBagCollectionSharder(), CpuRowWiseEmbeddingBagCollectionSharder()]
@@ -31,11 +37,18 @@ from torchrec.distributed.planner.storage_reservations import FixedPercentageSto
 from torchrec.distributed.types import ParameterSharding, ShardingEnv, ShardingType
 
 from torchrec_shark.distributed.compressed_kernels import rw_alignment_problem
-from torchrec_shark.distributed.estimators import CompressedPerfEstimator, CompressedStorageEstimator
+from torchrec_shark.distributed.estimators import (
+    CompressedPerfEstimator,
+    CompressedStorageEstimator,
+    planning_dtype,
+    register_customized_kernel_bandwidth,
+)
 
 logger = logging.getLogger(__name__)
 
 GIB = 1024**3
+# TorchRec's default planner (EmbeddingShardingPlanner(), DMP without a plan) can then price these tables.
+register_customized_kernel_bandwidth()
 COMPRESSED_SHARDING_TYPES = [ShardingType.TABLE_WISE.value, ShardingType.ROW_WISE.value]
 
 
@@ -57,8 +70,14 @@ class CompressedEmbeddingBagCollectionSharder(BaseEmbeddingSharder):
     def shardable_parameters(self, module) -> Dict[str, nn.Parameter]:
         # Planning tensors only: rows x dim on meta (never allocated). The row count must be exactly
         # num_embeddings: the RW input dist bucketises ids with ceil(N / world) as the planner does.
+        # The dtype is the one nearest the table's real bytes per element, so that TorchRec's default
+        # storage estimator sees (about) the compressed size.
+        tables = module.embedding_bags
         return {
-            c.name: nn.Parameter(torch.empty(c.num_embeddings, c.embedding_dim, device="meta"), requires_grad=False)
+            c.name: nn.Parameter(
+                torch.empty(c.num_embeddings, c.embedding_dim, device="meta", dtype=planning_dtype(tables[c.name])),
+                requires_grad=False,
+            )
             for c in module.embedding_bag_configs()
         }
 

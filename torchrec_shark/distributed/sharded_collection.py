@@ -69,6 +69,7 @@ from torchrec_shark.distributed.compressed_kernels import (
     shard_row_range,
     table_kind_key,
 )
+from torchrec_shark.distributed.fused_params import optimizer_spec_from_fused_params
 from torchrec_shark.distributed.state_readers import DictStateReader
 from torchrec_shark.modules.base import CompressedTable, SparseOptimizerSpec
 from torchrec_shark.modules.table_kind import CHUNK_ROWS, PieceSpec, StateReader, kind_of, table_seed
@@ -82,13 +83,16 @@ SHARK_KIND = "shark_kind"
 class _Context:
     """What the kernels need from the unsharded module; built before TorchRec's constructor runs."""
 
-    def __init__(self, module, env: ShardingEnv, device: Optional[torch.device]) -> None:
+    def __init__(self, module, env: ShardingEnv, device: Optional[torch.device],
+                 fused_params: Optional[Dict[str, Any]] = None) -> None:
         self.configs = {c.name: c for c in module.embedding_bag_configs()}
         # Unsharded tables with real storage hand their state to the shards; on ``meta`` they hold nothing
         # and each shard initialises its own rows.
         self.sources: Dict[str, nn.Module] = dict(module.embedding_bags.items())
         self.init_seed = int(getattr(module, "init_seed", torch.initial_seed()))
-        self.optimizer: SparseOptimizerSpec = getattr(module, "_optimizer_spec", SparseOptimizerSpec())
+        # The sharder's fused_params choose the shards' optimizer, as they do a TBE's (never ignored).
+        self.optimizer: SparseOptimizerSpec = optimizer_spec_from_fused_params(
+            fused_params, getattr(module, "_optimizer_spec", SparseOptimizerSpec()))
         self.env = env
         self.device = device if device is not None else torch.device("cpu")
         self.labels = LabelBox()
@@ -232,7 +236,7 @@ class ShardedCompressedEmbeddingBagCollection(ShardedEmbeddingBagCollection):
             if ps.sharding_type not in (ShardingType.TABLE_WISE.value, ShardingType.ROW_WISE.value):
                 raise ValueError(f"table {name!r}: sharding type {ps.sharding_type}; compressed tables shard "
                                  "table_wise or row_wise")
-        self.__dict__["_shark"] = _Context(module, env, device)
+        self.__dict__["_shark"] = _Context(module, env, device, fused_params)
         super().__init__(module, table_name_to_parameter_sharding, env, fused_params, device, qcomm_codecs_registry,
                          module_fqn, sharded_module_order_overwrite)
         ctx: _Context = self.__dict__["_shark"]

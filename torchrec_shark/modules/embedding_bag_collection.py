@@ -138,7 +138,7 @@ class CompressedEmbeddingBagCollection(EmbeddingBagCollectionInterface, FusedOpt
         self._length_per_key: List[int] = [
             cfg.embedding_dim for cfg in self._embedding_bag_configs for _ in cfg.feature_names
         ]
-        self._permute_cache: Dict[Tuple[str, ...], Optional[List[int]]] = {}
+        self._slice_cache: Dict[Tuple[str, ...], List[List[Tuple[int, int]]]] = {}
         self._fused_optimizer: Optional[CompressedTablesOptimizer] = None
         self._register_load_state_dict_pre_hook(self._load_other_layouts, with_module=True)
 
@@ -186,46 +186,97 @@ class CompressedEmbeddingBagCollection(EmbeddingBagCollectionInterface, FusedOpt
         return super()._apply(fn, *args, **kwargs)
 
     # ------------------------------------------------------------------ input slicing
-    def _ordered(self, features: KeyedJaggedTensor) -> KeyedJaggedTensor:
-        """``features`` with this collection's features first, in table order."""
-        if features.variable_stride_per_key():
-            raise ValueError("CompressedEmbeddingBagCollection does not support variable batch size per feature")
-        keys = tuple(features.keys())
-        if keys not in self._permute_cache:
+    def _key_runs(self, keys: Tuple[str, ...]) -> List[List[Tuple[int, int]]]:
+        """Per table: its features as runs ``[first, last)`` of consecutive positions in ``keys``.
+
+        Features are sliced per key (as stock ``EmbeddingBagCollection`` does with ``to_dict``),
+        never permuted: a feature that feeds two tables is read twice from the same values, so
+        gradients into its per-id weights add up through plain slicing.
+        """
+        runs = self._slice_cache.get(keys)
+        if runs is None:
             missing = [f for f in self._feature_order if f not in keys]
             if missing:
                 raise ValueError(f"features {missing} are missing from the KeyedJaggedTensor (keys {list(keys)})")
-            idx = [keys.index(f) for f in self._feature_order]
-            self._permute_cache[keys] = None if idx == list(range(len(idx))) else idx
-        idx = self._permute_cache[keys]
-        return features if idx is None else features.permute(idx)
+            position = {k: i for i, k in enumerate(keys)}
+            runs = []
+            for f0, f1 in self._table_features:
+                table_runs: List[Tuple[int, int]] = []
+                for f in self._feature_order[f0:f1]:
+                    p = position[f]
+                    if table_runs and table_runs[-1][1] == p:
+                        table_runs[-1] = (table_runs[-1][0], p + 1)
+                    else:
+                        table_runs.append((p, p + 1))
+                runs.append(table_runs)
+            self._slice_cache[keys] = runs
+        return runs
 
     def _table_inputs(self, kjt: KeyedJaggedTensor):
-        """Per table: ``(table, ids, offsets, weights or None, num_features)`` with the bags of
-        its features concatenated (feature-major)."""
-        batch = kjt.stride()
+        """Per table: ``(table, ids, offsets, weights or None, bags per feature)`` with the bags of
+        its features concatenated (feature-major, in the table's feature order).
+
+        Bags per feature is the batch size of each of the table's features (they differ only for a
+        variable-batch KJT)."""
+        runs = self._key_runs(tuple(kjt.keys()))
+        strides = kjt.stride_per_key()
+        bag_start = [0]
+        for s in strides:
+            bag_start.append(bag_start[-1] + s)
         values, offsets = kjt.values(), kjt.offsets()
         weights = kjt.weights() if self._is_weighted else None
         starts = kjt.offset_per_key()
-        for table, (f0, f1) in zip(self.embedding_bags.values(), self._table_features):
-            a, b = starts[f0], starts[f1]
-            offs = offsets[f0 * batch : f1 * batch + 1]
-            yield table, values[a:b], offs - a if a else offs, None if weights is None else weights[a:b], f1 - f0
+        for table, table_runs in zip(self.embedding_bags.values(), runs):
+            pieces = []
+            for k0, k1 in table_runs:
+                b0, b1 = bag_start[k0], bag_start[k1]
+                offs = offsets[b0 : b1 + 1]
+                a, b = starts[k0], starts[k1]
+                pieces.append((values[a:b], offs - a if a else offs, None if weights is None else weights[a:b]))
+            bags = [strides[k] for k0, k1 in table_runs for k in range(k0, k1)]
+            if len(pieces) == 1:
+                ids, offs, w = pieces[0]
+            else:
+                ids = torch.cat([p[0] for p in pieces])
+                shift, parts = 0, [pieces[0][1][:1]]
+                for p in pieces:
+                    parts.append(p[1][1:] + shift)
+                    shift += p[0].numel()
+                offs = torch.cat(parts)
+                w = None if weights is None else torch.cat([p[2] for p in pieces])
+            yield table, ids, offs, w, bags
 
     # ------------------------------------------------------------------ forward
     def forward(self, features: KeyedJaggedTensor) -> KeyedTensor:
-        kjt = self._ordered(features)
-        batch = kjt.stride()
+        if isinstance(features, torch.fx.Proxy):
+            # Traced as a leaf, as TorchRec's tracer treats its own embedding modules: one
+            # call_module node (the tables' input checks and fused updates cannot be traced).
+            tracer = features.tracer
+            return tracer.create_proxy("call_module", tracer.path_of_module(self), (features,), {})
         pooled: List[torch.Tensor] = []
-        for table, ids, offs, weights, nf in self._table_inputs(kjt):
+        for table, ids, offs, weights, bags in self._table_inputs(features):
             out = table(ids, offs, weights)
-            pooled.extend([out] if nf == 1 else out.view(nf, batch, -1).unbind(0))
+            pooled.extend([out] if len(bags) == 1 else out.split(bags))
+        if features.variable_stride_per_key():
+            pooled = self._expand_variable_batch(features, pooled)
         return KeyedTensor(
             keys=self._embedding_names,
             length_per_key=self._length_per_key,
             values=torch.cat(pooled, dim=1) if len(pooled) > 1 else pooled[0],
             key_dim=1,
         )
+
+    def _expand_variable_batch(self, features: KeyedJaggedTensor, pooled: List[torch.Tensor]) -> List[torch.Tensor]:
+        """Variable batch per feature: each feature's pooled rows mapped back onto the full batch
+        through the KJT's inverse indices, as stock ``EmbeddingBagCollection`` does."""
+        inverse = features.inverse_indices_or_none()
+        if inverse is None:
+            raise ValueError(
+                "a KeyedJaggedTensor with variable batch per feature needs inverse_indices to pool into one batch"
+            )
+        names, index = inverse
+        row = {name: i for i, name in enumerate(names)}
+        return [p.index_select(0, index[row[f]].long()) for p, f in zip(pooled, self._feature_order)]
 
     # ------------------------------------------------------------------ training hooks
     def record_labels(self, features: KeyedJaggedTensor, labels: torch.Tensor) -> None:
@@ -237,15 +288,16 @@ class CompressedEmbeddingBagCollection(EmbeddingBagCollectionInterface, FusedOpt
         <torchrec_shark.modules.mixed_precision.MixedPrecisionTable.record_labels>` for how the
         counts stay exact under row-wise sharding.
         """
-        kjt = self._ordered(features)
-        batch = kjt.stride()
+        if features.variable_stride_per_key():
+            raise TableInputError("record_labels: a variable-batch KeyedJaggedTensor has no single batch to label")
+        batch = features.stride()
         labels = labels.reshape(-1)
         if labels.numel() != batch:
             raise TableInputError(f"record_labels: {labels.numel()} labels for a batch of {batch}")
-        for table, ids, offs, _, nf in self._table_inputs(kjt):
+        for table, ids, offs, _, bags in self._table_inputs(features):
             if type(table).record_labels is CompressedTable.record_labels:
                 continue
-            if nf > 1:  # one bag per sample: the sample's ids from every feature of the table
+            if len(bags) > 1:  # one bag per sample: the sample's ids from every feature of the table
                 sample = bag_of_ids(offs.long(), ids.numel()) % batch
                 order = torch.sort(sample, stable=True).indices
                 ids = ids.index_select(0, order)
