@@ -249,11 +249,13 @@ def bench_build(rows: int, dim: int) -> None:
 
     ctx = mp.get_context("spawn")
     q = ctx.Queue()
-    p = ctx.Process(target=_build, args=(rows, 0, rows, dim, 2, q))
-    t0 = time.perf_counter()
-    p.start()
-    one = q.get()
-    p.join()
+    single = {}
+    for threads in (2, 1):
+        p = ctx.Process(target=_build, args=(rows, 0, rows, dim, threads, q))
+        p.start()
+        single[threads] = q.get()
+        p.join()
+    one = single[2]
     half = rows // 2
     procs = [ctx.Process(target=_build, args=(n, s, rows, dim, 1, q)) for s, n in ((0, half), (half, rows - half))]
     t1 = time.perf_counter()
@@ -265,9 +267,11 @@ def bench_build(rows: int, dim: int) -> None:
     wall_two = time.perf_counter() - t1
     print(f"building a {rows:,} x {dim} mixed-precision table (initial values, tiers, optimizer state):")
     print(f"  1 process, 2 threads, all rows:      {one:7.1f} s   {rows / one / 2:>12,.0f} rows/s per thread")
+    print(f"  1 process, 1 thread, all rows:       {single[1]:7.1f} s   {rows / single[1]:>12,.0f} rows/s per thread")
     print(f"  2 processes, 1 thread each, half:    {max(two):7.1f} s   {half / max(two):>12,.0f} rows/s per thread "
           f"(wall {wall_two:.1f} s with start-up)")
-    print(f"  ratio (2 ranks / 1 rank, build time): {max(two) / one:.2f}")
+    print(f"  build time, 2 ranks / 1 rank: {max(two) / one:.2f} (1 rank on 2 threads), "
+          f"{max(two) / single[1]:.2f} (1 rank on 1 thread)")
 
 
 def main(argv: Optional[List[str]] = None) -> None:
