@@ -32,6 +32,7 @@ import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint import DefaultLoadPlanner, FileSystemReader
+from torch.distributed.checkpoint.api import CheckpointException
 
 from torchrec_shark.training.transient_group import transient_group
 
@@ -245,7 +246,7 @@ def load_checkpoint(checkpoint: str, stateful: Dict[str, object]) -> Dict:
         meta = read_meta(checkpoint)
         with transient_group() as group:
             dcp.load(state, checkpoint_id=checkpoint, process_group=group)
-    except Exception as e:  # DCP gathers every rank's read errors and raises them on all ranks
+    except (Exception, CheckpointException) as e:  # DCP raises every rank's read errors on all ranks
         raise CheckpointError(f"checkpoint {checkpoint} cannot be read: {type(e).__name__}: {e}") from e
     for key, obj in stateful.items():
         obj.load_state_dict(state[key])  # type: ignore[attr-defined]
