@@ -11,7 +11,7 @@ From each job's ``metrics.json`` ``speed_history`` (samples/s of each logging in
 time only) it prints
 
 * ``after/before``: the ``ckpt`` job's mean samples/s after its last mid-run checkpoint over
-  its mean before the first one (one process: immune to load that is constant over the run);
+  its mean before the first one (its first logging interval, the warm-up, left out) (one process: immune to load that is constant over the run);
 * ``last3 vs control``: the ``ckpt`` job's mean samples/s over the last third of the run
   over the ``control`` job's over the same steps (the target is >= 0.95).
 
@@ -73,7 +73,7 @@ def measure(kind: str, layout: str, steps: int, every: int, log_every: int, data
         ck = _job(os.path.join(tmp, "ckpt"), kind, layout, steps, every, log_every, data, extra, timeout)
         ctl = _job(os.path.join(tmp, "control"), kind, layout, steps, steps, log_every, data, extra, timeout)
     last_ckpt = (steps - 1) // every * every
-    before = _mean(ck["speed_history"], 0, every, log_every)
+    before = _mean(ck["speed_history"], log_every, every, log_every)  # the first interval warms up
     after = _mean(ck["speed_history"], last_ckpt, steps, log_every)
     third = steps - steps // 3
     ck3 = _mean(ck["speed_history"], third, steps, log_every)

@@ -318,7 +318,9 @@ def warm_start(
     keep = {k.rsplit(".", 1)[0] for k in narrowed} | {prefix for prefix, _, _ in row_stores.values()}
     fresh = _changed_tables(current, wanted, keep)
     wanted = {k: v for k, v in wanted.items() if _table_prefix(k) not in fresh}
-    dcp.load({"model": wanted}, checkpoint_id=checkpoint, planner=DefaultLoadPlanner(allow_partial_load=True))
+    with transient_group() as group:  # see transient_group: the default group's threads would slow training
+        dcp.load({"model": wanted}, checkpoint_id=checkpoint, planner=DefaultLoadPlanner(allow_partial_load=True),
+                 process_group=group)
     # DistributedModelParallel's load hook renames the keys of the dict it is given: hand it a copy.
     model.load_state_dict(dict(wanted), strict=False)
     for key, cols in narrowed.items():
@@ -507,8 +509,9 @@ def warm_start_optimizer(
                     and len(cols) == shape[1] and max(cols) < src[1]:
                 narrowed.setdefault(param, {})[name] = value
     if subset:
-        dcp.load({"optim": {"state": subset}}, checkpoint_id=checkpoint,
-                 planner=DefaultLoadPlanner(allow_partial_load=True))
+        with transient_group() as group:
+            dcp.load({"optim": {"state": subset}}, checkpoint_id=checkpoint,
+                     planner=DefaultLoadPlanner(allow_partial_load=True), process_group=group)
     for param, entries in narrowed.items():
         whole = {name: torch.empty(saved[f"state.{param}.{name}"], dtype=torch.float32) for name in entries}
         dcp.load({"optim": {"state": {param: whole}}}, checkpoint_id=checkpoint, no_dist=True,
