@@ -61,8 +61,10 @@ def _save_and_eval(rank, world_size, run_dir, tables, sharding):
 
     register_configs()
     with initialize_config_dir(config_dir=os.path.join(ROOT, "conf"), version_base="1.3"):
+        # 48k validation predictions in all: a metric gather large enough for a parallel copy on gloo's thread.
         cfg = OmegaConf.to_object(compose(config_name="config", overrides=[
-            *SMALL, f"tables={tables}", f"planner.sharding_types=[{sharding}]"]))
+            *SMALL, f"tables={tables}", f"planner.sharding_types=[{sharding}]",
+            "data.synthetic.num_val_samples=98304", "trainer.eval_batches=192"]))
     env = init_distributed("cpu", 2)  # two intra-op threads per rank: a team that can be throttled
     trainer = Trainer(cfg, run_dir, env)
     batches = trainer._train_batches(0)
