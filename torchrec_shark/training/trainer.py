@@ -387,7 +387,7 @@ class Trainer:
             "history": history,
             # mixed-precision tables: rows per tier, lookups served per tier and rows moved per interval
             "tier_history": tier_history,
-            # samples/s of each logging interval (step time only): steady-state speed over the run
+            # speed_history (samples/s per logging interval), epochs, stop_reason, best (see run)
             **(extra or {}),
             **self.dataset.stats(),
         }
