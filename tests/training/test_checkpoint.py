@@ -241,3 +241,24 @@ def test_best_checkpoint_survives_rotation_and_resolves_with_at_best(tmp_path):
     ckpt.save_checkpoint(str(other), 1, {"model": Holder(["a"])}, meta={"step": 1})
     with pytest.raises(ckpt.CheckpointError, match="no best checkpoint"):
         ckpt.require_checkpoint(f"{other}@best")
+
+
+def _fallback_on_ranks(rank, world_size, run_dir):
+    model = Holder(["a"], seed=0)
+    ckpt.save_checkpoint(run_dir, 1, {"model": model}, meta={"step": 1})
+    ckpt.save_checkpoint(run_dir, 2, {"model": model}, meta={"step": 2})
+    if rank == 0:
+        newest = os.path.join(run_dir, ckpt.CHECKPOINT_DIR, "step_00000002")
+        for name in os.listdir(newest):
+            if name.endswith(".distcp"):
+                with open(os.path.join(newest, name), "wb") as f:
+                    f.write(b"garbage")
+    torch.distributed.barrier()
+    path, meta = ckpt.load_newest_readable(run_dir, {"model": Holder(["a"], seed=1)})
+    return os.path.basename(path), meta["step"]
+
+
+def test_two_ranks_fall_back_together(tmp_path):
+    from tests.dist_utils import run_ranks
+
+    assert run_ranks(_fallback_on_ranks, 2, str(tmp_path)) == [("step_00000001", 1)] * 2
