@@ -26,11 +26,13 @@ import torch.distributed as dist
 
 @contextlib.contextmanager
 def transient_group() -> Iterator[Optional[dist.ProcessGroup]]:
-    """A fresh gloo group over every rank (``None`` without a default group); destroyed on exit.
+    """A fresh gloo group over every rank, destroyed on exit; ``None`` (the default group) without a
+    default group or when it is not gloo (NCCL copies on the GPU, no OpenMP team).
 
-    Every rank must enter it at the same point (``new_group`` is a collective).
+    Every rank must enter it at the same point (``new_group`` is a collective). Do not keep the
+    group (or an object holding it) beyond the block: its threads stop when the last reference goes.
     """
-    if not dist.is_initialized():
+    if not dist.is_initialized() or dist.get_backend() != "gloo":
         yield None
         return
     group = dist.new_group(backend="gloo")
