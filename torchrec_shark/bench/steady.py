@@ -19,7 +19,7 @@ Run::
 
     python -m torchrec_shark.bench.steady                       # small: a few minutes on 2 cores
     python -m torchrec_shark.bench.steady --full                # 1,200 steps, a checkpoint every 300, dim 64
-    python -m torchrec_shark.bench.steady --kinds baseline --layouts 1 --json steady.json
+    python -m torchrec_shark.bench.steady --kinds baseline --layouts 1 --default-data --json steady.json
 
 Timings on a loaded machine are noise: compare the ratios, on an idle machine.
 """
@@ -81,7 +81,8 @@ def measure(kind: str, layout: str, steps: int, every: int, log_every: int, data
     return {"kind": kind, "layout": layout, "before_first": before, "after_last": after,
             "after_over_before": after / before if after and before else None,
             "last_third": ck3, "control_last_third": ctl3,
-            "last_third_over_control": ck3 / ctl3 if ck3 and ctl3 else None}
+            "last_third_over_control": ck3 / ctl3 if ck3 and ctl3 else None,
+            "ckpt_speed_history": ck["speed_history"], "control_speed_history": ctl["speed_history"]}
 
 
 def main(argv: Optional[List[str]] = None) -> List[Dict]:
@@ -94,12 +95,13 @@ def main(argv: Optional[List[str]] = None) -> List[Dict]:
     p.add_argument("--batch", type=int, default=1024)
     p.add_argument("--full", action="store_true",
                    help="the default data, batch 2048, 1,200 steps, a checkpoint every 300 (overrides the sizes)")
+    p.add_argument("--default-data", action="store_true", help="the default synthetic data (as --full) at these sizes")
     p.add_argument("--timeout", type=int, default=1800, help="seconds per job")
     p.add_argument("--json", help="write the rows here")
     a = p.parse_args(argv)
     if a.full:
         a.steps, a.every, a.log_every, a.batch = 1200, 300, 20, 2048
-    data = [] if a.full else list(SMALL_DATA)
+    data = [] if a.full or a.default_data else list(SMALL_DATA)
     extra = [f"trainer.batch_size={a.batch}", "trainer.eval_batches=4"]
     rows = []
     print(f"{'kind':9} {'layout':6} {'before':>9} {'after':>9} {'after/before':>12} {'last3':>9} "
