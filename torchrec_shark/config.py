@@ -196,6 +196,13 @@ class TrainerConfig:
     log_every: int = 50
     device: str = "auto"  # auto | cpu | cuda
     num_threads: int = 0  # torch intra-op threads per rank; 0 = cores / ranks
+    # Passes over the training split (finite sources); the run stops at max_steps or here, whichever comes first.
+    max_epochs: Optional[float] = None
+    # Stop after this many evaluations without a better best_metric (0: never).
+    early_stopping_patience: int = 0
+    best_metric: str = "auc"  # auc | logloss: what "best" means for early stopping and the best checkpoint
+    # Keep the best checkpoint (by best_metric) beside the latest; warm start from it with init_from=<run>@best.
+    keep_best: bool = True
 
 
 @dataclass
@@ -283,7 +290,13 @@ def validate(cfg: TrainConfig) -> None:
         if not torch.cuda.is_available():
             raise ConfigError("trainer.device=cuda but CUDA is not available here "
                               "(no GPU, or a CPU build of torch): use trainer.device=cpu or auto")
-    if t.init_from is not None and not os.path.isdir(t.init_from):
+    _check_choice("trainer.best_metric", t.best_metric, ("auc", "logloss"))
+    if t.max_epochs is not None and t.max_epochs <= 0:
+        raise ConfigError(f"trainer.max_epochs={t.max_epochs} must be positive")
+    if t.early_stopping_patience < 0:
+        raise ConfigError(f"trainer.early_stopping_patience={t.early_stopping_patience} must be >= 0")
+    init_dir = t.init_from[: -len("@best")] if t.init_from and t.init_from.endswith("@best") else t.init_from
+    if init_dir is not None and not os.path.isdir(init_dir):
         raise ConfigError(f"trainer.init_from={t.init_from!r} is not a directory")
 
 

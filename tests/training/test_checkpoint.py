@@ -120,3 +120,145 @@ def test_warm_start_optimizer_narrows_the_state_of_narrowed_weights(tmp_path):
     for name in ("exp_avg", "exp_avg_sq"):
         torch.testing.assert_close(dst_opt.state_dict()["state"]["tables.c"][name],
                                    src_opt.state_dict()["state"]["tables.c"][name][:, [1, 3]])
+
+
+# ---------------------------------------------------------------- threads, finiteness, corruption, rotation
+
+
+def _threads():
+    return set(os.listdir("/proc/self/task"))
+
+
+def _save_leaves_no_thread(rank, world_size, run_dir):
+    # Many small tensors: DCP's plan gather is then large enough for gloo's worker thread to copy it
+    # with an intra-op parallel loop, which starts an OpenMP team that lives as long as that thread.
+    torch.set_num_threads(2)
+    model = nn.ParameterDict({f"p{i}": nn.Parameter(torch.randn(4, 4)) for i in range(3000)})
+    ptrs = {k: (v.data_ptr(), v.is_contiguous(), v.requires_grad) for k, v in model.items()}
+    torch.ones(1 << 20).add_(1)  # the training thread's own team exists before the save
+    before = _threads()
+    ckpt.save_checkpoint(run_dir, 1, {"model": model}, meta={"step": 1})
+    after = _threads()
+    same = all(ptrs[k] == (v.data_ptr(), v.is_contiguous(), v.requires_grad) for k, v in model.items())
+    return sorted(after - before), same
+
+
+@pytest.mark.parametrize("world_size", [1, 2])
+def test_save_leaves_no_thread_behind_and_tensors_in_place(tmp_path, world_size):
+    from tests.dist_utils import run_ranks
+
+    for new_threads, same in run_ranks(_save_leaves_no_thread, world_size, str(tmp_path)):
+        assert new_threads == [], f"threads started by the save outlive it: {new_threads}"
+        assert same
+
+
+def _eval_leaves_no_thread(rank, world_size):
+    from torchrec_shark.training.metrics import EvalMetrics
+    from torchrec_shark.training.transient_group import transient_group
+
+    torch.set_num_threads(2)
+    torch.ones(1 << 20).add_(1)
+    before = _threads()
+    with transient_group() as group:
+        m = EvalMetrics(torch.device("cpu"), process_group=group)
+        m.update(torch.randn(100_000), (torch.rand(100_000) < 0.3).float())
+        out = m.compute()
+        del m
+    del group
+    return sorted(_threads() - before), out["samples"]
+
+
+def test_metric_gather_on_a_transient_group_leaves_no_thread():
+    from tests.dist_utils import run_ranks
+
+    for new_threads, samples in run_ranks(_eval_leaves_no_thread, 2):
+        assert new_threads == [] and samples == 200_000
+
+
+def test_non_finite_state_is_never_saved(tmp_path):
+    model = Holder(["a", "b"])
+    ckpt.save_checkpoint(str(tmp_path), 1, {"model": model}, meta={"step": 1})
+    with torch.no_grad():
+        model.tables["b"][2, 1] = float("nan")
+    with pytest.raises(ckpt.NonFiniteStateError, match=r"tables\.b.*last finite checkpoint is .*step_00000001"):
+        ckpt.save_checkpoint(str(tmp_path), 2, {"model": model}, meta={"step": 2})
+    assert ckpt.latest_checkpoint(str(tmp_path)).endswith("step_00000001")
+    assert not (tmp_path / ckpt.CHECKPOINT_DIR / "step_00000002").exists()
+
+
+def test_non_finite_optimizer_state_is_never_saved(tmp_path):
+    model = Holder(["a"])
+    opt = _adam(model)
+    _train(model, opt, 1, seed=0)
+    opt.state_dict()["state"]["tables.a"]["exp_avg_sq"].fill_(float("inf"))
+    with pytest.raises(ckpt.NonFiniteStateError, match="exp_avg_sq"):
+        ckpt.save_checkpoint(str(tmp_path), 1, {"model": model, "optim": opt}, meta={"step": 1})
+
+
+@pytest.mark.parametrize("damage", ["distcp", "meta"])
+def test_unreadable_latest_falls_back_to_the_previous_one(tmp_path, damage, capsys):
+    src = Holder(["a"], seed=0)
+    ckpt.save_checkpoint(str(tmp_path), 1, {"model": src}, meta={"step": 1})
+    first = src.tables["a"].detach().clone()
+    with torch.no_grad():
+        src.tables["a"].add_(1)
+    ckpt.save_checkpoint(str(tmp_path), 2, {"model": src}, meta={"step": 2})
+    newest = tmp_path / ckpt.CHECKPOINT_DIR / "step_00000002"
+    if damage == "distcp":
+        part = next(p for p in newest.iterdir() if p.suffix == ".distcp")
+        part.write_bytes(part.read_bytes()[:20])  # truncated
+    else:
+        (newest / ckpt.META).write_text("{not json")
+    dst = Holder(["a"], seed=3)
+    path, meta = ckpt.load_newest_readable(str(tmp_path), {"model": dst})
+    assert path.endswith("step_00000001") and meta["step"] == 1
+    torch.testing.assert_close(dst.tables["a"], first)
+    if damage == "distcp":
+        assert "step_00000002" in capsys.readouterr().out
+
+
+def test_unreadable_checkpoint_error_names_it(tmp_path):
+    ckpt.save_checkpoint(str(tmp_path), 1, {"model": Holder(["a"])}, meta={"step": 1})
+    path = tmp_path / ckpt.CHECKPOINT_DIR / "step_00000001"
+    for part in path.iterdir():
+        if part.suffix == ".distcp":
+            part.write_bytes(b"garbage")
+    with pytest.raises(ckpt.CheckpointError, match="step_00000001"):
+        ckpt.load_checkpoint(str(path), {"model": Holder(["a"])})
+    with pytest.raises(ckpt.CheckpointError, match="no readable checkpoint.*step_00000001"):
+        ckpt.load_newest_readable(str(tmp_path), {"model": Holder(["a"])})
+
+
+def test_best_checkpoint_survives_rotation_and_resolves_with_at_best(tmp_path):
+    for step in (1, 2, 3, 4):
+        ckpt.save_checkpoint(str(tmp_path), step, {"model": Holder(["a"], seed=step)}, meta={"step": step},
+                             keep=2, best=step == 2)
+    names = sorted(n for n in os.listdir(tmp_path / ckpt.CHECKPOINT_DIR) if n.startswith("step_"))
+    assert names == ["step_00000002", "step_00000003", "step_00000004"]
+    assert ckpt.require_checkpoint(f"{tmp_path}@best").endswith("step_00000002")
+    assert ckpt.require_checkpoint(str(tmp_path)).endswith("step_00000004")
+    other = tmp_path / "other"
+    ckpt.save_checkpoint(str(other), 1, {"model": Holder(["a"])}, meta={"step": 1})
+    with pytest.raises(ckpt.CheckpointError, match="no best checkpoint"):
+        ckpt.require_checkpoint(f"{other}@best")
+
+
+def _fallback_on_ranks(rank, world_size, run_dir):
+    model = Holder(["a"], seed=0)
+    ckpt.save_checkpoint(run_dir, 1, {"model": model}, meta={"step": 1})
+    ckpt.save_checkpoint(run_dir, 2, {"model": model}, meta={"step": 2})
+    if rank == 0:
+        newest = os.path.join(run_dir, ckpt.CHECKPOINT_DIR, "step_00000002")
+        for name in os.listdir(newest):
+            if name.endswith(".distcp"):
+                with open(os.path.join(newest, name), "wb") as f:
+                    f.write(b"garbage")
+    torch.distributed.barrier()
+    path, meta = ckpt.load_newest_readable(run_dir, {"model": Holder(["a"], seed=1)})
+    return os.path.basename(path), meta["step"]
+
+
+def test_two_ranks_fall_back_together(tmp_path):
+    from tests.dist_utils import run_ranks
+
+    assert run_ranks(_fallback_on_ranks, 2, str(tmp_path)) == [("step_00000001", 1)] * 2

@@ -90,3 +90,58 @@ def test_resume_reaches_the_uninterrupted_state(tmp_path, tables):
     assert a.keys() == b.keys() and len(a) > 0
     for k in a:
         torch.testing.assert_close(a[k], b[k], rtol=0, atol=1e-6, msg=k)
+
+
+AVAZU = os.path.join(os.path.dirname(ROOT), "shared", "data", "avazu_train_head9999.csv")
+FINITE = ["data=tabular", f"data.path={AVAZU}", "data.num_embeddings_per_feature=[10000]", "tables.embedding_dim=16",
+          "model.interaction_dim=16", "trainer.batch_size=512", "trainer.eval_batches=4", "trainer.progress=false",
+          "trainer.embedding_lr=0.2", "trainer.best_metric=logloss"]
+
+
+def train_one(run_dir, *overrides, check=True):
+    cmd = [sys.executable, "train.py", f"hydra.run.dir={run_dir}", *overrides]
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300, env=env)
+    if check:
+        assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
+    return proc
+
+
+@pytest.mark.skipif(not os.path.isfile(AVAZU), reason="shared Avazu sample not present")
+def test_finite_file_epochs_early_stopping_and_the_best_checkpoint(tmp_path):
+    run = tmp_path / "run"
+    # 8,999 training rows, 512 a batch: 2 epochs end at step 36, before max_steps.
+    train_one(run, *FINITE, "trainer.max_epochs=2", "trainer.eval_every=6", "trainer.checkpoint_every=100")
+    with open(run / "metrics.json") as f:
+        m = json.load(f)
+    assert m["steps"] == 36 and m["stop_reason"] == "max_epochs" and m["train_rows_per_epoch"] == 8999
+    assert m["epochs"] == pytest.approx(36 * 512 / 8999)
+    assert [h["step"] for h in m["history"]] == [6, 12, 18, 24, 30, 36]
+    assert [s["step"] for s in m["speed_history"]] == [20, 36] and m["speed_history"][0]["samples_per_s"] > 0
+    assert len(m["peak_rss_bytes_per_rank"]) == 1 and m["peak_rss_bytes_per_rank"][0] > 1 << 20
+    best = min(m["history"], key=lambda h: h["val_logloss"])
+    assert m["best"]["step"] == best["step"] and m["best"]["val_logloss"] == pytest.approx(best["val_logloss"])
+    assert (run / m["best"]["checkpoint"]).is_dir()
+
+    # Overfitting at this learning rate: early stopping ends the run, the best model stays on disk.
+    stop = tmp_path / "stop"
+    train_one(stop, *FINITE, "trainer.max_steps=300", "trainer.eval_every=10", "trainer.checkpoint_every=20",
+              "trainer.early_stopping_patience=2")
+    with open(stop / "metrics.json") as f:
+        s = json.load(f)
+    assert s["stop_reason"] == "early_stopping" and s["steps"] < 300
+    assert s["steps"] == s["best"]["step"] + 20 and s["val_logloss"] > s["best"]["val_logloss"]
+    assert (stop / s["best"]["checkpoint"]).is_dir()  # kept although older than the two newest
+
+    # A fresh run into a run dir with checkpoints refuses instead of rotating them away.
+    again = train_one(stop, *FINITE, "trainer.max_steps=5", check=False)
+    assert again.returncode != 0 and "already holds checkpoints" in again.stderr + again.stdout
+    assert (stop / s["best"]["checkpoint"]).is_dir()
+
+    # Warm start from the best model: its quality, not the last one's.
+    warm = tmp_path / "warm"
+    train_one(warm, *FINITE, "trainer.max_steps=1", "trainer.eval_every=1", "trainer.embedding_lr=1e-9",
+              "trainer.dense_lr=1e-9", f"trainer.init_from={stop}@best")
+    with open(warm / "metrics.json") as f:
+        w = json.load(f)
+    assert w["val_logloss"] == pytest.approx(s["best"]["val_logloss"], abs=0.02)

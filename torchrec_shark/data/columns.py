@@ -160,6 +160,9 @@ class IndexedDataset(_BatchingDataset):
     def rows(self, split: str, start: int, stop: int) -> Columns:
         """Rows ``[start, stop)`` of ``split``, ``0 <= start < stop <= num_rows(split)``."""
 
+    def epoch_rows(self, split: str = "train", count: bool = False) -> Optional[int]:
+        return int(self.num_rows(split))
+
     def batches(self, split, batch_size, rank=0, world_size=1, start_batch=0) -> Iterator[Batch]:
         _check_args(split, batch_size, rank, world_size, start_batch)
         total = self.num_rows(split)
@@ -210,6 +213,14 @@ class StreamDataset(_BatchingDataset):
 
     def stats(self) -> Dict[str, int]:
         return {"malformed_lines": sum(self._bad.values())}
+
+    def epoch_rows(self, split: str = "train", count: bool = False) -> Optional[int]:
+        """Counted by one pass over ``split`` (well-formed rows only) when ``count``; cached."""
+        known = getattr(self, "_epoch_rows", {})
+        if split not in known and count:
+            known[split] = sum(len(chunk) for chunk in self.chunks(split))
+            self._epoch_rows = known
+        return known.get(split)
 
     def skip_malformed(self, key: str, rows: np.ndarray, upto: int, describe: Callable[[int], str]) -> None:
         """Note malformed rows, or raise :class:`DataError` for the first when ``strict``.

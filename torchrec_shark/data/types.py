@@ -41,6 +41,10 @@ class ClickDataset(abc.ABC):
         ``start_batch`` skips that many global batches (resuming from a checkpoint).
         """
 
+    def epoch_rows(self, split: str = "train", count: bool = False) -> Optional[int]:
+        """Rows of one pass over ``split``; ``None`` when unknown without reading it (unless ``count``)."""
+        return None
+
     def truth(self) -> Optional[Dict]:
         """Planted ground truth (synthetic data only), written to ``data_truth.json``."""
         return None

@@ -135,15 +135,22 @@ class StageRunner:
         self.results[name] = result
         return result
 
+    def _continue(self, run_dir: str) -> List[str]:
+        """A crashed training stage continues from its checkpoints (a fresh run refuses a dir that has some)."""
+        from torchrec_shark.training.checkpoint import complete_checkpoints
+
+        return ["trainer.resume=true"] if self.resume and complete_checkpoints(run_dir) else []
+
     def train(self, name: str, nproc: int, overrides: Sequence[str], after: Sequence[str] = ()) -> StageResult:
         run_dir = self.path("runs", name)
-        cmd = torchrun(nproc, "train.py", *overrides, f"hydra.run.dir={hydra_quote(run_dir)}", "trainer.progress=false")
+        cmd = torchrun(nproc, "train.py", *overrides, *self._continue(run_dir), f"hydra.run.dir={hydra_quote(run_dir)}",
+                       "trainer.progress=false")
         return self.run(name, "train", run_dir, cmd, "metrics.json", after)
 
     def train_from_pass(self, name: str, command: str, overrides: Sequence[str],
                         after: Sequence[str] = ()) -> StageResult:
         run_dir = self.path("runs", name)
-        cmd = command_from_pass(command, run_dir, [*overrides, "trainer.progress=false"])
+        cmd = command_from_pass(command, run_dir, [*overrides, *self._continue(run_dir), "trainer.progress=false"])
         return self.run(name, "train", run_dir, cmd, "metrics.json", after)
 
     def run_pass(self, name: str, module: str, nproc: int, args: Sequence[str], done_file: str,

@@ -4,10 +4,13 @@ Layout under ``<run_dir>/checkpoints/``::
 
     step_00000500/        one complete DCP checkpoint (model, optimizer) + meta.json
     latest                name of the newest complete checkpoint
+    best                  name of the checkpoint with the best validation metric (never rotated away)
 
 A checkpoint is written to a hidden ``.tmp-*`` directory and renamed only after every
 rank has finished writing, so a crash mid-write never leaves a directory that
-:func:`latest_checkpoint` would return.
+:func:`latest_checkpoint` would return. A state with a non-finite value is never written
+(:class:`NonFiniteStateError`). ``<run_dir>@best`` names a run's best checkpoint wherever a run
+dir is accepted (:func:`require_checkpoint`: warm start, the passes).
 
 Example::
 
@@ -23,27 +26,36 @@ import logging
 import os
 import dataclasses
 import shutil
-from typing import Dict, List, Optional, Tuple
+from typing import Dict, Iterator, List, Optional, Tuple
 
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint import DefaultLoadPlanner, FileSystemReader
+from torch.distributed.checkpoint.api import CheckpointException
+
+from torchrec_shark.training.transient_group import transient_group
 
 logger = logging.getLogger(__name__)
 
 CHECKPOINT_DIR = "checkpoints"
 LATEST = "latest"
+BEST = "best"
 META = "meta.json"
+BEST_SUFFIX = "@best"
 
 
 class CheckpointError(RuntimeError):
     """A run dir without a usable checkpoint."""
 
 
-def _barrier() -> None:
+class NonFiniteStateError(CheckpointError):
+    """The state to save holds NaN or Inf: nothing was written."""
+
+
+def _barrier(group=None) -> None:
     if dist.is_initialized():
-        dist.barrier()
+        dist.barrier(group=group)
 
 
 def _is_main() -> bool:
@@ -54,26 +66,81 @@ def _state(stateful: Dict[str, object]) -> Dict[str, object]:
     return {k: v.state_dict() for k, v in stateful.items()}  # type: ignore[attr-defined]
 
 
-def save_checkpoint(run_dir: str, step: int, stateful: Dict[str, object], meta: Dict, keep: int = 2) -> str:
-    """Save ``{name: obj.state_dict()}`` for every rank; returns the checkpoint directory."""
+def _local_tensors(obj: object, prefix: str = "") -> Iterator[Tuple[str, torch.Tensor]]:
+    """``(key, local tensor)`` of every tensor in a nested state dict (shards of sharded tensors)."""
+    if isinstance(obj, dict):
+        for k, v in obj.items():
+            yield from _local_tensors(v, f"{prefix}.{k}" if prefix else str(k))
+    elif isinstance(obj, (list, tuple)):
+        for i, v in enumerate(obj):
+            yield from _local_tensors(v, f"{prefix}.{i}")
+    elif hasattr(obj, "local_shards"):
+        for shard in obj.local_shards():  # type: ignore[attr-defined]
+            yield prefix, shard.tensor
+    elif hasattr(obj, "to_local"):
+        yield prefix, obj.to_local()  # type: ignore[attr-defined]
+    elif isinstance(obj, torch.Tensor):
+        yield prefix, obj
+
+
+def non_finite_keys(state: Dict[str, object], limit: int = 5) -> List[str]:
+    """Up to ``limit`` keys of floating tensors in ``state`` (this rank's shards) with NaN or Inf."""
+    bad = []
+    for key, t in _local_tensors(state):
+        if t.is_floating_point() and t.numel() and not bool(torch.isfinite(t).all()):
+            bad.append(key)
+            if len(bad) >= limit:
+                break
+    return bad
+
+
+def save_checkpoint(
+    run_dir: str, step: int, stateful: Dict[str, object], meta: Dict, keep: int = 2, best: bool = False
+) -> str:
+    """Save ``{name: obj.state_dict()}`` for every rank; returns the checkpoint directory.
+
+    ``keep`` newest checkpoints stay, plus the one ``best`` last marked. Raises
+    :class:`NonFiniteStateError` (on every rank, nothing written) when any rank's state holds
+    NaN or Inf; the checkpoints already there stay as they were.
+    """
     root = os.path.join(run_dir, CHECKPOINT_DIR)
     name = f"step_{step:08d}"
     final, tmp = os.path.join(root, name), os.path.join(root, f".tmp-{name}")
-    if _is_main():
-        os.makedirs(root, exist_ok=True)
-        shutil.rmtree(tmp, ignore_errors=True)
-    _barrier()
-    dcp.save(_state(stateful), checkpoint_id=tmp)
-    _barrier()
-    if _is_main():
-        with open(os.path.join(tmp, META), "w") as f:
-            json.dump(meta, f, indent=2)
-        shutil.rmtree(final, ignore_errors=True)
-        os.rename(tmp, final)
-        _write_atomic(os.path.join(root, LATEST), name)
-        for old in _complete_checkpoints(root)[:-keep]:
-            shutil.rmtree(os.path.join(root, old), ignore_errors=True)
-    _barrier()
+    state = _state(stateful)
+    # DCP's plan gather runs on gloo's worker threads: a short-lived group takes them (and the
+    # OpenMP teams their copies start) away after the save (see transient_group).
+    with transient_group() as group:
+        bad = non_finite_keys(state)
+        if dist.is_initialized():
+            found = [None] * dist.get_world_size()
+            dist.all_gather_object(found, (dist.get_rank(), bad), group=group)
+        else:
+            found = [(0, bad)]
+        found = [(r, b) for r, b in found if b]
+        if found:
+            last = latest_checkpoint(run_dir)
+            raise NonFiniteStateError(
+                f"not saving step {step}: non-finite values in " + "; ".join(f"rank {r}: {b}" for r, b in found)
+                + f". The last finite checkpoint is {last or 'none'}")
+        if _is_main():
+            os.makedirs(root, exist_ok=True)
+            shutil.rmtree(tmp, ignore_errors=True)
+        _barrier(group)
+        dcp.save(state, checkpoint_id=tmp, process_group=group)
+        _barrier(group)
+        if _is_main():
+            with open(os.path.join(tmp, META), "w") as f:
+                json.dump(meta, f, indent=2)
+            shutil.rmtree(final, ignore_errors=True)
+            os.rename(tmp, final)
+            _write_atomic(os.path.join(root, LATEST), name)
+            if best:
+                _write_atomic(os.path.join(root, BEST), name)
+            kept = _pointed(root, BEST)
+            for old in _complete_checkpoints(root)[:-keep]:
+                if old != kept:
+                    shutil.rmtree(os.path.join(root, old), ignore_errors=True)
+        _barrier(group)
     return final
 
 
@@ -86,6 +153,14 @@ def _write_atomic(path: str, text: str) -> None:
     os.replace(tmp, path)
 
 
+def _pointed(root: str, pointer: str) -> Optional[str]:
+    path = os.path.join(root, pointer)
+    if not os.path.isfile(path):
+        return None
+    with open(path) as f:
+        return f.read().strip() or None
+
+
 def _complete_checkpoints(root: str) -> List[str]:
     if not os.path.isdir(root):
         return []
@@ -93,23 +168,60 @@ def _complete_checkpoints(root: str) -> List[str]:
     return sorted(names)
 
 
+def _readable_meta(path: str) -> bool:
+    try:
+        read_meta(path)
+        return True
+    except (OSError, ValueError):
+        return False
+
+
+def complete_checkpoints(run_dir: str) -> List[str]:
+    """Complete checkpoint directories of a run (readable meta.json), oldest first."""
+    root = os.path.join(run_dir, CHECKPOINT_DIR)
+    return [p for p in (os.path.join(root, n) for n in _complete_checkpoints(root)) if _readable_meta(p)]
+
+
 def latest_checkpoint(run_dir: str) -> Optional[str]:
     """Newest complete checkpoint directory of a run, or ``None``."""
     root = os.path.join(run_dir, CHECKPOINT_DIR)
-    pointer = os.path.join(root, LATEST)
-    if os.path.isfile(pointer):
-        with open(pointer) as f:
-            path = os.path.join(root, f.read().strip())
-        if os.path.isfile(os.path.join(path, META)):
-            return path
-    names = _complete_checkpoints(root)
-    return os.path.join(root, names[-1]) if names else None
+    name = _pointed(root, LATEST)
+    if name is not None and _readable_meta(os.path.join(root, name)):
+        return os.path.join(root, name)
+    names = complete_checkpoints(run_dir)
+    return names[-1] if names else None
+
+
+def best_checkpoint(run_dir: str) -> Optional[str]:
+    """The run's checkpoint marked best by its validation metric, or ``None``."""
+    root = os.path.join(run_dir, CHECKPOINT_DIR)
+    name = _pointed(root, BEST)
+    if name is not None and _readable_meta(os.path.join(root, name)):
+        return os.path.join(root, name)
+    return None
+
+
+def split_run_spec(spec: str) -> Tuple[str, bool]:
+    """``"runs/a@best"`` -> ``("runs/a", True)``; ``"runs/a"`` -> ``("runs/a", False)``."""
+    if spec.endswith(BEST_SUFFIX):
+        return spec[: -len(BEST_SUFFIX)], True
+    return spec, False
 
 
 def require_checkpoint(run_dir: str) -> str:
-    """Like :func:`latest_checkpoint` but raises a clear error when there is none."""
+    """Like :func:`latest_checkpoint` but raises a clear error when there is none.
+
+    ``<run_dir>@best`` returns the run's best checkpoint instead of its latest.
+    """
+    run_dir, want_best = split_run_spec(run_dir)
     if not os.path.isdir(run_dir):
         raise CheckpointError(f"run dir {run_dir!r} does not exist")
+    if want_best:
+        path = best_checkpoint(run_dir)
+        if path is None:
+            raise CheckpointError(f"run dir {run_dir!r} has no best checkpoint ({CHECKPOINT_DIR}/{BEST}); it was "
+                                  "trained without a validation improvement being recorded")
+        return path
     path = latest_checkpoint(run_dir)
     if path is None:
         raise CheckpointError(f"run dir {run_dir!r} has no complete checkpoint under {CHECKPOINT_DIR}/")
@@ -126,21 +238,56 @@ def read_meta(checkpoint: str) -> Dict:
 
 
 def load_checkpoint(checkpoint: str, stateful: Dict[str, object]) -> Dict:
-    """Load every object of ``stateful`` in place (resharding as needed); returns the meta dict."""
+    """Load every object of ``stateful`` in place (resharding as needed); returns the meta dict.
+
+    Raises :class:`CheckpointError` naming ``checkpoint`` when it cannot be read (on every rank).
+    """
     for obj in stateful.values():
         if hasattr(obj, "init_state"):
             obj.init_state()  # type: ignore[attr-defined]  # optimizers create lazy state first
     state = _state(stateful)
     model = stateful.get("model")
-    if isinstance(model, torch.nn.Module):  # compressed tables whose saved layout depends on the sharding
-        from torchrec_shark.distributed import resharding
+    try:
+        meta = read_meta(checkpoint)
+        with transient_group() as group:
+            if isinstance(model, torch.nn.Module):  # compressed tables whose saved layout depends on the sharding
+                from torchrec_shark.distributed import resharding
 
-        resharding.load(state, checkpoint, model)
-    else:
-        dcp.load(state, checkpoint_id=checkpoint)
+                resharding.load(state, checkpoint, model, process_group=group)
+            else:
+                dcp.load(state, checkpoint_id=checkpoint, process_group=group)
+    except (Exception, CheckpointException) as e:  # DCP raises every rank's read errors on all ranks
+        raise CheckpointError(f"checkpoint {checkpoint} cannot be read: {type(e).__name__}: {e}") from e
     for key, obj in stateful.items():
         obj.load_state_dict(state[key])  # type: ignore[attr-defined]
-    return read_meta(checkpoint)
+    return meta
+
+
+def load_newest_readable(run_dir: str, stateful: Dict[str, object]) -> Tuple[str, Dict]:
+    """Load the newest checkpoint of ``run_dir`` that reads; falls back past unreadable ones with a warning.
+
+    Returns ``(checkpoint, meta)``; raises :class:`CheckpointError` naming every one tried.
+    """
+    latest = latest_checkpoint(run_dir)
+    candidates = complete_checkpoints(run_dir)
+    if latest is not None and latest in candidates:  # the pointer first, then older ones, newest first
+        candidates = [p for p in candidates if p <= latest]
+    candidates = candidates[::-1]
+    root = os.path.join(run_dir, CHECKPOINT_DIR)
+    broken = [os.path.join(root, n) for n in _complete_checkpoints(root) if not _readable_meta(os.path.join(root, n))]
+    failed = [f"{p}: unreadable {META}" for p in broken if p > (candidates[0] if candidates else "")]
+    for path in candidates:
+        try:
+            meta = load_checkpoint(path, stateful)
+        except CheckpointError as e:
+            failed.append(str(e))
+            continue
+        if failed and _is_main():
+            msg = f"checkpoint(s) unreadable, resuming from the previous complete one {path}: " + " | ".join(failed)
+            logger.warning(msg)
+            print(f"warning: {msg}", flush=True)
+        return path, meta
+    raise CheckpointError(f"run dir {run_dir!r}: no readable checkpoint: " + (" | ".join(failed) or "none found"))
 
 
 def checkpoint_tensor_shapes(checkpoint: str, prefix: str = "model.") -> Dict[str, torch.Size]:
@@ -182,7 +329,9 @@ def warm_start(
     keep = {k.rsplit(".", 1)[0] for k in narrowed}
     fresh = _changed_tables(current, wanted, keep)
     wanted = {k: v for k, v in wanted.items() if _table_prefix(k) not in fresh}
-    dcp.load({"model": wanted}, checkpoint_id=checkpoint, planner=DefaultLoadPlanner(allow_partial_load=True))
+    with transient_group() as group:  # see transient_group: the default group's threads would slow training
+        dcp.load({"model": wanted}, checkpoint_id=checkpoint, planner=DefaultLoadPlanner(allow_partial_load=True),
+                 process_group=group)
     # DistributedModelParallel's load hook renames the keys of the dict it is given: hand it a copy.
     model.load_state_dict(dict(wanted), strict=False)
     for key, cols in narrowed.items():
@@ -370,8 +519,9 @@ def warm_start_optimizer(
                     and len(cols) == shape[1] and max(cols) < src[1]:
                 narrowed.setdefault(param, {})[name] = value
     if subset:
-        dcp.load({"optim": {"state": subset}}, checkpoint_id=checkpoint,
-                 planner=DefaultLoadPlanner(allow_partial_load=True))
+        with transient_group() as group:
+            dcp.load({"optim": {"state": subset}}, checkpoint_id=checkpoint,
+                     planner=DefaultLoadPlanner(allow_partial_load=True), process_group=group)
     for param, entries in narrowed.items():
         whole = {name: torch.empty(saved[f"state.{param}.{name}"], dtype=torch.float32) for name in entries}
         dcp.load({"optim": {"state": {param: whole}}}, checkpoint_id=checkpoint, no_dist=True,

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import math
 import warnings
-from typing import Dict
+from typing import Dict, Optional
 
 import torch
 import torch.distributed as dist
@@ -23,11 +23,12 @@ from torchmetrics.classification import BinaryAUROC
 
 
 class EvalMetrics:
-    """Accumulates logits and labels over batches; ``compute`` syncs over the default group."""
+    """Accumulates logits and labels over batches; ``compute`` syncs over ``process_group`` (default: the default group)."""
 
-    def __init__(self, device: torch.device) -> None:
+    def __init__(self, device: torch.device, process_group: Optional[dist.ProcessGroup] = None) -> None:
         self.device = device
-        self.auroc = BinaryAUROC().to(device)
+        self.process_group = process_group
+        self.auroc = BinaryAUROC(process_group=process_group).to(device)
         self.loss_sum = torch.zeros((), dtype=torch.float64, device=device)
         self.count = torch.zeros((), dtype=torch.float64, device=device)
         self.positives = torch.zeros((), dtype=torch.float64, device=device)
@@ -43,7 +44,7 @@ class EvalMetrics:
         auc = float(self.auroc.compute())  # torchmetrics gathers states from every rank
         totals = torch.stack([self.loss_sum, self.count, self.positives])
         if dist.is_initialized() and dist.get_world_size() > 1:
-            dist.all_reduce(totals)
+            dist.all_reduce(totals, group=self.process_group)
         loss_sum, count, positives = totals.tolist()
         if positives == 0 or positives == count:
             warnings.warn(f"validation AUC is undefined: all {int(count)} validation labels are "

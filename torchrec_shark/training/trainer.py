@@ -10,9 +10,11 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
+import resource
 import time
-from typing import Dict, Iterator, List, Optional
+from typing import Dict, Iterator, List, Optional, Tuple
 
 import numpy as np
 import torch
@@ -46,6 +48,7 @@ from torchrec_shark.training.preflight import (
 from torchrec_shark.training.storage import compressed_plan_table, embedding_storage, format_plan_table
 from torchrec_shark.training.table_factory import build_collection, build_table_configs, is_compressed
 from torchrec_shark.training.tier_activity import collect_tier_activity
+from torchrec_shark.training.transient_group import transient_group
 
 logger = logging.getLogger(__name__)
 
@@ -171,13 +174,20 @@ class Trainer:
         """Resume from this run's latest checkpoint, or warm-start from another run. Returns the step."""
         t = self.cfg.trainer
         if t.resume:
-            path = ckpt.latest_checkpoint(self.run_dir)
-            if path is not None:
-                meta = ckpt.load_checkpoint(path, self._stateful())
+            if ckpt.complete_checkpoints(self.run_dir):
+                path, meta = ckpt.load_newest_readable(self.run_dir, self._stateful())
+                self._resumed_meta = meta
                 self.data_offset = resume_data_offset(meta, t.batch_size)
                 self._log(f"resumed from {path} at step {meta['step']}")
                 return int(meta["step"])
             self._log("trainer.resume=true but no checkpoint in the run dir: starting from scratch")
+        else:
+            existing = ckpt.complete_checkpoints(self.run_dir)
+            if existing:
+                # Rotation keeps the highest steps, old or new: a fresh run here would delete its own.
+                raise ckpt.CheckpointError(
+                    f"run dir {self.run_dir!r} already holds checkpoints ({', '.join(os.path.basename(p) for p in existing)}): "
+                    "pass trainer.resume=true to continue that run, or choose another run dir")
         if t.init_from:
             columns = {k: list(v) for k, v in self.cfg.tables.init_columns.items()}
             report = ckpt.warm_start(t.init_from, self.model, columns)
@@ -205,10 +215,12 @@ class Trainer:
                 self._write_json("warm_start.json", report)
         return 0
 
-    def _save(self, step: int, samples: int) -> None:
+    def _save(self, step: int, samples: int, best: Optional[Dict] = None, evals_since_best: int = 0) -> None:
         meta = {"step": step, "samples": samples, "data_position": self.data_offset + step,
                 "config": OmegaConf.to_container(OmegaConf.structured(self.cfg), resolve=True)}
-        ckpt.save_checkpoint(self.run_dir, step, self._stateful(), meta)
+        if best is not None:  # resume continues best tracking and early stopping's count
+            meta["best"], meta["evals_since_best"] = best, evals_since_best
+        ckpt.save_checkpoint(self.run_dir, step, self._stateful(), meta, best=best is not None and best["step"] == step)
 
     def _log(self, msg: str) -> None:
         if self.env.is_main:
@@ -221,31 +233,59 @@ class Trainer:
 
     def evaluate(self) -> Dict[str, float]:
         """AUC and log loss over ``trainer.eval_batches`` validation batches, reduced over ranks."""
-        metrics = EvalMetrics(self.env.device)
-        self.model.eval()
-        batches = self.dataset.batches("val", self.cfg.trainer.batch_size, self.env.rank, self.env.world_size)
-        with torch.no_grad():
-            for i, batch in enumerate(batches):
-                if i >= self.cfg.trainer.eval_batches:
-                    break
-                _, (_, logits, labels) = self.model(batch.to(self.env.device))
-                metrics.update(logits, labels)
-        self.model.train()
-        return metrics.compute()
+        # The metric gather runs on a short-lived group: see transient_group for why.
+        with transient_group() as group:
+            metrics = EvalMetrics(self.env.device, process_group=group)
+            self.model.eval()
+            batches = self.dataset.batches("val", self.cfg.trainer.batch_size, self.env.rank, self.env.world_size)
+            with torch.no_grad():
+                for i, batch in enumerate(batches):
+                    if i >= self.cfg.trainer.eval_batches:
+                        break
+                    _, (_, logits, labels) = self.model(batch.to(self.env.device))
+                    metrics.update(logits, labels)
+            self.model.train()
+            out = metrics.compute()
+            del metrics
+        return out
+
+    def _last_step(self) -> Tuple[int, Optional[int]]:
+        """The step the run stops at (``max_steps`` or the end of ``max_epochs``) and the training rows per epoch."""
+        t = self.cfg.trainer
+        rows = self.dataset.epoch_rows("train", count=t.max_epochs is not None)
+        last = t.max_steps
+        if t.max_epochs is not None and rows:
+            last = min(last, max(1, math.ceil(t.max_epochs * rows / t.batch_size)))
+        return last, rows
+
+    def _improves(self, m: Dict[str, float], best: Optional[Dict]) -> bool:
+        if best is None:
+            return True
+        if self.cfg.trainer.best_metric == "logloss":
+            return m["logloss"] < best["val_logloss"]
+        return m["auc"] > best["val_auc"]
 
     def run(self) -> Dict:
         t = self.cfg.trainer
+        self._resumed_meta: Dict = {}
         step = self._restore()
         start_step = step
+        last_step, train_rows = self._last_step()
+        epoch_of = (lambda s: s * t.batch_size / train_rows) if train_rows else (lambda s: None)
         it = self._train_batches(self.data_offset + step)
         pipeline = TrainPipelineSparseDist(self.model, self.optimizer, self.env.device) if self.sharded else None
-        bar = tqdm(total=t.max_steps, initial=step, disable=not (self.env.is_main and t.progress),
+        bar = tqdm(total=last_step, initial=step, disable=not (self.env.is_main and t.progress),
                    desc="train", dynamic_ncols=True, mininterval=1.0)
         history: List[Dict] = []
         tier_history: List[Dict] = []
+        speed_history: List[Dict] = []
+        best: Optional[Dict] = self._resumed_meta.get("best")
+        evals_since_best = int(self._resumed_meta.get("evals_since_best", 0))
+        stop_reason = "max_steps"
         train_time, loss_ema = 0.0, None
+        interval_time, interval_steps = 0.0, 0
         self.model.train()
-        while step < t.max_steps:
+        while step < last_step:
             t0 = time.perf_counter()
             if pipeline is not None:
                 loss, _, _ = pipeline.progress(it)
@@ -256,34 +296,63 @@ class Trainer:
             step += 1
             dt = time.perf_counter() - t0
             train_time += dt
+            interval_time += dt
+            interval_steps += 1
             lv = float(loss)
             if not np.isfinite(lv):
                 raise FloatingPointError(f"training loss is {lv} at step {step}")
             loss_ema = lv if loss_ema is None else 0.95 * loss_ema + 0.05 * lv
-            if step % t.log_every == 0 or step == t.max_steps:
-                sps = (step - start_step) * t.batch_size / max(train_time, 1e-9)
-                bar.set_postfix(loss=f"{loss_ema:.4f}", samples_per_s=f"{sps:,.0f}")
+            epoch = epoch_of(step)
+            if step % t.log_every == 0 or step == last_step:
+                # This interval's rate, not the run's average: a slowdown mid-run shows at once.
+                recent = interval_steps * t.batch_size / max(interval_time, 1e-9)
+                speed_history.append({"step": step, "samples_per_s": recent, "epoch": epoch})
+                interval_time, interval_steps = 0.0, 0
+                postfix = {"loss": f"{loss_ema:.4f}", "samples_per_s": f"{recent:,.0f}"}
+                if epoch is not None:
+                    postfix["epoch"] = f"{epoch:.2f}"
+                bar.set_postfix(postfix)
                 if self.compressed:  # a collective: every rank at the same steps
                     activity = collect_tier_activity(self.collection, self.env.device)
                     if activity is not None:
                         tier_history.append({"step": step, **activity})
             bar.update(1)
-            if step % t.eval_every == 0 or step == t.max_steps:
+            final, improved, stop = step == last_step, False, False
+            if step % t.eval_every == 0 or final:
                 if pipeline is not None:
                     pipeline.detach()  # the pipeline rewrote forward; call the model directly
                 m = self.evaluate()
-                history.append({"step": step, "val_auc": m["auc"], "val_logloss": m["logloss"],
+                history.append({"step": step, "epoch": epoch, "val_auc": m["auc"], "val_logloss": m["logloss"],
                                 "train_loss": loss_ema})
                 bar.write(f"step {step}: val_auc={m['auc']:.4f} val_logloss={m['logloss']:.4f} "
                           f"train_loss={loss_ema:.4f}") if self.env.is_main else None
-            if step % t.checkpoint_every == 0 or step == t.max_steps:
-                self._save(step, step * t.batch_size)
+                if self._improves(m, best):
+                    best = {"step": step, "epoch": epoch, "val_auc": m["auc"], "val_logloss": m["logloss"]}
+                    improved, evals_since_best = True, 0
+                else:
+                    evals_since_best += 1
+                    if t.early_stopping_patience and evals_since_best >= t.early_stopping_patience:
+                        stop, stop_reason = True, "early_stopping"
+                        self._log(f"early stopping at step {step}: val_{t.best_metric} has not improved for "
+                                  f"{evals_since_best} evaluations (best at step {best['step']})")
+            if step % t.checkpoint_every == 0 or final or stop or (improved and t.keep_best):
+                self._save(step, step * t.batch_size, best if t.keep_best else None, evals_since_best)
+            if stop:
+                break
         bar.close()
+        if stop_reason != "early_stopping" and step == last_step and last_step < t.max_steps:
+            stop_reason = "max_epochs"
         if not history:  # resumed at max_steps: still report the final model
             m = self.evaluate()
-            history.append({"step": step, "val_auc": m["auc"], "val_logloss": m["logloss"], "train_loss": None})
+            history.append({"step": step, "epoch": epoch_of(step), "val_auc": m["auc"], "val_logloss": m["logloss"],
+                            "train_loss": None})
         sps = (step - start_step) * t.batch_size / train_time if train_time > 0 else 0.0
-        return self._finish(step, sps, history, tier_history)
+        extra = {"speed_history": speed_history, "stop_reason": stop_reason, "epochs": epoch_of(step),
+                 "train_rows_per_epoch": train_rows, "best": None}
+        if best is not None and t.keep_best:
+            path = ckpt.best_checkpoint(self.run_dir)
+            extra["best"] = {**best, "checkpoint": os.path.relpath(path, self.run_dir) if path else None}
+        return self._finish(step, sps, history, tier_history, extra)
 
     def _unsharded_step(self, batch: Batch) -> torch.Tensor:
         loss, _ = self.model(batch.to(self.env.device))
@@ -295,7 +364,23 @@ class Trainer:
             step_end()
         return loss.detach()
 
-    def _finish(self, step: int, samples_per_s: float, history: List[Dict], tier_history: List[Dict]) -> Dict:
+    def _peak_memory(self) -> Dict[str, List[int]]:
+        """Peak RSS of every rank (and peak CUDA memory on CUDA), gathered over ranks."""
+        own = {"rss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}  # Linux reports KiB
+        if self.env.device.type == "cuda":
+            own["cuda"] = int(torch.cuda.max_memory_allocated(self.env.device))
+        every = [own]
+        if dist.is_initialized() and self.env.world_size > 1:
+            every = [None] * self.env.world_size
+            with transient_group() as group:
+                dist.all_gather_object(every, own, group=group)
+        out = {"peak_rss_bytes_per_rank": [int(e["rss"]) for e in every]}
+        if "cuda" in own:
+            out["peak_cuda_bytes_per_rank"] = [int(e["cuda"]) for e in every]
+        return out
+
+    def _finish(self, step: int, samples_per_s: float, history: List[Dict], tier_history: List[Dict],
+                extra: Optional[Dict] = None) -> Dict:
         storage = embedding_storage(self.collection, self.table_configs, self.sharded, self.model)
         tables = {}
         for c in self.table_configs:
@@ -313,12 +398,15 @@ class Trainer:
             "world_size": self.env.world_size,
             "embedding_bytes": storage["total"],
             "embedding_bytes_fp32": storage["fp32_total"],
+            **self._peak_memory(),
             "num_fields": len(self.feature_names),
             "fields": self.feature_names,
             "tables": tables,
             "history": history,
             # mixed-precision tables: rows per tier, lookups served per tier and rows moved per interval
             "tier_history": tier_history,
+            # speed_history (samples/s per logging interval), epochs, stop_reason, best (see run)
+            **(extra or {}),
             **self.dataset.stats(),
         }
         if self.env.is_main:
