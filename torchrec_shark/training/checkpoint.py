@@ -172,7 +172,7 @@ def _readable_meta(path: str) -> bool:
     try:
         read_meta(path)
         return True
-    except (OSError, ValueError):
+    except (OSError, ValueError, CheckpointError):
         return False
 
 
