@@ -9,6 +9,7 @@ from torchrec.modules.embedding_configs import EmbeddingBagConfig, PoolingType
 from torchrec.modules.embedding_modules import EmbeddingBagCollection
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
+from tests.stock_reference import stock_from
 from torchrec_shark.modules import (
     CompressedEmbeddingBagCollection,
     CompressedEmbeddingBagConfig,
@@ -36,17 +37,6 @@ def _collection(weighted=False):
     return CompressedEmbeddingBagCollection(_configs(mean=not weighted), is_weighted=weighted, optimizer=SparseOptimizerSpec("sgd", lr=0.0))
 
 
-def _stock_from(ebc):
-    stock = EmbeddingBagCollection(
-        tables=[EmbeddingBagConfig(name=c.name, num_embeddings=c.num_embeddings, embedding_dim=c.embedding_dim,
-                                   feature_names=list(c.feature_names), pooling=c.pooling)
-                for c in ebc.embedding_bag_configs()],
-        is_weighted=ebc.is_weighted(),
-    )
-    with torch.no_grad():
-        for name, table in ebc.embedding_bags.items():
-            stock.embedding_bags[name].weight.copy_(table.full_weight())
-    return stock
 
 
 def _kjt(weights=None):
@@ -66,7 +56,7 @@ def test_module_apply_reaches_every_submodule():
 
 def test_learnable_per_id_weights_of_a_feature_shared_by_two_tables_match_stock():
     ebc = _collection(weighted=True)
-    stock = _stock_from(ebc)
+    stock = stock_from(ebc)
     n = int(_kjt().values().numel())
     w_ours = torch.linspace(0.5, 1.5, n).requires_grad_()
     w_stock = w_ours.detach().clone().requires_grad_()
@@ -94,7 +84,7 @@ def _vbe_kjt():
 
 def test_variable_batch_per_feature_matches_stock():
     ebc = _collection()
-    stock = _stock_from(ebc)
+    stock = stock_from(ebc)
     kjt = _vbe_kjt()
     assert kjt.variable_stride_per_key()
     ours, ref = ebc(kjt), stock(kjt)

@@ -8,6 +8,7 @@ from torchrec.modules.embedding_modules import EmbeddingBagCollection
 from torchrec.optim.keyed import CombinedOptimizer, KeyedOptimizer
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor, KeyedTensor
 
+from tests.stock_reference import stock_from
 from torchrec_shark.modules import (
     CompressedEmbeddingBagCollection,
     CompressedEmbeddingBagConfig,
@@ -44,18 +45,6 @@ def _kjt(weighted, seed=0):
     return KeyedJaggedTensor.from_lengths_sync(keys=keys, values=values, lengths=lengths, weights=weights)
 
 
-def _stock_from(ebc):
-    """A stock EmbeddingBagCollection holding ``ebc``'s dequantised tables."""
-    stock = EmbeddingBagCollection(
-        tables=[EmbeddingBagConfig(name=c.name, num_embeddings=c.num_embeddings, embedding_dim=c.embedding_dim,
-                                   feature_names=list(c.feature_names), pooling=c.pooling)
-                for c in ebc.embedding_bag_configs()],
-        is_weighted=ebc.is_weighted(),
-    )
-    with torch.no_grad():
-        for name, table in ebc.embedding_bags.items():
-            stock.embedding_bags[name].weight.copy_(table.full_weight())
-    return stock
 
 
 @pytest.mark.parametrize("weighted", [False, True])
@@ -70,7 +59,7 @@ def test_forward_matches_stock_collection_over_dequantised_tables(weighted):
     t0.retier()  # a non-trivial row -> tier map
     kjt = _kjt(weighted)
     kt = ebc(kjt)
-    ref = _stock_from(ebc)(kjt)
+    ref = stock_from(ebc)(kjt)
     assert isinstance(kt, KeyedTensor)
     assert kt.keys() == ref.keys() == ["a@t0", "b", "c", "a@t2", "d"]
     assert kt.length_per_key() == ref.length_per_key() == [8, 8, 4, 6, 4]

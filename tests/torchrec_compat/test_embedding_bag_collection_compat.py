@@ -15,6 +15,7 @@ from torchrec.modules.fused_embedding_modules import FusedEmbeddingBagCollection
 from torchrec.optim import RowWiseAdagrad
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
+from tests.stock_reference import stock_from
 from torchrec_shark import (
     CompressedEmbeddingBagCollection,
     CompressedEmbeddingBagConfig,
@@ -45,17 +46,6 @@ def _configs(kind, pooling=PoolingType.SUM, shared_feature=False) -> List[Compre
     ]
 
 
-def _stock(ebc) -> EmbeddingBagCollection:
-    stock = EmbeddingBagCollection(
-        tables=[EmbeddingBagConfig(name=c.name, num_embeddings=c.num_embeddings, embedding_dim=c.embedding_dim,
-                                   feature_names=list(c.feature_names), pooling=c.pooling)
-                for c in ebc.embedding_bag_configs()],
-        is_weighted=ebc.is_weighted(),
-    )
-    with torch.no_grad():
-        for name, table in ebc.embedding_bags.items():
-            stock.embedding_bags[name].weight.copy_(table.full_weight())
-    return stock
 
 
 def _kjt(keys, batch, seed=0, weighted=False, dtype=torch.int64):
@@ -76,7 +66,7 @@ def _frozen(configs, weighted=False):
 @pytest.mark.parametrize("pooling", [PoolingType.SUM, PoolingType.MEAN])
 def test_unweighted_pooling_matches_stock(kind, pooling):
     ebc = _frozen(_configs(kind, pooling))
-    out, ref = ebc(_kjt(["f1", "f2", "f3"], 3)), _stock(ebc)(_kjt(["f1", "f2", "f3"], 3))
+    out, ref = ebc(_kjt(["f1", "f2", "f3"], 3)), stock_from(ebc)(_kjt(["f1", "f2", "f3"], 3))
     assert out.keys() == ref.keys() == ["f1", "f2", "f3"]
     assert out.values().shape == (3, 4 + 4 + 8) and out.length_per_key() == [4, 4, 8]
     torch.testing.assert_close(out.values(), ref.values())
@@ -86,14 +76,14 @@ def test_unweighted_pooling_matches_stock(kind, pooling):
 def test_weighted_matches_stock(kind):
     ebc = _frozen(_configs(kind), weighted=True)
     kjt = _kjt(["f1", "f2", "f3"], 4, weighted=True)
-    torch.testing.assert_close(ebc(kjt).values(), _stock(ebc)(kjt).values())
+    torch.testing.assert_close(ebc(kjt).values(), stock_from(ebc)(kjt).values())
 
 
 @pytest.mark.parametrize("kind", list(KINDS))
 def test_shared_feature_across_tables_matches_stock(kind):
     ebc = _frozen(_configs(kind, shared_feature=True))
     kjt = _kjt(["f1"], 3)
-    out, ref = ebc(kjt), _stock(ebc)(kjt)
+    out, ref = ebc(kjt), stock_from(ebc)(kjt)
     assert out.keys() == ref.keys() == ["f1@t1", "f1@t2"]
     torch.testing.assert_close(out.values(), ref.values())
 
@@ -104,13 +94,13 @@ def test_int32_ids_and_offsets(kind):
     out32 = ebc(_kjt(["f1", "f2", "f3"], 3, dtype=torch.int32))
     out64 = ebc(_kjt(["f1", "f2", "f3"], 3, dtype=torch.int64))
     torch.testing.assert_close(out32.values(), out64.values())
-    torch.testing.assert_close(out32.values(), _stock(ebc)(_kjt(["f1", "f2", "f3"], 3, dtype=torch.int32)).values())
+    torch.testing.assert_close(out32.values(), stock_from(ebc)(_kjt(["f1", "f2", "f3"], 3, dtype=torch.int32)).values())
 
 
 @pytest.mark.parametrize("kind", ["fp32", "mixed_precision"])
 def test_changing_batch_sizes(kind):
     ebc = _frozen(_configs(kind))
-    stock = _stock(ebc)
+    stock = stock_from(ebc)
     for batch in (2, 5, 1, 3):
         kjt = _kjt(["f3", "f2", "f1"], batch, seed=batch)
         out = ebc(kjt)
