@@ -13,9 +13,7 @@ from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
 from tests.dist_utils import run_ranks
-
 from tests.training.small_job import ROOT, SMALL
-
 
 
 def _tensors(obj, prefix=""):
