@@ -30,6 +30,8 @@ from typing import Optional
 import numpy as np
 import torch
 
+from torchrec_shark.modules.table_kind import mix64
+
 try:  # FBGEMM's CPU ops (fbgemm-gpu-cpu) or CUDA ops (fbgemm-gpu)
     import fbgemm_gpu  # noqa: F401
 
@@ -103,7 +105,7 @@ class CounterNoise:
 
     def __init__(self, seed: int, step: int, rows: torch.Tensor) -> None:
         key = (int(seed) * self._GOLDEN + int(step) * self._M3 + 1) & ((1 << 64) - 1)
-        self._key = _splitmix_int(key)
+        self._key = mix64(key)
         self._rows = rows.reshape(-1)
 
     def _words(self, cols: int) -> np.ndarray:
@@ -134,14 +136,6 @@ class CounterNoise:
     def uniform(self, shape, device=None) -> torch.Tensor:
         r = self.int16(shape, device).bitwise_and_(0x7FFF).float()
         return r.mul_(2.0**-15).add_(2.0**-16)
-
-
-def _splitmix_int(x: int) -> int:
-    m = (1 << 64) - 1
-    x &= m
-    x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) & m
-    x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) & m
-    return x ^ (x >> 31)
 
 
 def _splitmix_np(x: np.ndarray) -> np.ndarray:
