@@ -16,13 +16,14 @@ def test_ratios_of_one_pair(monkeypatch):
     ckpt = [40.0] + [90.0] * 5 + [72.0] * 6
     calls = []
 
-    def fake_job(run_dir, kind, layout, steps, every, *rest):
-        calls.append(every)
-        return {"speed_history": _history(ckpt if every < steps else control)}
+    def fake_histories(setup, kind, layout, control_first):
+        calls.append(control_first)
+        return {"ckpt": _history(ckpt), "control": _history(control)}
 
-    monkeypatch.setattr(steady, "_job", fake_job)
-    row = steady.measure("baseline", "1", 120, 30, 10, [], [], 60, repeats=2)
-    assert calls == [30, 120, 120, 30]  # the second pair runs the control first
+    monkeypatch.setattr(steady, "_histories", fake_histories)
+    setup = steady.Setup(steps=120, every=30, log_every=10, data=[], extra=[], timeout=60)
+    row = steady.measure(setup, "baseline", "1", repeats=2)
+    assert calls == [False, True]  # the second pair starts with the control
     assert row["before_first"] == 90.0  # the warm-up interval is left out
     assert row["after_last"] == 72.0
     assert row["after_over_before"] == pytest.approx(0.8)

@@ -7,6 +7,12 @@ ranks table-wise and row-wise through ``torchrun --standalone --nproc_per_node=2
 * ``ckpt``: a checkpoint and an evaluation every ``--every`` steps;
 * ``control``: no checkpoint or evaluation before the last step.
 
+The two jobs take turns step by step (:mod:`torchrec_shark.bench.lockstep`): on a small machine
+whose other load changes over minutes, two jobs run one after the other differ by ±15% or more
+before either has checkpointed, while jobs taking turns see the same machine. Each job's step time
+excludes the other's steps; a process's slowdown of its own (the thread-pool state a checkpoint
+used to leave behind) stays its own. ``--sequential`` runs them one after the other instead.
+
 From each job's ``metrics.json`` ``speed_history`` (samples/s of each logging interval, step
 time only; a segment's speed is the median of its intervals, the first interval, the warm-up, left
 out) it prints
@@ -17,10 +23,11 @@ out) it prints
   job's over the same steps (the target is >= 0.95);
 * ``normalised``: ``last3/control`` divided by the same ratio over the steps before the first
   checkpoint, where the two jobs still do the same work: what is left is what the checkpoints
-  changed, without the run-to-run difference of two processes that a 2-core machine shows (±15%).
+  changed, without the difference two processes show before either has checkpointed.
 
-``--repeats N`` runs N pairs in alternating order (ckpt first, then control first, ...) and prints
-the median of each ratio over the pairs; ``--json`` keeps every pair's histories.
+``--repeats N`` runs N pairs, the control first in every other one, and prints the median of each
+ratio over the pairs; ``--json`` keeps every pair's histories. ``--default-group`` saves and gathers
+on the default process group, as the trainer did before its fix: the ratios should then fall.
 
 Run::
 
@@ -29,7 +36,7 @@ Run::
     python -m torchrec_shark.bench.steady --full --repeats 3 --kinds int8 --layouts 2rw
     python -m torchrec_shark.bench.steady --kinds baseline --layouts 1 --default-data --json steady.json
 
-Timings on a loaded machine are noise: compare the ratios, on an idle machine.
+Timings on a loaded machine are noise: compare the ratios, on an otherwise idle machine.
 """
 
 from __future__ import annotations
@@ -37,11 +44,15 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
 import statistics
 import subprocess
 import sys
 import tempfile
+from dataclasses import dataclass
 from typing import Dict, List, Optional
+
+from torchrec_shark.bench import lockstep
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 KINDS = ("baseline", "shark", "int8", "tt")
@@ -52,22 +63,71 @@ SMALL_DATA = ["data.synthetic.cardinalities=[10000,3000,1000,1000,300,100,100,30
               "tables.compression.tensor_train.min_rows=1000"]
 
 
-def _job(run_dir: str, kind: str, layout: str, steps: int, every: int, log_every: int, data: List[str],
-         extra: List[str], timeout: int) -> Dict:
+@dataclass
+class Setup:
+    """What every job of one benchmark run shares."""
+
+    steps: int
+    every: int
+    log_every: int
+    data: List[str]
+    extra: List[str]
+    timeout: int
+    lockstep: bool = True
+    default_group: bool = False
+
+
+def _command(setup: Setup, run_dir: str, kind: str, layout: str, role: str, gate: Optional[str],
+             first: bool) -> List[str]:
     nproc, sharding = LAYOUTS[layout]
-    launcher = ([os.path.join(os.path.dirname(sys.executable), "torchrun"), "--standalone",
-                 f"--nproc_per_node={nproc}"] if nproc > 1 else [sys.executable])
+    every = setup.every if role == "ckpt" else setup.steps
     overrides = [f"hydra.run.dir={run_dir}", f"tables={kind}", "tables.embedding_dim=64", "trainer.progress=false",
-                 f"trainer.max_steps={steps}", f"trainer.checkpoint_every={every}", f"trainer.eval_every={every}",
-                 f"trainer.log_every={log_every}", *data, *extra]
+                 f"trainer.max_steps={setup.steps}", f"trainer.checkpoint_every={every}",
+                 f"trainer.eval_every={every}", f"trainer.log_every={setup.log_every}", *setup.data, *setup.extra]
     if sharding:
         overrides.append(f"planner.sharding_types=[{sharding}]")
-    proc = subprocess.run([*launcher, "train.py", *overrides], cwd=ROOT, capture_output=True, text=True,
-                          timeout=timeout, env=dict(os.environ, PYTHONPATH=ROOT))
-    if proc.returncode != 0:
-        raise RuntimeError(f"{kind} {layout} failed:\n{proc.stdout[-2000:]}\n{proc.stderr[-3000:]}")
-    with open(os.path.join(run_dir, "metrics.json")) as f:
-        return json.load(f)
+    if gate is None and not setup.default_group:
+        script = ["train.py"]
+    else:
+        other = "control" if role == "ckpt" else "ckpt"
+        script = ["-m", "torchrec_shark.bench.lockstep", "--role", role, "--other", other]
+        if gate is not None:
+            script += ["--gate", gate] + (["--first"] if first else [])
+        if setup.default_group:
+            script.append("--default-group")
+        script.append("--")
+    launcher = ([os.path.join(os.path.dirname(sys.executable), "torchrun"), "--standalone",
+                 f"--nproc_per_node={nproc}"] if nproc > 1 else [sys.executable])
+    return [*launcher, *script, *overrides]
+
+
+def _run(commands: Dict[str, List[str]], concurrent: bool, timeout: int, what: str) -> None:
+    """Run the commands (all at once, or one after another); a failure stops the others."""
+    env = dict(os.environ, PYTHONPATH=ROOT)
+    procs: Dict[str, subprocess.Popen] = {}
+    logs = {name: tempfile.TemporaryFile("w+") for name in commands}
+    try:
+        for name, cmd in commands.items():
+            procs[name] = subprocess.Popen(cmd, cwd=ROOT, stdout=logs[name], stderr=subprocess.STDOUT, text=True,
+                                           env=env, start_new_session=True)
+            if not concurrent:
+                procs[name].wait(timeout=timeout)
+        for name, proc in procs.items():
+            proc.wait(timeout=timeout)
+        failed = [n for n, proc in procs.items() if proc.returncode != 0]
+        if failed:
+            out = ""
+            for n in failed:
+                logs[n].seek(0)
+                out += f"--- {n}:\n{logs[n].read()[-4000:]}\n"
+            raise RuntimeError(f"{what} failed:\n{out}")
+    finally:
+        for proc in procs.values():
+            if proc.poll() is None:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait()
+        for f in logs.values():
+            f.close()
 
 
 def _median(history: List[Dict], lo: int, hi: int, log_every: int) -> Optional[float]:
@@ -80,15 +140,31 @@ def _ratio(a: Optional[float], b: Optional[float]) -> Optional[float]:
     return a / b if a and b else None
 
 
-def measure_pair(kind: str, layout: str, steps: int, every: int, log_every: int, data: List[str],
-                 extra: List[str], timeout: int, control_first: bool = False) -> Dict:
-    """One ``ckpt`` job and one ``control`` job, in the given order, and their ratios."""
-    jobs = {}
+def _histories(setup: Setup, kind: str, layout: str, control_first: bool) -> Dict[str, List[Dict]]:
+    """Each job's ``speed_history``: ``ckpt`` and ``control``, taking turns step by step (``lockstep``)
+    or one after the other."""
+    roles = ("control", "ckpt") if control_first else ("ckpt", "control")
     with tempfile.TemporaryDirectory() as tmp:
-        for name in (("control", "ckpt") if control_first else ("ckpt", "control")):
-            jobs[name] = _job(os.path.join(tmp, name), kind, layout, steps, every if name == "ckpt" else steps,
-                              log_every, data, extra, timeout)
-    ck, ctl = jobs["ckpt"]["speed_history"], jobs["control"]["speed_history"]
+        gate = None
+        if setup.lockstep:
+            gate = os.path.join(tmp, "gate")
+            os.mkdir(gate)
+            lockstep.make_gate(gate, list(roles), LAYOUTS[layout][0])
+        commands = {role: _command(setup, os.path.join(tmp, role), kind, layout, role, gate, role == roles[0])
+                    for role in roles}
+        _run(commands, setup.lockstep, setup.timeout, f"{kind} {layout}")
+        out = {}
+        for role in roles:
+            with open(os.path.join(tmp, role, "metrics.json")) as f:
+                out[role] = json.load(f)["speed_history"]
+    return out
+
+
+def measure_pair(setup: Setup, kind: str, layout: str, control_first: bool = False) -> Dict:
+    """One ``ckpt`` job and one ``control`` job and their ratios."""
+    jobs = _histories(setup, kind, layout, control_first)
+    ck, ctl = jobs["ckpt"], jobs["control"]
+    steps, every, log_every = setup.steps, setup.every, setup.log_every
     last_ckpt = (steps - 1) // every * every
     third = steps - steps // 3
     before, ctl_before = (_median(h, log_every, every, log_every) for h in (ck, ctl))
@@ -106,13 +182,11 @@ def measure_pair(kind: str, layout: str, steps: int, every: int, log_every: int,
 RATIOS = ("after_over_before", "last_third_over_control", "normalised")
 
 
-def measure(kind: str, layout: str, steps: int, every: int, log_every: int, data: List[str], extra: List[str],
-            timeout: int, repeats: int = 1) -> Dict:
-    """``repeats`` pairs in alternating order; each ratio is the median over the pairs."""
-    pairs = [measure_pair(kind, layout, steps, every, log_every, data, extra, timeout, control_first=i % 2 == 1)
-             for i in range(repeats)]
+def measure(setup: Setup, kind: str, layout: str, repeats: int = 1) -> Dict:
+    """``repeats`` pairs, the control first in every other one; each ratio is the median over the pairs."""
+    pairs = [measure_pair(setup, kind, layout, control_first=i % 2 == 1) for i in range(repeats)]
     row = {"kind": kind, "layout": layout, "pairs": pairs}
-    for key in ("before_first", "after_last", "last_third", "control_last_third", *RATIOS):
+    for key in ("before_first", "after_last", "last_third", "control_last_third", "before_over_control", *RATIOS):
         xs = [p[key] for p in pairs if p[key] is not None]
         row[key] = statistics.median(xs) if xs else None
     return row
@@ -129,7 +203,12 @@ def main(argv: Optional[List[str]] = None) -> List[Dict]:
     p.add_argument("--full", action="store_true",
                    help="the default data, batch 2048, 1,200 steps, a checkpoint every 300 (overrides the sizes)")
     p.add_argument("--default-data", action="store_true", help="the default synthetic data (as --full) at these sizes")
-    p.add_argument("--repeats", type=int, default=1, help="pairs per kind and layout, in alternating order")
+    p.add_argument("--repeats", type=int, default=1, help="pairs per kind and layout")
+    p.add_argument("--sequential", action="store_true",
+                   help="run the two jobs one after the other instead of taking turns step by step")
+    p.add_argument("--default-group", action="store_true",
+                   help="save and gather on the default process group, as before the fix: the benchmark should "
+                        "then show the slowdown")
     p.add_argument("--timeout", type=int, default=1800, help="seconds per job")
     p.add_argument("--json", help="write the rows here")
     a = p.parse_args(argv)
@@ -137,12 +216,13 @@ def main(argv: Optional[List[str]] = None) -> List[Dict]:
         a.steps, a.every, a.log_every, a.batch = 1200, 300, 20, 2048
     data = [] if a.full or a.default_data else list(SMALL_DATA)
     extra = [f"trainer.batch_size={a.batch}", "trainer.eval_batches=4"]
+    setup = Setup(a.steps, a.every, a.log_every, data, extra, a.timeout, not a.sequential, a.default_group)
     rows = []
     print(f"{'kind':9} {'layout':6} {'before':>9} {'after':>9} {'after/before':>12} {'last3':>9} "
           f"{'control':>9} {'last3/control':>13} {'normalised':>10}", flush=True)
     for kind in a.kinds.split(","):
         for layout in a.layouts.split(","):
-            r = measure(kind, layout, a.steps, a.every, a.log_every, data, extra, a.timeout, a.repeats)
+            r = measure(setup, kind, layout, a.repeats)
             rows.append(r)
             f = lambda x, w=9, d=0: f"{x:>{w},.{d}f}" if x is not None else f"{'-':>{w}}"
             print(f"{kind:9} {layout:6} {f(r['before_first'])} {f(r['after_last'])} "

@@ -222,6 +222,11 @@ class Trainer:
             meta["best"], meta["evals_since_best"] = best, evals_since_best
         ckpt.save_checkpoint(self.run_dir, step, self._stateful(), meta, best=best is not None and best["step"] == step)
 
+    def before_step(self, step: int) -> None:
+        """Called before each training step, outside the step timer (``speed_history`` does not count
+        it); does nothing here. Subclasses may wait here: the steady-state benchmark makes two runs
+        take turns step by step, so that whatever else slows the machine slows both alike."""
+
     def _log(self, msg: str) -> None:
         if self.env.is_main:
             logger.info(msg)
@@ -286,6 +291,7 @@ class Trainer:
         interval_time, interval_steps = 0.0, 0
         self.model.train()
         while step < last_step:
+            self.before_step(step)
             t0 = time.perf_counter()
             if pipeline is not None:
                 loss, _, _ = pipeline.progress(it)
