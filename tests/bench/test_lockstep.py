@@ -24,8 +24,8 @@ def _run(gate: StepGate, name: str, steps: int, log: list, fail_at: int = -1, st
 
 def _pair(tmp_path, steps_a: int, steps_b: int, fail_at: int = -1, start_up_b: float = 0.0) -> list:
     make_gate(str(tmp_path), ["a", "b"], 1)
-    a = StepGate(str(tmp_path / "a.0"), str(tmp_path / "b.0"), first=True)
-    b = StepGate(str(tmp_path / "b.0"), str(tmp_path / "a.0"))
+    a = StepGate(str(tmp_path / "a.0"), [str(tmp_path / "b.0")], first=True)
+    b = StepGate(str(tmp_path / "b.0"), [str(tmp_path / "a.0")])
     log: list = []
     threads = [threading.Thread(target=_run, args=(b, "b", steps_b, log, fail_at, start_up_b)),
                threading.Thread(target=_run, args=(a, "a", steps_a, log))]
@@ -55,3 +55,33 @@ def test_a_run_that_ends_early_lets_the_other_go_on(tmp_path):
 def test_a_run_that_fails_lets_the_other_go_on(tmp_path):
     log = _pair(tmp_path, 4, 4, fail_at=1)
     assert [e for e in log if e[1] not in ("done", "exit")] == [("a", 0), ("b", 0), ("a", 1), ("a", 2), ("a", 3)]
+
+
+def test_a_turn_passes_when_every_rank_of_the_job_has_stepped(tmp_path):
+    make_gate(str(tmp_path), ["a", "b"], 2)
+    log: list = []
+    lock = threading.Lock()
+
+    def rank(role, other, r, first, delay):
+        gate = StepGate(str(tmp_path / f"{role}.{r}"), [str(tmp_path / f"{other}.{s}") for s in range(2)], first)
+        for step in range(3):
+            gate.turn()
+            with lock:
+                log.append((role, step, "start"))
+            time.sleep(delay)  # rank 1 of each job is slower
+            with lock:
+                log.append((role, step, "end"))
+        gate.leave()
+
+    threads = [threading.Thread(target=rank, args=(role, other, r, role == "a", 0.05 * r))
+               for role, other in (("a", "b"), ("b", "a")) for r in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=30)
+    assert not any(t.is_alive() for t in threads)
+    # no rank of one job starts a step while a rank of the other is still in its step
+    running = {"a": 0, "b": 0}
+    for role, _, what in log:
+        running[role] += 1 if what == "start" else -1
+        assert not (running["a"] and running["b"]), log

@@ -1,4 +1,5 @@
-"""A checkpoint or an evaluation mid-run leaves the training state and the process as they were.
+"""A checkpoint, an evaluation, a resume's load or a warm start leaves the training state and the
+process as they were.
 
 Speed is a benchmark's business (``python -m torchrec_shark.bench.steady``); this checks what a slowdown
 after a save came from: threads that outlive the save (a gloo worker thread's OpenMP team throttles
@@ -43,6 +44,7 @@ def _save_and_eval(rank, world_size, run_dir, tables, sharding):
     from torchrec.distributed.train_pipeline import TrainPipelineSparseDist
 
     from torchrec_shark.conf_store import register_configs
+    from torchrec_shark.training import checkpoint as ckpt
     from torchrec_shark.training.env import init_distributed
     from torchrec_shark.training.trainer import Trainer
 
@@ -71,12 +73,19 @@ def _save_and_eval(rank, world_size, run_dir, tables, sharding):
     trainer.evaluate()
     after, threads_after = _layout(trainer), set(os.listdir("/proc/self/task"))
     changed = sorted(k for k in before if before[k] != after.get(k))
-    return changed, sorted(threads_after - threads)
+    # What a resumed or warm-started run does before its first step: the same gloo threads would
+    # throttle every step after it.
+    ckpt.load_newest_readable(run_dir, trainer._stateful())
+    loaded = ckpt.warm_start(run_dir, trainer.model, {})["loaded"]
+    ckpt.warm_start_optimizer(run_dir, trainer.optimizer, loaded, {})
+    threads_after_load = set(os.listdir("/proc/self/task"))
+    return changed, sorted(threads_after - threads), sorted(threads_after_load - threads)
 
 
 @pytest.mark.parametrize("tables,world_size,sharding", [
     ("baseline", 1, "table_wise"), ("shark", 1, "table_wise"), ("baseline", 2, "row_wise")])
-def test_save_and_eval_leave_tables_optimizer_and_threads_as_they_were(tmp_path, tables, world_size, sharding):
-    for changed, new_threads in run_ranks(_save_and_eval, world_size, str(tmp_path), tables, sharding):
+def test_save_eval_and_load_leave_tables_optimizer_and_threads_as_they_were(tmp_path, tables, world_size, sharding):
+    for changed, new_threads, load_threads in run_ranks(_save_and_eval, world_size, str(tmp_path), tables, sharding):
         assert changed == [], f"tensors re-pointed, copied or made to track gradients by the save: {changed[:5]}"
         assert new_threads == [], f"threads started by the save or the evaluation outlive them: {new_threads}"
+        assert load_threads == [], f"threads started by the resume load or the warm start outlive them: {load_threads}"

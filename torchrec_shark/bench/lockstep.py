@@ -7,10 +7,10 @@ step too, so the ratio of their speeds shows only what differs between the runs.
 benchmark (:mod:`torchrec_shark.bench.steady`) uses this to compare a run that checkpoints with
 one that does not.
 
-Each rank ``r`` of a job takes turns with rank ``r`` of the other job through two named pipes in
-``--gate``, ``<role>.<r>`` (its own) and ``<other>.<r>``: before each step it hands the turn to the
-other (after its first step) and waits to be handed it back. The wait is outside the step timer.
-A job that fails lets the other go on alone.
+Rank ``r`` of a job reads the named pipe ``<role>.<r>`` in ``--gate`` and writes to every
+``<other>.<s>``: before each step it hands the turn to the other job (after its first step) and
+waits for every rank of it to hand the turn back. The wait is outside the step timer. A job that
+fails lets the other go on alone.
 
 Run (the bench does this; both commands at once, the gate's pipes made first)::
 
@@ -35,39 +35,56 @@ _READY, _TURN, _GONE = b"r", b"t", b"q"
 
 
 class StepGate:
-    """Alternate steps with the process at the other end of two named pipes.
+    """Alternate steps with the ranks of another job, through named pipes.
 
-    The process that steps first waits for the other to be ready (its start-up done); at the
-    end, each waits for the other to finish too, so that neither's start-up or exit runs during the
-    other's steps. A process that fails leaves at once and the other goes on alone.
+    A turn passes when every rank of the job holding it has finished its step: each rank hands
+    the turn to every rank of the other job, and each waits for all of them to hand it back. (A
+    rank that started as soon as its own peer finished would overlap the other job's slower rank.)
+    The job that steps first waits for the other to be ready (its start-up done); at the end, each
+    waits for the other to finish too, so that neither's start-up or exit runs during the other's
+    steps. A job that fails leaves at once and the other goes on alone.
 
     Example::
 
-        gate = StepGate("/tmp/g/ckpt.0", "/tmp/g/control.0", first=True)
+        gate = StepGate("/tmp/g/ckpt.0", ["/tmp/g/control.0"], first=True)
         for step in range(n):
             gate.turn()      # returns when it is this process's turn
             train_one_step()
         gate.leave()
     """
 
-    def __init__(self, own: str, other: str, first: bool = False) -> None:
+    def __init__(self, own: str, others: List[str], first: bool = False) -> None:
         # O_RDWR: neither open blocks waiting for the other end, and a write never meets a closed pipe.
         self._own = os.open(own, os.O_RDWR)
-        self._other = os.open(other, os.O_RDWR)
+        self._others = [os.open(p, os.O_RDWR) for p in others]
         self._first = first
-        self._started = self._left = self._other_gone = False
+        self._started = self._left = False
+        self._gone = 0  # ranks of the other job that have left
+
+    @property
+    def _other_gone(self) -> bool:
+        return self._gone == len(self._others)
+
+    def _send(self, token: bytes) -> None:
+        for fd in self._others:
+            os.write(fd, token)
 
     def _wait(self) -> None:
-        if os.read(self._own, 1) == _GONE:
-            self._other_gone = True
+        """A token from each rank of the other job; a rank that leaves meanwhile stops being waited for."""
+        received = 0
+        while received + self._gone < len(self._others):
+            if os.read(self._own, 1) == _GONE:
+                self._gone += 1
+            else:
+                received += 1
 
     def turn(self) -> None:
         if self._other_gone:
             return
         if self._started:
-            os.write(self._other, _TURN)
+            self._send(_TURN)
         elif not self._first:
-            os.write(self._other, _READY)
+            self._send(_READY)
         self._started = True
         self._wait()
 
@@ -76,7 +93,7 @@ class StepGate:
         if self._left:
             return
         self._left = True
-        os.write(self._other, _GONE)
+        self._send(_GONE)
         while wait and not self._other_gone:
             self._wait()
 
@@ -106,8 +123,9 @@ def main(argv: Optional[List[str]] = None) -> None:
 
     from torchrec_shark.training import checkpoint, trainer
 
-    rank = int(os.environ.get("RANK", "0"))
-    gate = StepGate(os.path.join(a.gate, f"{a.role}.{rank}"), os.path.join(a.gate, f"{a.other}.{rank}"), a.first)
+    rank, world = int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
+    gate = StepGate(os.path.join(a.gate, f"{a.role}.{rank}"),
+                    [os.path.join(a.gate, f"{a.other}.{r}") for r in range(world)], a.first)
 
     class LockstepTrainer(trainer.Trainer):
         def before_step(self, step: int) -> None:

@@ -49,6 +49,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import time
 from dataclasses import dataclass
 from typing import Dict, List, Optional
 
@@ -102,19 +103,25 @@ def _command(setup: Setup, run_dir: str, kind: str, layout: str, role: str, gate
 
 
 def _run(commands: Dict[str, List[str]], concurrent: bool, timeout: int, what: str) -> None:
-    """Run the commands (all at once, or one after another); a failure stops the others."""
+    """Run the commands (all at once, or one after another); the first failure stops the others."""
     env = dict(os.environ, PYTHONPATH=ROOT)
     procs: Dict[str, subprocess.Popen] = {}
     logs = {name: tempfile.TemporaryFile("w+") for name in commands}
+    deadline = time.monotonic() + timeout * len(commands)
     try:
-        for name, cmd in commands.items():
-            procs[name] = subprocess.Popen(cmd, cwd=ROOT, stdout=logs[name], stderr=subprocess.STDOUT, text=True,
-                                           env=env, start_new_session=True)
-            if not concurrent:
-                procs[name].wait(timeout=timeout)
-        for name, proc in procs.items():
-            proc.wait(timeout=timeout)
-        failed = [n for n, proc in procs.items() if proc.returncode != 0]
+        pending = list(commands)
+        while pending or any(p.poll() is None for p in procs.values()):
+            if pending and (concurrent or all(p.poll() is not None for p in procs.values())):
+                name = pending.pop(0)
+                procs[name] = subprocess.Popen(commands[name], cwd=ROOT, stdout=logs[name], stderr=subprocess.STDOUT,
+                                               text=True, env=env, start_new_session=True)
+                continue
+            if any(p.returncode for p in procs.values() if p.poll() is not None):
+                break
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"{what}: still running after {timeout * len(commands)} s")
+            time.sleep(0.5)
+        failed = [n for n, p in procs.items() if p.poll() is not None and p.returncode != 0]
         if failed:
             out = ""
             for n in failed:
