@@ -395,3 +395,17 @@ def test_retier_in_small_chunks_equals_one_pass(monkeypatch):
     monkeypatch.setattr(mp, "CHUNK_ROWS", 3)
     assert b.retier() == moved > 3 * 2  # several chunks
     _assert_state_equal(_state(a), _state(b))
+
+
+@pytest.mark.parametrize("spec", SPECS, ids=["fp32", "fp16", "int8", "mixed"])
+def test_tables_built_without_initial_values_start_zeroed_and_load_the_same(spec):
+    from torchrec_shark.modules.table_kind import without_initial_values
+
+    drawn = _table(spec=spec)
+    assert drawn.read_rows(torch.arange(40)).abs().sum() > 0
+    with without_initial_values():
+        blank = _table(spec=spec)
+    assert torch.equal(blank.read_rows(torch.arange(40)), torch.zeros(40, 8))
+    assert _table(spec=spec).read_rows(torch.arange(40)).abs().sum() > 0  # only inside the block
+    blank.load_state_dict(drawn.state_dict())
+    assert torch.equal(blank.read_rows(torch.arange(40)), drawn.read_rows(torch.arange(40)))

@@ -4,7 +4,7 @@ For every table kind (``tables=baseline``, ``shark``, ``int8``, ``tt``) and layo
 ranks table-wise and row-wise through ``torchrun --standalone --nproc_per_node=2``), two
 ``train.py`` jobs run with identical data and steps:
 
-* ``ckpt``: a checkpoint and an evaluation every ``--every`` steps;
+* ``ckpt``: a checkpoint and an evaluation every ``--every`` steps (``--events`` picks one of them);
 * ``control``: no checkpoint or evaluation before the last step.
 
 The two jobs take turns step by step (:mod:`torchrec_shark.bench.lockstep`): on a small machine
@@ -51,12 +51,13 @@ import sys
 import tempfile
 import time
 from dataclasses import dataclass
-from typing import Dict, List, Optional
+from typing import Dict, List, Optional, Tuple
 
 from torchrec_shark.bench import lockstep
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 KINDS = ("baseline", "shark", "int8", "tt")
+EVENTS = ("checkpoint", "eval")
 LAYOUTS = {"1": (1, None), "2tw": (2, "table_wise"), "2rw": (2, "row_wise")}
 # Small synthetic data (rows / 100 of the default tables): quick, yet every kind shards and trains.
 SMALL_DATA = ["data.synthetic.cardinalities=[10000,3000,1000,1000,300,100,100,30,30,10,10,10,"
@@ -76,15 +77,17 @@ class Setup:
     timeout: int
     lockstep: bool = True
     default_group: bool = False
+    events: Tuple[str, ...] = ("checkpoint", "eval")  # what the ckpt job does every ``every`` steps
 
 
 def _command(setup: Setup, run_dir: str, kind: str, layout: str, role: str, gate: Optional[str],
              first: bool) -> List[str]:
     nproc, sharding = LAYOUTS[layout]
-    every = setup.every if role == "ckpt" else setup.steps
+    every = {e: setup.every if role == "ckpt" and e in setup.events else setup.steps for e in EVENTS}
     overrides = [f"hydra.run.dir={run_dir}", f"tables={kind}", "tables.embedding_dim=64", "trainer.progress=false",
-                 f"trainer.max_steps={setup.steps}", f"trainer.checkpoint_every={every}",
-                 f"trainer.eval_every={every}", f"trainer.log_every={setup.log_every}", *setup.data, *setup.extra]
+                 f"trainer.max_steps={setup.steps}", f"trainer.checkpoint_every={every['checkpoint']}",
+                 f"trainer.eval_every={every['eval']}", f"trainer.log_every={setup.log_every}", *setup.data,
+                 *setup.extra]
     if sharding:
         overrides.append(f"planner.sharding_types=[{sharding}]")
     if gate is None and not setup.default_group:
@@ -210,6 +213,8 @@ def main(argv: Optional[List[str]] = None) -> List[Dict]:
     p.add_argument("--full", action="store_true",
                    help="the default data, batch 2048, 1,200 steps, a checkpoint every 300 (overrides the sizes)")
     p.add_argument("--default-data", action="store_true", help="the default synthetic data (as --full) at these sizes")
+    p.add_argument("--events", default=",".join(EVENTS),
+                   help="what the ckpt job does every --every steps: checkpoint, eval or both")
     p.add_argument("--repeats", type=int, default=1, help="pairs per kind and layout")
     p.add_argument("--sequential", action="store_true",
                    help="run the two jobs one after the other instead of taking turns step by step")
@@ -223,7 +228,10 @@ def main(argv: Optional[List[str]] = None) -> List[Dict]:
         a.steps, a.every, a.log_every, a.batch = 1200, 300, 20, 2048
     data = [] if a.full or a.default_data else list(SMALL_DATA)
     extra = [f"trainer.batch_size={a.batch}", "trainer.eval_batches=4"]
-    setup = Setup(a.steps, a.every, a.log_every, data, extra, a.timeout, not a.sequential, a.default_group)
+    events = tuple(a.events.split(","))
+    if not events or set(events) - set(EVENTS):
+        p.error(f"--events: a comma-separated subset of {','.join(EVENTS)}")
+    setup = Setup(a.steps, a.every, a.log_every, data, extra, a.timeout, not a.sequential, a.default_group, events)
     rows = []
     print(f"{'kind':9} {'layout':6} {'before':>9} {'after':>9} {'after/before':>12} {'last3':>9} "
           f"{'control':>9} {'last3/control':>13} {'normalised':>10}", flush=True)

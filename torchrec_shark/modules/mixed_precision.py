@@ -51,6 +51,7 @@ from torchrec_shark.modules.table_kind import (
     PieceSpec,
     StateReader,
     TableKind,
+    draws_initial_values,
     init_blocks,
     register_table_kind,
     table_seed,
@@ -201,8 +202,9 @@ class RowStoreTable(CompressedTable):
     def init_rows(self, config) -> None:
         """Initial values of this table's rows from ``config.init_fn``, drawn per fixed row block
         (:func:`~torchrec_shark.modules.table_kind.init_blocks`: the same values under any
-        sharding) and written a block at a time (no full fp32 copy). Nothing on ``meta``."""
-        if self.is_meta:
+        sharding) and written a block at a time (no full fp32 copy). Nothing on ``meta``, nor inside
+        :func:`~torchrec_shark.modules.table_kind.without_initial_values` (a resume loads over them)."""
+        if self.is_meta or not draws_initial_values():
             return
         device = self._pool(0).device
         for a, chunk in init_blocks(config.init_fn, self.seed, self.row_start, self.num_embeddings,

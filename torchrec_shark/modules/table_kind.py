@@ -29,6 +29,7 @@ Example::
 from __future__ import annotations
 
 import abc
+import contextlib
 import zlib
 from dataclasses import dataclass
 from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple
@@ -83,6 +84,35 @@ def init_blocks(init_fn: Callable[[torch.Tensor], object], seed: int, row_start:
             init_fn(values)
         yield a, values[a - lo : b - lo].to(device) if device is not None else values[a - lo : b - lo]
         block += 1
+
+
+_draw_initial_values = True
+
+
+@contextlib.contextmanager
+def without_initial_values() -> Iterator[None]:
+    """Row-store tables built inside this block start zeroed instead of drawing their initial values.
+
+    For a resume, which loads every row over them: drawing the values of a 10M-row shard costs
+    about 5 s per rank (``bench.scale --build``) and is thrown away by the load. A resume whose
+    load fails stops with an error, so the zeros are never trained.
+
+    Example::
+
+        with without_initial_values():
+            model = shard_model(...)        # then load the checkpoint over every table
+    """
+    global _draw_initial_values
+    before, _draw_initial_values = _draw_initial_values, False
+    try:
+        yield
+    finally:
+        _draw_initial_values = before
+
+
+def draws_initial_values() -> bool:
+    """False inside :func:`without_initial_values`."""
+    return _draw_initial_values
 
 
 @dataclass(frozen=True)

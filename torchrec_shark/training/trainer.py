@@ -31,6 +31,7 @@ from torchrec_shark.data.statistics import has_statistics, prepare_statistics
 from torchrec_shark.distributed.model_parallel import compressed_sharders, plan_model, shard_model
 from torchrec_shark.distributed.planner import describe_plan
 from torchrec_shark.models.dlrm import DLRM, DLRMTrain
+from torchrec_shark.modules.table_kind import without_initial_values
 from torchrec_shark.training import checkpoint as ckpt
 from torchrec_shark.training.env import DistEnv
 from torchrec_shark.training.metrics import EvalMetrics
@@ -134,7 +135,12 @@ class Trainer:
                 sharders=sharders,
                 compressed_configs=self.table_configs if self.compressed else None,
             )
-            self.model = shard_model(train_model, self.plan, env.device, sharders=sharders)
+            if t.resume and ckpt.complete_checkpoints(self.run_dir):
+                # Every row is loaded over by the resume: the shards skip drawing initial values.
+                with without_initial_values():
+                    self.model = shard_model(train_model, self.plan, env.device, sharders=sharders)
+            else:
+                self.model = shard_model(train_model, self.plan, env.device, sharders=sharders)
             fused = self.model.fused_optimizer
             self.plan_table = describe_plan(self.plan)
             if self.compressed:  # kind, sharding, ranks and real bytes per table (a collective)
