@@ -112,9 +112,9 @@ def _default_group():
 
 def main(argv: Optional[List[str]] = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--gate", required=True, help="directory with the named pipes (see make_gate)")
-    p.add_argument("--role", required=True)
-    p.add_argument("--other", required=True)
+    p.add_argument("--gate", help="directory with the named pipes (see make_gate); none: train alone")
+    p.add_argument("--role", default="ckpt")
+    p.add_argument("--other", default="control")
     p.add_argument("--first", action="store_true", help="take the first step")
     p.add_argument("--default-group", action="store_true",
                    help="saves and metric gathers on the default process group (the behaviour before the fix)")
@@ -123,6 +123,12 @@ def main(argv: Optional[List[str]] = None) -> None:
 
     from torchrec_shark.training import checkpoint, trainer
 
+    if a.default_group:
+        trainer.transient_group = checkpoint.transient_group = _default_group
+    sys.argv = [os.path.join(ROOT, "train.py"), *a.overrides]
+    if a.gate is None:
+        runpy.run_path(sys.argv[0], run_name="__main__")
+        return
     rank, world = int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
     gate = StepGate(os.path.join(a.gate, f"{a.role}.{rank}"),
                     [os.path.join(a.gate, f"{a.other}.{r}") for r in range(world)], a.first)
@@ -140,11 +146,8 @@ def main(argv: Optional[List[str]] = None) -> None:
             gate.leave()  # before the exit: the other's last steps do not share the machine with it
             return out
 
-    if a.default_group:
-        trainer.transient_group = checkpoint.transient_group = _default_group
     # train.py runs as itself (Hydra finds its config next to it) and imports this trainer.
     trainer.Trainer = LockstepTrainer
-    sys.argv = [os.path.join(ROOT, "train.py"), *a.overrides]
     try:
         runpy.run_path(sys.argv[0], run_name="__main__")
     finally:

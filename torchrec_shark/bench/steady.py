@@ -77,7 +77,7 @@ class Setup:
     timeout: int
     lockstep: bool = True
     default_group: bool = False
-    events: Tuple[str, ...] = ("checkpoint", "eval")  # what the ckpt job does every ``every`` steps
+    events: Tuple[str, ...] = EVENTS  # what the ckpt job does every ``every`` steps
 
 
 def _command(setup: Setup, run_dir: str, kind: str, layout: str, role: str, gate: Optional[str],
@@ -108,29 +108,27 @@ def _command(setup: Setup, run_dir: str, kind: str, layout: str, role: str, gate
 def _run(commands: Dict[str, List[str]], concurrent: bool, timeout: int, what: str) -> None:
     """Run the commands (all at once, or one after another); the first failure stops the others."""
     env = dict(os.environ, PYTHONPATH=ROOT)
-    procs: Dict[str, subprocess.Popen] = {}
     logs = {name: tempfile.TemporaryFile("w+") for name in commands}
-    deadline = time.monotonic() + timeout * len(commands)
+    procs: Dict[str, subprocess.Popen] = {}
     try:
-        pending = list(commands)
-        while pending or any(p.poll() is None for p in procs.values()):
-            if pending and (concurrent or all(p.poll() is not None for p in procs.values())):
-                name = pending.pop(0)
+        for group in ([list(commands)] if concurrent else [[name] for name in commands]):
+            for name in group:
                 procs[name] = subprocess.Popen(commands[name], cwd=ROOT, stdout=logs[name], stderr=subprocess.STDOUT,
                                                text=True, env=env, start_new_session=True)
-                continue
-            if any(p.returncode for p in procs.values() if p.poll() is not None):
-                break
-            if time.monotonic() > deadline:
-                raise TimeoutError(f"{what}: still running after {timeout * len(commands)} s")
-            time.sleep(0.5)
-        failed = [n for n, p in procs.items() if p.poll() is not None and p.returncode != 0]
-        if failed:
-            out = ""
-            for n in failed:
-                logs[n].seek(0)
-                out += f"--- {n}:\n{logs[n].read()[-4000:]}\n"
-            raise RuntimeError(f"{what} failed:\n{out}")
+            deadline = time.monotonic() + timeout
+            while any(procs[n].poll() is None for n in group):
+                if any(procs[n].returncode for n in group):
+                    break
+                if time.monotonic() > deadline:
+                    raise TimeoutError(f"{what}: still running after {timeout} s")
+                time.sleep(0.5)
+            failed = [n for n in group if procs[n].returncode]
+            if failed:
+                out = ""
+                for n in failed:
+                    logs[n].seek(0)
+                    out += f"--- {n}:\n{logs[n].read()[-4000:]}\n"
+                raise RuntimeError(f"{what} failed:\n{out}")
     finally:
         for proc in procs.values():
             if proc.poll() is None:

@@ -8,6 +8,7 @@ Example::
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
@@ -135,11 +136,9 @@ class Trainer:
                 sharders=sharders,
                 compressed_configs=self.table_configs if self.compressed else None,
             )
-            if t.resume and ckpt.complete_checkpoints(self.run_dir):
-                # Every row is loaded over by the resume: the shards skip drawing initial values.
-                with without_initial_values():
-                    self.model = shard_model(train_model, self.plan, env.device, sharders=sharders)
-            else:
+            # A resume loads over every row: its shards skip drawing initial values.
+            resuming = t.resume and ckpt.complete_checkpoints(self.run_dir)
+            with without_initial_values() if resuming else contextlib.nullcontext():
                 self.model = shard_model(train_model, self.plan, env.device, sharders=sharders)
             fused = self.model.fused_optimizer
             self.plan_table = describe_plan(self.plan)
