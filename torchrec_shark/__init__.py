@@ -4,7 +4,7 @@ The public classes are importable from the top level, as ``torchrec.EmbeddingBag
 
     from torchrec_shark import (
         CompressedEmbeddingBagCollection, CompressedEmbeddingBagConfig, CompressedEmbeddingBagCollectionSharder,
-        MixedPrecision, TensorTrain, Uniform,
+        MixedPrecision, Tier, TensorTrain, Uniform,
     )
 
 They are loaded on first access, so ``import torchrec_shark`` alone stays cheap (TorchRec and
@@ -17,9 +17,11 @@ from typing import Any, Dict
 _EXPORTS: Dict[str, str] = {
     "CompressedEmbeddingBagCollection": "torchrec_shark.modules.embedding_bag_collection",
     "CompressedEmbeddingBagConfig": "torchrec_shark.modules.specs",
-    "MixedPrecision": "torchrec_shark.modules.specs",
-    "TensorTrain": "torchrec_shark.modules.specs",
-    "Uniform": "torchrec_shark.modules.specs",
+    "MixedPrecision": "torchrec_shark.modules.mixed_precision",
+    "Tier": "torchrec_shark.modules.mixed_precision",
+    "three_tier": "torchrec_shark.modules.mixed_precision",
+    "TensorTrain": "torchrec_shark.modules.tensor_train",
+    "Uniform": "torchrec_shark.modules.uniform",
     "SparseOptimizerSpec": "torchrec_shark.modules.base",
     "CompressedEmbeddingBagCollectionSharder": "torchrec_shark.distributed.compressed_sharder",
 }

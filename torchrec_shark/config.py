@@ -12,12 +12,11 @@ Example::
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, make_dataclass
 from typing import Dict, List, Optional
 
 SHARDING_TYPES = ("table_wise", "row_wise", "column_wise", "data_parallel")
 OPTIMIZERS = ("sgd", "adagrad", "rowwise_adagrad", "adam")
-COMPRESSION_KINDS = ("none", "fp16", "int8", "mixed_precision", "tensor_train")
 
 
 @dataclass
@@ -95,42 +94,21 @@ class ModelConfig:
     projection: str = "linear"  # linear | zero_pad
 
 
-@dataclass
-class MixedPrecisionConfig:
-    """SHARK F-Quantization: per-row precision tiers chosen by a frequency priority."""
+def _compression_config() -> type:
+    """``tables.compression``: ``kind`` plus one section per kind's settings, derived from the registered
+    kinds' spec types (:mod:`torchrec_shark.modules.kinds`), so the schema cannot drift from the specs."""
+    from torchrec_shark.modules.kinds import config_sections
 
-    fp32_fraction: float = 0.10
-    fp16_fraction: float = 0.30
-    int8_fraction: float = 0.60
-    decay: float = 0.99
-    pos_weight: float = 1.0
-    neg_weight: float = 0.25
-    retier_every: int = 100
-    rounding: str = "stochastic"  # stochastic | nearest
-
-
-@dataclass
-class TensorTrainConfig:
-    """TT-Rec factorisation of a table into small 3-D cores."""
-
-    num_cores: int = 3
-    ranks: List[int] = field(default_factory=lambda: [32])
-    row_factors: Optional[List[int]] = None
-    col_factors: Optional[List[int]] = None
-    init: str = "sampled_gaussian"  # sampled_gaussian | naive
-    cache_fraction: float = 0.0
-    cache_refresh_every: int = 500
-    # Only tables with at least this many rows are factorised; smaller stay stock.
-    min_rows: int = 100_000
+    fields = [("kind", str, field(default="none"))]
+    fields += [(name, typ, field(default_factory=typ)) for name, typ in config_sections().items()]
+    cls = make_dataclass("CompressionConfig", fields)
+    cls.__doc__ = ("How one table is stored: ``kind`` (a registered table kind; ``none`` is a stock FBGEMM table) "
+                   "and the settings of each kind in its section.")
+    cls.__module__ = __name__
+    return cls
 
 
-@dataclass
-class CompressionConfig:
-    """How one table is stored. ``kind=none`` is a stock FBGEMM table."""
-
-    kind: str = "none"
-    mixed_precision: MixedPrecisionConfig = field(default_factory=MixedPrecisionConfig)
-    tensor_train: TensorTrainConfig = field(default_factory=TensorTrainConfig)
+CompressionConfig = _compression_config()
 
 
 @dataclass
@@ -315,20 +293,16 @@ def _check_data_transforms(d: DataConfig) -> None:
         raise ConfigError(f"data.min_count={d.min_count} must be in [0, {COUNT_CAP}]")
 
 
-def _check_compression(key: str, c: CompressionConfig) -> None:
-    _check_choice(f"{key}.kind", c.kind, COMPRESSION_KINDS)
-    mp = c.mixed_precision
-    fr = (mp.fp32_fraction, mp.fp16_fraction, mp.int8_fraction)
-    if any(f < 0 for f in fr) or abs(sum(fr) - 1.0) > 1e-6:
-        raise ConfigError(f"{key}.mixed_precision fractions {fr} must be >= 0 and sum to 1")
-    _check_choice(f"{key}.mixed_precision.rounding", mp.rounding, ("stochastic", "nearest"))
-    if not 0.0 <= mp.decay <= 1.0:
-        raise ConfigError(f"{key}.mixed_precision.decay={mp.decay} must be in [0, 1]")
-    tt = c.tensor_train
-    if not 2 <= tt.num_cores <= 4:
-        raise ConfigError(f"{key}.tensor_train.num_cores={tt.num_cores} must be 2, 3 or 4")
-    if any(r < 1 for r in tt.ranks):
-        raise ConfigError(f"{key}.tensor_train.ranks={list(tt.ranks)} must all be >= 1")
-    _check_choice(f"{key}.tensor_train.init", tt.init, ("sampled_gaussian", "naive"))
-    if not 0.0 <= tt.cache_fraction < 1.0:
-        raise ConfigError(f"{key}.tensor_train.cache_fraction={tt.cache_fraction} must be in [0, 1)")
+# A table past every kind's size threshold (e.g. tensor train's min_rows): its spec is made, so checked.
+_ANY_SIZE = 1 << 62
+
+
+def _check_compression(key: str, c) -> None:
+    from torchrec_shark.modules.kinds import kind_named, kind_names, spec_from_config
+
+    _check_choice(f"{key}.kind", c.kind, kind_names())
+    try:
+        spec_from_config(c, _ANY_SIZE)
+    except ValueError as e:
+        section = kind_named(c.kind).config_section
+        raise ConfigError(f"{key}{'.' + section if section else ''}: {e}") from None

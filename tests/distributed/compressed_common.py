@@ -24,11 +24,11 @@ from torchrec_shark.distributed.compressed_sharder import (
 from torchrec_shark.models.dlrm import DLRM, DLRMTrain
 from torchrec_shark.modules.base import SparseOptimizerSpec
 from torchrec_shark.modules.embedding_bag_collection import CompressedEmbeddingBagCollection
-from torchrec_shark.modules.specs import CompressedEmbeddingBagConfig, MixedPrecision, TensorTrain
+from torchrec_shark.modules import CompressedEmbeddingBagConfig, MixedPrecision, three_tier, TensorTrain
 
 GLOBAL_BATCH = 16
 DIM = 8
-MP = MixedPrecision(fp32_fraction=0.25, fp16_fraction=0.25, rounding="nearest", retier_every=1000)
+MP = three_tier(0.25, 0.25, rounding="nearest", retier_every=1000)
 TT = TensorTrain(num_cores=3, ranks=(4,), row_factors=(4, 4, 4))  # 64 rows, first-core block 16
 
 

@@ -267,11 +267,11 @@ def test_stock_and_compressed_tables_train_together(scenarios):
 
 # ---------------------------------------------------------------------------- planner (one process)
 def _planner_tables():
-    from torchrec_shark.modules.specs import CompressedEmbeddingBagConfig, MixedPrecision, TensorTrain
+    from torchrec_shark.modules import CompressedEmbeddingBagConfig, MixedPrecision, three_tier, TensorTrain
 
     return [
         CompressedEmbeddingBagConfig(name="t_big_mp", num_embeddings=40_000, embedding_dim=32, feature_names=["a"],
-                                     compression=MixedPrecision(fp32_fraction=0.1, fp16_fraction=0.3)),
+                                     compression=three_tier(0.1, 0.3)),
         CompressedEmbeddingBagConfig(name="t_big_tt", num_embeddings=32_768, embedding_dim=32, feature_names=["b"],
                                      compression=TensorTrain(ranks=(16,), row_factors=(32, 32, 32))),
     ]
@@ -331,7 +331,7 @@ def test_unaligned_tensor_train_is_constrained_to_table_wise_with_reason(caplog)
     from torchrec.distributed.planner import ParameterConstraints
 
     from torchrec_shark.distributed.compressed_sharder import compressed_constraints
-    from torchrec_shark.modules.specs import CompressedEmbeddingBagConfig, TensorTrain
+    from torchrec_shark.modules import CompressedEmbeddingBagConfig, TensorTrain
 
     spec = TensorTrain(ranks=(4,), row_factors=(4, 4, 4))  # first-core block: 16 rows
     aligned = CompressedEmbeddingBagConfig(name="t_ok", num_embeddings=64, embedding_dim=8, compression=spec)

@@ -17,6 +17,7 @@ from torchrec_shark import (
     CompressedEmbeddingBagCollectionSharder,
     CompressedEmbeddingBagConfig,
     MixedPrecision,
+    three_tier,
     TensorTrain,
     Uniform,
 )
@@ -27,7 +28,7 @@ KINDS = {
     "fp32": None,
     "fp16": Uniform("fp16"),
     "int8": Uniform("int8"),
-    "mp": MixedPrecision(fp32_fraction=0.1, fp16_fraction=0.3),
+    "mp": three_tier(0.1, 0.3),
     "tt": TensorTrain(ranks=(8,)),
 }
 
@@ -117,7 +118,7 @@ def test_a_users_own_customized_kernel_bandwidth_is_kept():
 
 
 # ---------------------------------------------------------------------------- DMP without a plan (spawned ranks)
-SMALL = {"int8": Uniform("int8"), "mp": MixedPrecision(fp32_fraction=0.25, fp16_fraction=0.25, rounding="nearest"),
+SMALL = {"int8": Uniform("int8"), "mp": three_tier(0.25, 0.25, rounding="nearest"),
          "fp32": None}
 
 

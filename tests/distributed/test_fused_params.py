@@ -16,6 +16,7 @@ from torchrec_shark import (
     CompressedEmbeddingBagCollectionSharder,
     CompressedEmbeddingBagConfig,
     MixedPrecision,
+    three_tier,
     TensorTrain,
 )
 from torchrec_shark.distributed.fused_params import UnsupportedFusedParamError, optimizer_spec_from_fused_params
@@ -92,7 +93,7 @@ def _configs():
     return [
         CompressedEmbeddingBagConfig(name="t_fp", num_embeddings=32, embedding_dim=8, feature_names=["a"]),
         CompressedEmbeddingBagConfig(name="t_mp", num_embeddings=32, embedding_dim=8, feature_names=["b"],
-                                     compression=MixedPrecision(fp32_fraction=0.5, fp16_fraction=0.5, rounding="nearest")),
+                                     compression=three_tier(0.5, 0.5, rounding="nearest")),
         CompressedEmbeddingBagConfig(name="t_tt", num_embeddings=64, embedding_dim=8, feature_names=["c"],
                                      compression=TensorTrain(ranks=(4,), row_factors=(4, 4, 4))),
     ]

@@ -22,7 +22,7 @@ from torchrec_shark.modules import (
     TensorTrain,
     Uniform,
 )
-from torchrec_shark.modules.table_kind import kind_of
+from torchrec_shark.modules.kinds import kind_of
 
 KINDS = ["fp32", "mp", "tt"]
 OPT = SparseOptimizerSpec("rowwise_adagrad", lr=0.05)

@@ -14,6 +14,7 @@ from torchrec_shark.modules import (
     CompressedEmbeddingBagCollection,
     CompressedEmbeddingBagConfig,
     MixedPrecision,
+    three_tier,
     SparseOptimizerSpec,
     TableInputError,
     Uniform,
@@ -24,7 +25,7 @@ def _configs(mean=True):
     # feature "a" feeds t0 (with "b") and t1; MEAN pooling on t1 (stock refuses per-id weights with MEAN)
     return [
         CompressedEmbeddingBagConfig(name="t0", num_embeddings=30, embedding_dim=8, feature_names=["a", "b"],
-                                     compression=MixedPrecision(fp32_fraction=0.3, fp16_fraction=0.3)),
+                                     compression=three_tier(0.3, 0.3)),
         CompressedEmbeddingBagConfig(name="t1", num_embeddings=30, embedding_dim=4, feature_names=["a"],
                                      pooling=PoolingType.MEAN if mean else PoolingType.SUM,
                                      compression=Uniform("int8")),

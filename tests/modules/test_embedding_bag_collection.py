@@ -13,6 +13,7 @@ from torchrec_shark.modules import (
     CompressedEmbeddingBagCollection,
     CompressedEmbeddingBagConfig,
     MixedPrecision,
+    three_tier,
     SparseOptimizerSpec,
     TableInputError,
     Uniform,
@@ -25,7 +26,7 @@ def _configs(mean=True):
     return [
         # two features share t0; feature "a" also feeds t2
         CompressedEmbeddingBagConfig(name="t0", num_embeddings=30, embedding_dim=8, feature_names=["a", "b"],
-                                     compression=MixedPrecision(fp32_fraction=0.2, fp16_fraction=0.3)),
+                                     compression=three_tier(0.2, 0.3)),
         CompressedEmbeddingBagConfig(name="t1", num_embeddings=20, embedding_dim=4, feature_names=["c"],
                                      pooling=PoolingType.MEAN if mean else PoolingType.SUM, compression=Uniform("int8")),
         CompressedEmbeddingBagConfig(name="t2", num_embeddings=30, embedding_dim=6, feature_names=["a"],
@@ -228,7 +229,7 @@ def test_stock_tables_have_stock_state_dict_keys_and_no_optimizer_state():
     assert all(torch.equal(ours.state_dict()[k], ref[k]) for k in ref)
 
 
-@pytest.mark.parametrize("spec", [MixedPrecision(fp32_fraction=0.2, fp16_fraction=0.3), Uniform("int8"), Uniform("fp16")])
+@pytest.mark.parametrize("spec", [three_tier(0.2, 0.3), Uniform("int8"), Uniform("fp16")])
 def test_stock_state_dict_loads_into_a_compressed_kind(spec):
     cfg = dict(name="t", num_embeddings=50, embedding_dim=8, feature_names=["f"])
     torch.manual_seed(3)

@@ -5,8 +5,8 @@ import torch
 import torch.nn.functional as F
 from torchrec.modules.embedding_configs import PoolingType
 
-from torchrec_shark.modules.base import SparseOptimizerSpec, TableInputError, build_table
-from torchrec_shark.modules.specs import CompressedEmbeddingBagConfig, TensorTrain
+from torchrec_shark.modules import SparseOptimizerSpec, TableInputError, build_table
+from torchrec_shark.modules import CompressedEmbeddingBagConfig, TensorTrain
 from torchrec_shark.modules.tensor_train import TensorTrainTable
 from torchrec_shark.modules.tt_factorization import balanced_col_factors, balanced_row_factors
 
@@ -443,15 +443,10 @@ def test_memory_bytes():
     [
         (1000, 16, dict(col_factors=(2, 2, 2)), "not factorable"),
         (1000, 16, dict(col_factors=(2, 8)), "num_cores=3 entries"),
-        (1000, 16, dict(ranks=(0,)), "ranks"),
         (1000, 16, dict(ranks=(2, 2, 2)), "ranks"),
         (1000, 16, dict(row_factors=(9, 10, 10)), "fewer than num_embeddings"),
         (1000, 16, dict(row_factors=(1, 1000, 1)), ">= 2"),
         (4, 16, dict(num_cores=3), "too few rows"),
-        (1000, 16, dict(num_cores=5), "num_cores"),
-        (1000, 16, dict(init="xavier"), "init"),
-        (1000, 16, dict(cache_fraction=1.5), "cache_fraction"),
-        (1000, 16, dict(cache_refresh_every=0), "cache_refresh_every"),
     ],
 )
 def test_bad_shapes_raise_naming_the_table(n, dim, spec, match):
@@ -459,6 +454,18 @@ def test_bad_shapes_raise_naming_the_table(n, dim, spec, match):
     with pytest.raises(ValueError, match=match) as err:
         TensorTrainTable(config(n, dim, name="t_bad", **spec), SGD)
     assert "t_bad" in str(err.value)
+
+
+@pytest.mark.parametrize("spec, match", [
+    (dict(ranks=(0,)), r"TensorTrain.ranks=\[0\]"),
+    (dict(num_cores=5), "TensorTrain.num_cores=5"),
+    (dict(init="xavier"), "TensorTrain.init='xavier'"),
+    (dict(cache_fraction=1.5), "TensorTrain.cache_fraction=1.5"),
+    (dict(cache_refresh_every=0), "TensorTrain.cache_refresh_every=0"),
+])
+def test_bad_settings_are_refused_by_the_spec_naming_the_field(spec, match):
+    with pytest.raises(ValueError, match=match):
+        TensorTrain(**spec)
 
 
 # ---------------------------------------------------------------- in the collection

@@ -303,7 +303,7 @@ def test_bad_arguments_are_rejected():
 
 
 def test_table_infos_reads_stock_and_compressed_configs():
-    from torchrec_shark.modules.specs import CompressedEmbeddingBagConfig, MixedPrecision, TensorTrain
+    from torchrec_shark.modules import CompressedEmbeddingBagConfig, MixedPrecision, TensorTrain
 
     configs = [
         EmbeddingBagConfig(name="a", embedding_dim=8, num_embeddings=10, feature_names=["fa"]),
@@ -314,6 +314,6 @@ def test_table_infos_reads_stock_and_compressed_configs():
     ]
     infos = sal.table_infos(configs)
     assert [(t.name, t.rows, t.width, t.features, t.kind) for t in infos] == [
-        ("a", 10, 8, ("fa",), "stock"), ("b", 20, 16, ("fb", "fc"), "mixed_precision"),
+        ("a", 10, 8, ("fa",), "none"), ("b", 20, 16, ("fb", "fc"), "mixed_precision"),
         ("c", 20, 16, ("fd",), "tensor_train")]
     assert [t.inherits_columns for t in infos] == [True, True, False]

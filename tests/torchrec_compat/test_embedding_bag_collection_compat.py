@@ -20,6 +20,7 @@ from torchrec_shark import (
     CompressedEmbeddingBagCollection,
     CompressedEmbeddingBagConfig,
     MixedPrecision,
+    three_tier,
     SparseOptimizerSpec,
     TensorTrain,
     Uniform,
@@ -29,7 +30,7 @@ KINDS = {
     "fp32": None,
     "fp16": Uniform("fp16"),
     "int8": Uniform("int8"),
-    "mixed_precision": MixedPrecision(fp32_fraction=0.25, fp16_fraction=0.25),
+    "mixed_precision": three_tier(0.25, 0.25),
     "tensor_train": TensorTrain(ranks=(4,), row_factors=(2, 2, 3)),
 }
 

@@ -28,7 +28,7 @@ from torchrec.distributed.test_utils.test_sharding import sharding_single_rank_t
 
 _harness_copy_state_dict = test_sharding.copy_state_dict
 from torchrec_shark import CompressedEmbeddingBagCollectionSharder, CompressedEmbeddingBagConfig
-from torchrec_shark import MixedPrecision, TensorTrain, Uniform
+from torchrec_shark import MixedPrecision, TensorTrain, Uniform, three_tier
 
 WORLD_SIZE = 2
 TIMEOUT_S = 240
@@ -38,7 +38,7 @@ KINDS = {
     "fp32": None,
     "fp16": Uniform("fp16", rounding="nearest"),
     "int8": Uniform("int8", rounding="nearest"),
-    "mixed_precision": MixedPrecision(fp32_fraction=0.25, fp16_fraction=0.25, rounding="nearest", retier_every=1000),
+    "mixed_precision": three_tier(0.25, 0.25, rounding="nearest", retier_every=1000),
     "tensor_train": TensorTrain(num_cores=3, ranks=(4,), row_factors=(4, 4, 4)),
 }
 SHARDING_TYPES = ["table_wise", "row_wise"]

@@ -1,11 +1,12 @@
-"""Start-of-run checks: tensor-train memory, empty splits, the data position on resume."""
+"""Start-of-run checks: table memory, empty splits, the data position on resume."""
 
 import pytest
 
 from torchrec_shark.config import ConfigError, DataConfig, SyntheticDataConfig
 from torchrec_shark.data import DataError, build_dataset
-from torchrec_shark.modules.specs import CompressedEmbeddingBagConfig, TensorTrain
-from torchrec_shark.training.preflight import check_splits, check_tt_memory, resume_data_offset
+from torchrec_shark.modules import CompressedEmbeddingBagConfig, TensorTrain
+from torchrec_shark.modules import SparseOptimizerSpec, Uniform
+from torchrec_shark.training.preflight import check_splits, check_table_memory, resume_data_offset
 
 
 def _tt(name, rows, dim, rank):
@@ -15,10 +16,25 @@ def _tt(name, rows, dim, rank):
 
 def test_tt_cores_that_cannot_fit_are_refused_naming_the_table():
     small = _tt("t_small", 100_000, 32, 8)
-    sizes = check_tt_memory([small], memory_bytes=1 << 30)
+    sizes = check_table_memory([small], SparseOptimizerSpec(), memory_bytes=1 << 30)
     assert 0 < sizes["t_small"] < 1 << 20
-    with pytest.raises(ConfigError, match=r"t_huge: ranks \[100000, 100000\].*tables.compression.tensor_train.ranks"):
-        check_tt_memory([small, _tt("t_huge", 1_000_000, 64, 100_000)], memory_bytes=64 << 30)
+    with pytest.raises(ConfigError, match=r"t_huge: .* tensor_train ranks \[100000, 100000\].*"
+                                          r"tables.compression.tensor_train.ranks"):
+        check_table_memory([small, _tt("t_huge", 1_000_000, 64, 100_000)], SparseOptimizerSpec(),
+                           memory_bytes=64 << 30)
+
+
+def test_row_tables_that_cannot_fit_are_refused_with_their_exact_bytes():
+    """Every kind is checked with its own bytes: 2e9 int8 rows of width 64 are 136 GB with their row-wise
+    Adagrad state (2e9 * (68 + 4)), more than 100 GiB; 1e9 fit."""
+    def int8(rows):
+        return CompressedEmbeddingBagConfig(num_embeddings=rows, embedding_dim=64, name="t_big", feature_names=["f"],
+                                            compression=Uniform("int8"))
+
+    opt = SparseOptimizerSpec("rowwise_adagrad")
+    assert check_table_memory([int8(10**9)], opt, memory_bytes=100 << 30)["t_big"] == 10**9 * 72 + 8
+    with pytest.raises(ConfigError, match=r"144.0 GB .*t_big: 144.0 GB, int8, 2000000000 x 64.*num_embeddings"):
+        check_table_memory([int8(2 * 10**9)], opt, memory_bytes=100 << 30)
 
 
 def test_empty_validation_split_fails_naming_the_data():

@@ -156,7 +156,7 @@ def test_two_ranks_sharded_narrowing(tmp_path, sharding_type):
 # ---------------------------------------------------------------------------- compressed tables (unsharded)
 def _compressed_model(widths, kinds, seed=0):
     from torchrec_shark.modules.embedding_bag_collection import CompressedEmbeddingBagCollection
-    from torchrec_shark.modules.specs import CompressedEmbeddingBagConfig
+    from torchrec_shark.modules import CompressedEmbeddingBagConfig
 
     torch.manual_seed(seed)
     tables = [CompressedEmbeddingBagConfig(name=f"t_{i}", embedding_dim=w, num_embeddings=n, feature_names=[f"f{i}"],
@@ -170,9 +170,9 @@ def _rows(model, table):
 
 
 def test_mixed_precision_and_int8_tables_keep_their_columns_and_tiers(tmp_path):
-    from torchrec_shark.modules.specs import MixedPrecision, TensorTrain, Uniform
+    from torchrec_shark.modules import MixedPrecision, three_tier, TensorTrain, Uniform
 
-    mp = MixedPrecision(fp32_fraction=0.2, fp16_fraction=0.3, rounding="nearest")
+    mp = three_tier(0.2, 0.3, rounding="nearest")
     kinds = [mp, Uniform(dtype="int8", rounding="nearest"), TensorTrain(num_cores=2, ranks=(4,))]
     src = _compressed_model([D, D, D], kinds, seed=0)
     mpt = src.model.embedding_bag_collection.embedding_bags["t_0"]

@@ -43,6 +43,7 @@ Run::
 from __future__ import annotations
 
 import argparse
+import os
 import logging
 import resource
 import sys
@@ -60,18 +61,24 @@ from torchrec.modules.embedding_configs import DataType, EmbeddingBagConfig
 from torchrec.modules.embedding_modules import EmbeddingBagCollection
 from torchrec.optim import RowWiseAdagrad
 from torchrec.optim.apply_optimizer_in_backward import apply_optimizer_in_backward
+from omegaconf import OmegaConf
 
-from torchrec_shark.config import CompressionConfig, TablesConfig, TensorTrainConfig
+from torchrec_shark.config import CompressionConfig, TablesConfig
 from torchrec_shark.distributed.compressed_sharder import (
     CompressedEmbeddingBagCollectionSharder,
     build_compressed_planner,
     compressed_constraints,
 )
 from torchrec_shark.distributed.sharders import CpuRowWiseEmbeddingBagCollectionSharder
-from torchrec_shark.modules.base import SparseOptimizerSpec
-from torchrec_shark.modules.embedding_bag_collection import CompressedEmbeddingBagCollection
-from torchrec_shark.modules.specs import CompressedEmbeddingBagConfig, Uniform
-from torchrec_shark.modules.table_kind import kind_of
+from torchrec_shark.modules import (
+    CompressedEmbeddingBagCollection,
+    CompressedEmbeddingBagConfig,
+    SparseOptimizerSpec,
+    Uniform,
+    kind_named,
+    kind_of,
+)
+from torchrec_shark.pipeline.config import TABLES_DIR, table_presets
 from torchrec_shark.training.table_factory import build_table_configs
 
 GB = 1e9
@@ -84,14 +91,24 @@ CRITEO_1TB_ROWS = (
 )
 CRITEO_1TB_DIM = 128
 
-#: Table kind -> the ``tables=`` group's compression kind (``None``: a stock collection).
-KINDS: Dict[str, Optional[str]] = {
-    "fp32": None,
-    "fp16": None,
-    "shark": "mixed_precision",
-    "int8": "int8",
-    "tt": "tensor_train",
-}
+#: TorchRec's own tables (FBGEMM TBE) by their row precision; every other kind planned is a ``tables=`` preset.
+STOCK: Dict[str, DataType] = {"fp32": DataType.FP32, "fp16": DataType.FP16}
+
+
+def preset_compression(preset: str) -> CompressionConfig:
+    """The ``tables.compression`` block of the ``tables=<preset>`` group (``conf/tables/<preset>.yaml``)."""
+    doc = OmegaConf.load(os.path.join(TABLES_DIR, f"{preset}.yaml"))
+    return OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(CompressionConfig), doc.get("compression", {})))
+
+
+def plan_kinds() -> List[str]:
+    """What is planned: TorchRec's fp32 and fp16 tables, then every ``tables=`` preset of a compressed kind
+    (a preset named like a stock entry is represented by it: same bytes per row)."""
+    presets = [p for p in table_presets() if p not in STOCK and not kind_named(preset_compression(p).kind).stock]
+    return [*STOCK, *presets]
+
+
+KINDS: List[str] = plan_kinds()
 # Offered by both collections' sharders: what --sharding-types may restrict every table to.
 COMMON_SHARDING_TYPES = [ShardingType.TABLE_WISE.value, ShardingType.ROW_WISE.value]
 STOCK_SHARDING_TYPES = [ShardingType.TABLE_WISE.value, ShardingType.COLUMN_WISE.value, ShardingType.ROW_WISE.value]
@@ -153,15 +170,17 @@ class PlanResult:
 def table_configs(kind: str, rows: Sequence[int] = CRITEO_1TB_ROWS, dim: int = CRITEO_1TB_DIM,
                   tt_min_rows: Optional[int] = None) -> List[CompressedEmbeddingBagConfig]:
     """One config per table (``t_cat_<i>``, feature ``cat_<i>``) as the ``tables=<kind>`` group builds
-    them from its defaults. ``fp16`` (a stock kind) gets ``Uniform("fp16")``: the fp16 kind's bytes are
-    FBGEMM's fp16 rows with an fp32 row-wise momentum, which is what its totals are counted with.
-    ``tt_min_rows``: override ``tensor_train.min_rows`` (scaled-down runs)."""
+    them from its defaults. Stock ``fp16`` gets ``Uniform("fp16")``: its bytes are FBGEMM's fp16 rows with an
+    fp32 row-wise momentum, which is what its totals are counted with. ``tt_min_rows``: override every
+    section's ``min_rows`` (scaled-down runs)."""
     if kind not in KINDS:
         raise ValueError(f"unknown kind {kind!r}; kinds are {list(KINDS)}")
     features = [f"cat_{i}" for i in range(len(rows))]
-    comp = CompressionConfig(kind=KINDS[kind] or "none")
+    comp = CompressionConfig(kind="none") if kind in STOCK else preset_compression(kind)
     if tt_min_rows is not None:
-        comp.tensor_train = TensorTrainConfig(min_rows=tt_min_rows)
+        for section in vars(comp).values():
+            if hasattr(section, "min_rows"):
+                section.min_rows = tt_min_rows
     configs = build_table_configs(TablesConfig(name=kind, embedding_dim=dim, compression=comp), features, list(rows))
     if kind == "fp16":
         for c in configs:
@@ -181,8 +200,8 @@ def kind_total_bytes(configs: Sequence[CompressedEmbeddingBagConfig]) -> int:
 
 def build_model(kind: str, configs: Sequence[CompressedEmbeddingBagConfig]) -> torch.nn.Module:
     """The collection on ``meta`` (no table storage), with its fused optimizer."""
-    if KINDS[kind] is None:
-        data_type = DataType.FP16 if kind == "fp16" else DataType.FP32
+    if kind in STOCK:
+        data_type = STOCK[kind]
         stock = [
             EmbeddingBagConfig(name=c.name, num_embeddings=c.num_embeddings, embedding_dim=c.embedding_dim,
                                feature_names=list(c.feature_names), pooling=c.pooling, data_type=data_type)
@@ -212,7 +231,7 @@ def _quiet(*names: str) -> Iterator[None]:
 
 def _constraints(kind: str, configs, world_size: int,
                  sharding_types: Optional[Sequence[str]] = None) -> Dict[str, ParameterConstraints]:
-    if KINDS[kind] is None:
+    if kind in STOCK:
         types = list(sharding_types or STOCK_SHARDING_TYPES)
         return {c.name: ParameterConstraints(sharding_types=types, compute_kernels=["fused"]) for c in configs}
     base = {}
@@ -223,7 +242,7 @@ def _constraints(kind: str, configs, world_size: int,
 
 def _shard_table_bytes(kind: str, config, element_size: int, offset: Sequence[int], size: Sequence[int]) -> int:
     rows, cols = int(size[0]), int(size[1])
-    if KINDS[kind] is None:  # FBGEMM: the shard's weights and one momentum per row of every shard
+    if kind in STOCK:  # FBGEMM: the shard's weights and one momentum per row of every shard
         return rows * cols * element_size + rows * MOMENTUM_BYTES_PER_ROW
     return int(kind_of(config).storage_bytes(config, optimizer_spec(), int(offset[0]), rows)["total"])
 
@@ -242,7 +261,7 @@ def plan_kind(kind: str, topology: SimTopology, batch_size: int, rows: Sequence[
         planner = build_compressed_planner(topology.world_size, topology.device, batch_size, constraints, **cap)
         sharders = [CpuRowWiseEmbeddingBagCollectionSharder(), CompressedEmbeddingBagCollectionSharder()]
         result = PlanResult(kind, topology, fits=False)
-        if KINDS[kind] is not None and list(sharding_types or []) != [ShardingType.TABLE_WISE.value]:
+        if kind not in STOCK and list(sharding_types or []) != [ShardingType.TABLE_WISE.value]:
             result.table_wise_only = sum(
                 1 for c in configs
                 if c.compression is not None and constraints.get(c.name) is not None

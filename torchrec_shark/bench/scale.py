@@ -75,7 +75,7 @@ def tt_overrides(kind: str, factors) -> List[str]:
 def shard_bytes(configs, nproc: int) -> Tuple[int, int]:
     """``(tables, optimizer state)`` bytes of one rank's row-wise shards (the largest rank)."""
     from torchrec_shark.modules.base import SparseOptimizerSpec
-    from torchrec_shark.modules.table_kind import kind_of
+    from torchrec_shark.modules.kinds import kind_of
 
     opt = SparseOptimizerSpec("rowwise_adagrad")
     tables = optim = 0
@@ -234,7 +234,7 @@ def _build(rows: int, row_start: int, table_rows_: int, dim: int, threads: int, 
     import torch
 
     from torchrec_shark.modules import CompressedEmbeddingBagConfig, MixedPrecision, SparseOptimizerSpec
-    from torchrec_shark.modules.table_kind import kind_of
+    from torchrec_shark.modules.kinds import kind_of
 
     torch.set_num_threads(threads)
     c = CompressedEmbeddingBagConfig(name="t", num_embeddings=table_rows_, embedding_dim=dim, feature_names=["f"],

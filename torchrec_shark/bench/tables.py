@@ -190,22 +190,25 @@ class CollectionModel(Model):
     """A TorchRec-style collection fed ``KeyedJaggedTensor`` batches (ours or FBGEMM's)."""
 
     def __init__(self, ebc: torch.nn.Module) -> None:
+        from torchrec_shark.modules import CompressedEmbeddingBagCollection, kind_of
+
         self.ebc = ebc
-        tables = getattr(ebc, "embedding_bags", {})
-        self.label_aware = [t for t in tables.values() if hasattr(t, "retier")]
+        self.ours = isinstance(ebc, CompressedEmbeddingBagCollection)
+        self.label_aware = [ebc.embedding_bags[c.name] for c in ebc.embedding_bag_configs()
+                            if kind_of(c).label_aware] if self.ours else []
 
     def step(self, batch: Batch, grad_scale: torch.Tensor) -> None:
         kjt = batch.kjt()
-        if hasattr(self.ebc, "record_labels"):
+        if self.ours:
             self.ebc.record_labels(kjt, batch.labels)
         values = self.ebc(kjt).values()
         values.backward(grad_scale.expand_as(values))
-        if hasattr(self.ebc, "step_end"):
+        if self.ours:
             self.ebc.step_end()
 
     def memory(self, shapes: List[TableShape]) -> Tuple[int, int, Dict[str, int]]:
         ebc = self.ebc
-        if hasattr(ebc, "memory_bytes"):
+        if self.ours:
             mem = ebc.memory_bytes()
             parts: Dict[str, int] = {}
             for p in mem["per_table"].values():
@@ -241,13 +244,14 @@ class Kind:
     name: str
     build: Callable[[List[TableShape], float, torch.device], Model]
     stock: bool = False
+    default: bool = True  # in the default selection
 
 
 def _compressed(spec_for_rows: Callable[[int], Optional[object]]):
     def build(shapes: List[TableShape], lr: float, device: torch.device) -> Model:
         from torchrec_shark.modules.base import SparseOptimizerSpec
         from torchrec_shark.modules.embedding_bag_collection import CompressedEmbeddingBagCollection
-        from torchrec_shark.modules.specs import CompressedEmbeddingBagConfig
+        from torchrec_shark.modules import CompressedEmbeddingBagConfig
 
         tables = [
             CompressedEmbeddingBagConfig(
@@ -286,47 +290,36 @@ def _torch_embedding_bag(shapes: List[TableShape], lr: float, device: torch.devi
     return TorchModel(TorchEmbeddingBag(shapes, lr, device=device))
 
 
-def _uniform(precision: str):
+def _kind_spec(kind, section_overrides: Optional[Dict[str, object]] = None):
+    """Specs of a registered kind at its config defaults, as ``tables.compression.kind=<name>`` gives them
+    (e.g. tensor train only for tables of at least its ``min_rows``)."""
     def spec(n: int):
-        from torchrec_shark.modules.specs import Uniform
-
-        return Uniform(precision)
+        section_type = kind.section_type()
+        section = section_type(**(section_overrides or {})) if section_type is not None else None
+        return kind.spec_from_config(section, n)
 
     return spec
 
 
-def _mixed_precision(n: int):
-    from torchrec_shark.modules.specs import MixedPrecision
+def _registered_kinds() -> List[Kind]:
+    from torchrec_shark.modules.kinds import KINDS as TABLE_KINDS
 
-    return MixedPrecision()
-
-
-def _tensor_train(n: int):
-    # as tables=tt does: only large tables are factorised (small ones save little)
-    from torchrec_shark.config import TensorTrainConfig
-    from torchrec_shark.modules.specs import TensorTrain
-
-    return TensorTrain() if n >= TensorTrainConfig().min_rows else None
-
-
-def _tensor_train_cache(n: int):
-    from torchrec_shark.bench.tensor_train import tt_table_spec
-
-    return tt_table_spec(cache_fraction=0.001)(n)
+    # the default selection: the row stores (tensor train's factorised tables are benchmarked on request)
+    out = [Kind("fp32" if k.stock else k.name, _compressed(_kind_spec(k)), default=k.state_family == "row_store")
+           for k in TABLE_KINDS]
+    out += [Kind(f"{k.name}_cache", _compressed(_kind_spec(k, {"cache_fraction": 0.001})), default=False)
+            for k in TABLE_KINDS  # kinds with a hot-row cache, with one
+            if k.section_type() is not None and "cache_fraction" in k.section_type().__dataclass_fields__]
+    return out
 
 
 KINDS: List[Kind] = [
     Kind("stock_fbgemm", _stock_fbgemm("fp32"), stock=True),
     Kind("stock_fbgemm_fp16", _stock_fbgemm("fp16"), stock=True),
     Kind("torch_embedding_bag", _torch_embedding_bag),
-    Kind("fp32", _compressed(lambda n: None)),
-    Kind("fp16", _compressed(_uniform("fp16"))),
-    Kind("int8", _compressed(_uniform("int8"))),
-    Kind("mixed_precision", _compressed(_mixed_precision)),
-    Kind("tensor_train", _compressed(_tensor_train)),
-    Kind("tensor_train_cache", _compressed(_tensor_train_cache)),
+    *_registered_kinds(),
 ]
-DEFAULT_KINDS = [k.name for k in KINDS if not k.name.startswith("tensor_train")]
+DEFAULT_KINDS = [k.name for k in KINDS if k.default]
 
 
 # ---------------------------------------------------------------------------------- data

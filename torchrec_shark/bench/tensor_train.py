@@ -33,24 +33,20 @@ from torchrec.modules.embedding_configs import EmbeddingBagConfig
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
 from torchrec_shark.modules.base import SparseOptimizerSpec
-from torchrec_shark.modules.specs import CompressedEmbeddingBagConfig, CompressionSpec, TensorTrain
+from torchrec_shark.modules import CompressedEmbeddingBagConfig, TensorTrain, kind_of
 
 Batch = KeyedJaggedTensor
 
 
-def tt_table_spec(cache_fraction: float = 0.0) -> Callable[[int], Optional[CompressionSpec]]:
-    """Spec per table size for :mod:`torchrec_shark.bench.tables`: as ``train.py tables=tt`` with its
-    defaults (tables of at least ``min_rows`` rows become TT cores, smaller ones stay fp32), with an
-    LFU cache of ``cache_fraction`` of the rows."""
-    from torchrec_shark.config import TensorTrainConfig
+def tt_table_spec(cache_fraction: float = 0.0) -> Callable[[int], Optional[TensorTrain]]:
+    """Spec per table size: as ``train.py tables=tt`` with its defaults (tables of at least ``min_rows`` rows
+    become TT cores, smaller ones stay fp32), with an LFU cache of ``cache_fraction`` of the rows."""
+    kind = kind_of(CompressedEmbeddingBagConfig(name="t", num_embeddings=1, embedding_dim=4,
+                                                compression=TensorTrain()))
+    section = kind.section_type()(cache_fraction=cache_fraction)
 
-    d = TensorTrainConfig()
-
-    def spec(n: int) -> Optional[CompressionSpec]:
-        if n < d.min_rows:
-            return None
-        return TensorTrain(num_cores=d.num_cores, ranks=tuple(d.ranks), init=d.init, cache_fraction=cache_fraction,
-                           cache_refresh_every=d.cache_refresh_every)
+    def spec(n: int) -> Optional[TensorTrain]:
+        return kind.spec_from_config(section, n)
 
     return spec
 

@@ -29,16 +29,15 @@ from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
 from torchrec_shark.distributed.state_readers import DictStateReader
 from torchrec_shark.modules.base import CompressedTable
-from torchrec_shark.modules.table_kind import kind_of
+from torchrec_shark.modules.kinds import kind_of
 
 logger = logging.getLogger(__name__)
 
 
 # ---------------------------------------------------------------------------- helpers
 def table_kind_key(config) -> str:
-    """Kernel-group key of a table: the compression spec's class name, ``fp32`` for stock tables."""
-    spec = getattr(config, "compression", None)
-    return "fp32" if spec is None else type(spec).__name__
+    """Kernel-group key of a table: its kind's name."""
+    return kind_of(config).name
 
 
 def rw_alignment_problem(config, num_rows_per_shard: int) -> Optional[str]:
@@ -48,7 +47,7 @@ def rw_alignment_problem(config, num_rows_per_shard: int) -> Optional[str]:
         return None
     return (
         f"table {config.name!r}: row-wise shards of {num_rows_per_shard} rows are not multiples of its row "
-        f"alignment {align} ({type(config.compression).__name__}); a shard would split its storage, so the "
+        f"alignment {align} ({kind_of(config).name}); a shard would split its storage, so the "
         "table is constrained to table_wise"
     )
 
@@ -88,6 +87,7 @@ class TableShard:
     row_start: int
     rows: int
     replicated_group: Optional[dist.ProcessGroup] = None  # row-wise: the group summing replicated gradients
+    label_aware: bool = False  # its kind reads training labels
 
 
 @torch.no_grad()
@@ -113,7 +113,8 @@ def build_table_shard(
     table = kind.build(config, optimizer, row_start, rows, device, seed, row_wise=row_wise)
     if source is not None and not _is_meta(source):
         kind.load_state(table, DictStateReader(kind.local_state(source)), row_start)
-    return TableShard(name, config, table, sharding_type, row_start, rows, pg if row_wise else None)
+    return TableShard(name, config, table, sharding_type, row_start, rows, pg if row_wise else None,
+                      kind.label_aware)
 
 
 def _is_meta(table: nn.Module) -> bool:
@@ -200,7 +201,7 @@ class CompressedEmbeddingBagKernel(BaseEmbedding):
                 table.train(self.training)
             fv, fl, fw = vals[f : f + nf], [lengths[i] for i in range(f, f + nf)], wts[f : f + nf]
             f += nf
-            if self.training and labels is not None and hasattr(table, "record_labels"):
+            if self.training and labels is not None and shard.label_aware:
                 if labels.numel() != batch:
                     raise RuntimeError(
                         f"table {shard.name!r}: {labels.numel()} gathered labels for a global batch of {batch}"

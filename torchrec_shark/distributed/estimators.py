@@ -40,7 +40,8 @@ from torchrec.distributed.planner.types import ParameterConstraints, ShardingOpt
 from torchrec.distributed.types import ShardingType
 
 from torchrec_shark.modules.base import SparseOptimizerSpec
-from torchrec_shark.modules.table_kind import kind_of
+from torchrec_shark.modules.embedding_bag_collection import CompressedEmbeddingBagCollection
+from torchrec_shark.modules.kinds import kind_of
 
 CUSTOM = EmbeddingComputeKernel.CUSTOMIZED_KERNEL.value
 
@@ -81,9 +82,7 @@ def register_customized_kernel_bandwidth(config_cls=EmbeddingPerfEstimatorConfig
 
 
 def _compressed_collection(module) -> bool:
-    return hasattr(module, "embedding_bags") and hasattr(module, "record_labels") and hasattr(
-        module, "embedding_bag_configs"
-    )
+    return isinstance(module, CompressedEmbeddingBagCollection)
 
 
 @contextlib.contextmanager

@@ -69,10 +69,11 @@ from torchrec_shark.distributed.compressed_kernels import (
     shard_row_range,
     table_kind_key,
 )
+from torchrec_shark.modules.kinds import kind_of
 from torchrec_shark.distributed.fused_params import optimizer_spec_from_fused_params
 from torchrec_shark.distributed.state_readers import DictStateReader
-from torchrec_shark.modules.base import CompressedTable, SparseOptimizerSpec
-from torchrec_shark.modules.table_kind import CHUNK_ROWS, PieceSpec, StateReader, kind_of, table_seed
+from torchrec_shark.modules.base import SparseOptimizerSpec
+from torchrec_shark.modules.table_kind import CHUNK_ROWS, PieceSpec, StateReader, table_seed
 
 logger = logging.getLogger(__name__)
 
@@ -246,9 +247,7 @@ class ShardedCompressedEmbeddingBagCollection(ShardedEmbeddingBagCollection):
             for name in self._table_names
         }
         self._shark_optim = ShardedCompressedOptimizer(ctx, self._table_states, self._shark_pg)
-        self._label_aware = any(
-            type(t).record_labels is not CompressedTable.record_labels for t in ctx.sources.values()
-        )
+        self._label_aware = any(kind_of(c).label_aware for c in ctx.configs.values())
         self._warned_no_labels = False
         ctx.sources = {}  # the unsharded tables are no longer needed: keep only the local shards alive
         self._register_state_dict_hook(ShardedCompressedEmbeddingBagCollection._shark_post_state_dict_hook)
@@ -308,12 +307,20 @@ class ShardedCompressedEmbeddingBagCollection(ShardedEmbeddingBagCollection):
         """The local shards by table name (tables with no shard on this rank are absent)."""
         return self.__dict__["_shark"].shards
 
+    @property
+    def label_aware(self) -> bool:
+        """Whether any table reads training labels (only then does :meth:`record_labels` gather them)."""
+        return self._label_aware
+
     def record_labels(self, features: KeyedJaggedTensor, labels: torch.Tensor) -> None:
         """All-gather a batch's labels (rank order = global-batch bag order) for its training lookup.
 
         Call once per training batch, in batch order, before that batch's forward (under
         ``TrainPipelineSparseDist`` too, ``DLRMTrain.forward`` does it); every rank must call it (a collective).
+        Does nothing when no table is label-aware (the same on every rank: the tables are the same).
         """
+        if not self._label_aware:
+            return
         if isinstance(labels, torch.fx.Proxy):  # TrainPipelineSparseDist traces the model to find module inputs
             return
         labels = labels.reshape(-1).float()
@@ -403,8 +410,7 @@ class ShardedCompressedEmbeddingBagCollection(ShardedEmbeddingBagCollection):
             return
         st = self._table_states[name]
         if values is not None and columns is None and st.aliases(shard, values):
-            if hasattr(shard.table, "loaded"):
-                shard.table.loaded()
+            shard.table.loaded()
             return
         st.kind.load_state(shard.table, reader, shard.row_start, columns)
 
@@ -444,7 +450,7 @@ class ShardedCompressedOptimizer(KeyedOptimizer):
         super().__init__(params, state, [{"params": list(params.values()), "lr": lr if lr is not None else 0.0}])
         # row-wise shards with replicated state (tensor train): their gradients are summed over the group
         self._replicated = sorted(n for n, s in ctx.shards.items()
-                                  if s.replicated_group is not None and hasattr(s.table, "pending_flat"))
+                                  if s.replicated_group is not None and kind_of(s.config).replicated_state)
 
     @staticmethod
     def _state_of(shard: TableShard, st: _TableState, pg) -> Dict[str, Any]:

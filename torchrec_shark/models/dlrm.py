@@ -119,8 +119,8 @@ class DLRM(nn.Module):
 class DLRMTrain(nn.Module):
     """Loss wrapper in the shape ``TrainPipelineSparseDist`` expects: ``(loss, (loss, logits, labels))``.
 
-    When the collection counts label frequencies (mixed-precision tables), the training
-    step hands it the batch's labels through ``record_labels`` before the lookup.
+    When the collection's tables read labels (its ``label_aware``: mixed-precision tables), the
+    training step hands it the batch's labels through ``record_labels`` before the lookup.
     """
 
     def __init__(self, model: DLRM) -> None:
@@ -130,7 +130,7 @@ class DLRMTrain(nn.Module):
 
     def forward(self, batch: Batch) -> Tuple[torch.Tensor, Tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
         ebc = self.model.embedding_bag_collection
-        if self.training and hasattr(ebc, "record_labels"):
+        if self.training and getattr(ebc, "label_aware", False):  # a stock EmbeddingBagCollection has none
             ebc.record_labels(batch.sparse_features, batch.labels)
         logits = self.model(batch.dense_features, batch.sparse_features)
         loss = self.loss_fn(logits, batch.labels)

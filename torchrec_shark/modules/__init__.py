@@ -1,4 +1,4 @@
-"""Unsharded modules: compressed tables and the collection that holds them.
+"""Unsharded modules: compressed tables, their kinds, and the collection that holds them.
 
 Example::
 
@@ -12,33 +12,27 @@ Example::
     )
 """
 
-from torchrec_shark.modules.base import (
-    CompressedTable,
-    SparseOptimizerSpec,
-    TableInputError,
-    build_table,
-)
+from torchrec_shark.modules.base import CompressedTable, SparseOptimizerSpec, TableInputError
 from torchrec_shark.modules.embedding_bag_collection import (
     CompressedEmbeddingBagCollection,
     CompressedTablesOptimizer,
 )
-from torchrec_shark.modules.mixed_precision import Fp32Table, MixedPrecisionTable, RowStoreTable, UniformTable
+from torchrec_shark.modules.kinds import KINDS, build_table, kind_named, kind_of, register_kind
+from torchrec_shark.modules.mixed_precision import MixedPrecision, MixedPrecisionTable, Tier, three_tier
 from torchrec_shark.modules.quantization import CounterNoise, Fp16Codec, Fp32Codec, Int8Codec, RoundingNoise
-from torchrec_shark.modules.table_kind import PieceSpec, StateReader, TableKind, kind_of, register_table_kind
-from torchrec_shark.modules.specs import (
-    CompressedEmbeddingBagConfig,
-    CompressionSpec,
-    MixedPrecision,
-    TensorTrain,
-    Uniform,
-)
+from torchrec_shark.modules.row_store import RowStoreKind, RowStoreTable
+from torchrec_shark.modules.specs import CompressedEmbeddingBagConfig
+from torchrec_shark.modules.stock import Fp32Table
+from torchrec_shark.modules.table_kind import PieceSpec, StateReader, TableKind
+from torchrec_shark.modules.tensor_train import TensorTrain, TensorTrainTable
+from torchrec_shark.modules.uniform import Uniform, UniformTable
 
 __all__ = [
+    "KINDS",
     "CompressedEmbeddingBagCollection",
     "CompressedEmbeddingBagConfig",
     "CompressedTable",
     "CompressedTablesOptimizer",
-    "CompressionSpec",
     "CounterNoise",
     "Fp16Codec",
     "Fp32Codec",
@@ -48,26 +42,20 @@ __all__ = [
     "MixedPrecisionTable",
     "PieceSpec",
     "RoundingNoise",
+    "RowStoreKind",
     "RowStoreTable",
     "SparseOptimizerSpec",
     "StateReader",
-    "TableKind",
     "TableInputError",
+    "TableKind",
     "TensorTrain",
     "TensorTrainTable",
+    "Tier",
     "Uniform",
     "UniformTable",
     "build_table",
+    "kind_named",
     "kind_of",
-    "register_table_kind",
+    "register_kind",
+    "three_tier",
 ]
-
-
-def __getattr__(name: str):
-    # The tensor-train table is imported on first use so this package imports even while
-    # that module's optional pieces are unavailable (the collection registers it itself).
-    if name == "TensorTrainTable":
-        from torchrec_shark.modules.tensor_train import TensorTrainTable
-
-        return TensorTrainTable
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

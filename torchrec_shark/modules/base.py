@@ -3,7 +3,7 @@
 A table kind is an ``nn.Module`` that pools bags of ids into ``[B, D]`` and applies its
 sparse optimizer inside the backward pass (like FBGEMM's TBE), so it holds no dense
 gradient and no fp32 master copy. :class:`CompressedEmbeddingBagCollection` builds one
-per table through :func:`build_table`.
+per table through :func:`~torchrec_shark.modules.kinds.build_table`.
 """
 
 from __future__ import annotations
@@ -78,10 +78,13 @@ class CompressedTable(nn.Module, abc.ABC):
         """Fused optimizer state tensors by name (exposed through the collection's KeyedOptimizer)."""
 
     def record_labels(self, ids: torch.Tensor, offsets: torch.Tensor, labels: torch.Tensor) -> None:
-        """Count positive/negative samples per row (tables that track frequency override this)."""
+        """Count positive/negative samples per row (called only for label-aware kinds, which override it)."""
 
     def step_end(self) -> None:
         """Called once per training step after the update (re-tiering, cache refresh)."""
+
+    def loaded(self) -> None:
+        """Called after the table's tensors were written in place (a load): re-read what it mirrors."""
 
     def set_learning_rate(self, lr: float) -> None:
         """Learning rate of the fused optimizer from now on (the collection's ``KeyedOptimizer``
@@ -114,17 +117,3 @@ class CompressedTable(nn.Module, abc.ABC):
                 )
             if not all_finite(per_sample_weights):
                 raise TableInputError(f"table {self.name!r}: per-id weights contain NaN or inf")
-
-
-def build_table(config, optimizer: SparseOptimizerSpec, device: Optional[torch.device] = None,
-                seed: Optional[int] = None) -> CompressedTable:
-    """The whole (unsharded) table of ``config``, of the kind registered for ``type(config.compression)``
-    (see :mod:`~torchrec_shark.modules.table_kind`); ``device="meta"`` allocates nothing.
-
-    ``seed`` defaults to the table's seed under ``torch.initial_seed()``.
-    """
-    from torchrec_shark.modules.table_kind import kind_of, table_seed
-
-    if seed is None:
-        seed = table_seed(torch.initial_seed(), config.name)
-    return kind_of(config).build(config, optimizer, 0, int(config.num_embeddings), device, seed)

@@ -25,6 +25,7 @@ Example::
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 from typing import Any, Dict, List, Optional, Tuple
 
@@ -35,16 +36,11 @@ from torchrec.modules.embedding_modules import EmbeddingBagCollectionInterface, 
 from torchrec.optim.fused import FusedOptimizer, FusedOptimizerModule
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor, KeyedTensor
 
-# Importing the kinds registers them with build_table.
-import torchrec_shark.modules.mixed_precision  # noqa: F401
-from torchrec_shark.modules.base import CompressedTable, SparseOptimizerSpec, TableInputError, build_table
+from torchrec_shark.modules.base import CompressedTable, SparseOptimizerSpec, TableInputError
 from torchrec_shark.modules.kernels.lookup import bag_of_ids
-from torchrec_shark.modules.table_kind import table_seed
-
-try:  # the tensor-train kind registers itself when present
-    import torchrec_shark.modules.tensor_train  # noqa: F401
-except ImportError:  # pragma: no cover
-    pass
+from torchrec_shark.modules.kinds import build_table, kind_of
+from torchrec_shark.modules.specs import CompressedEmbeddingBagConfig
+from torchrec_shark.modules.table_kind import DictStateReader, table_seed
 
 
 class CompressedTablesOptimizer(FusedOptimizer):
@@ -94,8 +90,9 @@ class CompressedEmbeddingBagCollection(EmbeddingBagCollectionInterface, FusedOpt
     Args:
         tables: one config per table (``compression=None``: stock fp32).
         is_weighted: read per-id weights from ``KeyedJaggedTensor.weights()``.
-        device: where the tables live (default CPU); ``meta`` allocates no table storage at all (the
-            sharder then builds each rank's shards directly, as TorchRec does for ``EmbeddingBagCollection``).
+        device: where the tables live (default: torch's default device, so ``with torch.device("meta")``
+            builds on ``meta``); ``meta`` allocates no table storage at all (the sharder then builds each
+            rank's shards directly, as TorchRec does for ``EmbeddingBagCollection``).
         optimizer: the fused sparse optimizer every table applies in backward.
     """
 
@@ -108,7 +105,7 @@ class CompressedEmbeddingBagCollection(EmbeddingBagCollectionInterface, FusedOpt
     ) -> None:
         super().__init__()
         torch._C._log_api_usage_once(f"torchrec_shark.modules.{self.__class__.__name__}")
-        device = torch.device(device) if device is not None else torch.device("cpu")
+        device = torch.device(device) if device is not None else torch.empty(0).device
         self._device = device
         self._is_weighted = is_weighted
         self._optimizer_spec = optimizer
@@ -132,6 +129,7 @@ class CompressedEmbeddingBagCollection(EmbeddingBagCollectionInterface, FusedOpt
             first = len(self._feature_order)
             self._feature_order.extend(cfg.feature_names)
             self._table_features.append((first, len(self._feature_order)))
+        self._label_aware = [kind_of(cfg).label_aware for cfg in self._embedding_bag_configs]
         self._embedding_names: List[str] = list(
             itertools.chain.from_iterable(get_embedding_names_by_table(self._embedding_bag_configs))
         )
@@ -147,9 +145,6 @@ class CompressedEmbeddingBagCollection(EmbeddingBagCollectionInterface, FusedOpt
         """A table's state in another layout (a stock ``weight`` for a mixed-precision table, a sharded
         layout's extra keys, another row-store kind) loads through the table's kind, a chunk at a time;
         a table's own layout loads as usual."""
-        from torchrec_shark.modules.table_kind import DictStateReader, kind_of
-
-
         for cfg in module._embedding_bag_configs:
             table = module.embedding_bags[cfg.name]
             table_prefix = f"{prefix}embedding_bags.{cfg.name}."
@@ -288,14 +283,16 @@ class CompressedEmbeddingBagCollection(EmbeddingBagCollectionInterface, FusedOpt
         <torchrec_shark.modules.mixed_precision.MixedPrecisionTable.record_labels>` for how the
         counts stay exact under row-wise sharding.
         """
+        if not self.label_aware:
+            return
         if features.variable_stride_per_key():
             raise TableInputError("record_labels: a variable-batch KeyedJaggedTensor has no single batch to label")
         batch = features.stride()
         labels = labels.reshape(-1)
         if labels.numel() != batch:
             raise TableInputError(f"record_labels: {labels.numel()} labels for a batch of {batch}")
-        for table, ids, offs, _, bags in self._table_inputs(features):
-            if type(table).record_labels is CompressedTable.record_labels:
+        for aware, (table, ids, offs, _, bags) in zip(self._label_aware, self._table_inputs(features)):
+            if not aware:
                 continue
             if len(bags) > 1:  # one bag per sample: the sample's ids from every feature of the table
                 sample = bag_of_ids(offs.long(), ids.numel()) % batch
@@ -304,6 +301,11 @@ class CompressedEmbeddingBagCollection(EmbeddingBagCollectionInterface, FusedOpt
                 counts = torch.bincount(sample, minlength=batch)
                 offs = torch.cat([counts.new_zeros(1), counts.cumsum(0)])
             table.record_labels(ids, offs, labels)
+
+    @property
+    def label_aware(self) -> bool:
+        """Whether any table reads training labels (:meth:`record_labels` does nothing otherwise)."""
+        return any(self._label_aware)
 
     def step_end(self) -> None:
         """Close a training step (after ``optimizer.step()``): every table's :meth:`step_end`."""
@@ -326,8 +328,5 @@ class CompressedEmbeddingBagCollection(EmbeddingBagCollectionInterface, FusedOpt
 
 def _with_compression(cfg: EmbeddingBagConfig):
     """A plain ``EmbeddingBagConfig`` seen as an uncompressed one."""
-    from torchrec_shark.modules.specs import CompressedEmbeddingBagConfig
-    import dataclasses
-
     fields = {f.name: getattr(cfg, f.name) for f in dataclasses.fields(cfg) if f.init}
     return CompressedEmbeddingBagConfig(**fields, compression=None)

@@ -1,8 +1,14 @@
-"""One object per kind of table: what the collection, the sharder and the planner know about it.
+"""One object per kind of table: what the collection, the sharder, the planner, the trainer and the passes
+know about it.
 
-A kind (stock fp32, uniform fp16/int8, mixed precision, tensor train) is a :class:`TableKind`
-registered next to its table class with :func:`register_table_kind`. It owns
+A kind (stock fp32, uniform fp16/int8/..., mixed precision, tensor train) is a :class:`TableKind` defined next
+to its table class and listed once in :mod:`~torchrec_shark.modules.kinds`. It declares
 
+* its names in the Hydra config (``tables.compression.kind``), its spec type and config section, and how a
+  spec is read from that section (:meth:`TableKind.spec_from_config`);
+* its capabilities (:attr:`TableKind.label_aware`, :attr:`TableKind.keeps_columns`,
+  :attr:`TableKind.replicated_state`, :meth:`TableKind.tiers`, :attr:`TableKind.state_family`), which
+  everything outside ``modules/`` asks instead of naming kinds or probing tables;
 * the storage layout of a row range (:meth:`TableKind.state_layout`: which tensors a shard of
   rows ``[row_start, row_start + rows)`` holds, and where each sits in the table's global
   tensors), its bytes (:meth:`TableKind.storage_bytes`, used by the table's own report and by
@@ -13,14 +19,13 @@ registered next to its table class with :func:`register_table_kind`. It owns
   importing it from any :class:`StateReader` (an in-memory state dict, sharded or not, or a
   checkpoint on disk) chunk by chunk.
 
-``torchrec_shark.distributed`` only calls these; adding a kind touches one file in ``modules/``.
-
 Initial values are drawn per fixed block of :data:`INIT_BLOCK_ROWS` rows from a generator seeded
 by ``(seed, table, block)``, so a table starts from the same values on 1 rank, table-wise or
 row-wise on any number of ranks.
 
 Example::
 
+    from torchrec_shark.modules.kinds import kind_of
     kind = kind_of(config)                                   # from config.compression
     kind.storage_bytes(config, optimizer, row_start=0, rows=config.num_embeddings)["total"]
     shard = kind.build(config, optimizer, row_start=0, rows=1000, device=torch.device("cpu"), seed=7)
@@ -35,6 +40,8 @@ from dataclasses import dataclass
 from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple
 
 import torch
+
+from torchrec_shark.modules.config_schema import section_type, spec_kwargs
 
 # No step materialises more than this many rows of fp32 values (initialisation, import, export).
 CHUNK_ROWS = 1 << 16
@@ -80,7 +87,8 @@ def init_blocks(init_fn: Callable[[torch.Tensor], object], seed: int, row_start:
         a, b = max(lo, row_start), min(hi, end)
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(block_seed(seed, block, salt))
-            values = torch.empty(hi - lo, dim)
+            # on the CPU whatever the default device (e.g. inside ``with torch.device("meta")``)
+            values = torch.empty(hi - lo, dim, device="cpu")
             init_fn(values)
         yield a, values[a - lo : b - lo].to(device) if device is not None else values[a - lo : b - lo]
         block += 1
@@ -188,10 +196,77 @@ class DictStateReader(StateReader):
 
 
 class TableKind(abc.ABC):
-    """A kind of table: layout, bytes, alignment, shard construction and sharded state (see the module doc)."""
+    """A kind of table: what it is called, what it can do, and its layout, bytes, alignment, shard
+    construction and sharded state (see the module doc).
 
+    Capabilities are declared here and asked by everything outside ``modules/`` (config validation, the
+    factory, the sharder, the trainer, the passes, the benches), which never names a kind.
+    """
+
+    #: the names ``tables.compression.kind`` accepts for this kind (the first is its own name)
+    names: Tuple[str, ...] = ()
+    #: the compression spec type of its tables (``type(None)``: stock tables, ``compression=None``)
+    spec_type: type = type(None)
+    #: the ``tables.compression.<section>`` holding its settings (None: it has none)
+    config_section: Optional[str] = None
+    #: spec fields its config section does not hold (the kind sets them itself)
+    config_excludes: Tuple[str, ...] = ()
     #: the table class (a :class:`~torchrec_shark.modules.base.CompressedTable`)
     table_class: type
+    #: its tables read training labels (``record_labels``): only then are labels gathered and recorded
+    label_aware: bool = False
+    #: a narrower table of this kind can start from the kept columns of a trained one (dimension search)
+    keeps_columns: bool = True
+    #: row-wise shards hold replicas whose gradients are summed over the sharding group every step
+    #: (``pending_flat`` / ``apply_flat`` on the table)
+    replicated_state: bool = False
+    #: the family of saved state it loads: kinds of one family load each other's checkpoints
+    state_family: str = ""
+    #: a stock TorchRec table (built as ``EmbeddingBagCollection`` when every table is stock)
+    stock: bool = False
+
+    @property
+    def name(self) -> str:
+        return self.names[0]
+
+    def owns(self, spec) -> bool:
+        """Whether ``spec`` (a config's ``compression``) is one of this kind's."""
+        return type(spec) is self.spec_type
+
+    def tiers(self, config) -> Tuple[str, ...]:
+        """The precisions its rows are stored in, most precise first (empty: not a row store)."""
+        return ()
+
+    def config_fields(self) -> Dict[str, Tuple[Any, Any]]:
+        """Settings of its config section that are not spec fields: ``{name: (type, default)}``."""
+        return {}
+
+    def spec_from_config(self, section, num_embeddings: int):
+        """The spec of a table of ``num_embeddings`` rows from its config section (an instance of
+        :meth:`section_type`, or None for a kind without one); ``None``: the table stays stock. Raises
+        ``ValueError`` for values the spec rejects."""
+        if self.config_section is None:
+            return None
+        return self.spec_type(**spec_kwargs(self.spec_type, section, self.config_excludes))
+
+    def section_type(self) -> Optional[type]:
+        """The dataclass of its config section, derived from its spec type (None: no section)."""
+        if self.config_section is None:
+            return None
+        extra = tuple((name, typ, default) for name, (typ, default) in self.config_fields().items())
+        return section_type(self.spec_type, self.config_excludes, extra)
+
+    def example_spec(self):
+        """A spec for the contract test over every kind (small tables, deterministic updates)."""
+        return None
+
+    def describe(self, config) -> str:
+        """A short description of a table of this kind (error messages, reports)."""
+        return f"{self.name}, {config.num_embeddings} x {config.embedding_dim}"
+
+    def shrink_hint(self, config) -> str:
+        """What to lower when this kind's tables do not fit in memory."""
+        return "lower the tables' num_embeddings or embedding_dim, or choose a smaller table kind (tables=...)"
 
     @abc.abstractmethod
     def build(self, config, optimizer, row_start: int, rows: int, device: Optional[torch.device], seed: int,
@@ -222,8 +297,8 @@ class TableKind(abc.ABC):
     @abc.abstractmethod
     def load_state(self, table, reader: StateReader, row_start: int, columns: Optional[Sequence[int]] = None) -> None:
         """Fill ``table`` (the shard at ``row_start``) from ``reader``, a chunk at a time. Tensors of
-        other kinds are accepted where they carry the rows (e.g. a stock ``weight`` into any row store);
-        ``columns``: the saved columns this (narrower) table keeps, in order."""
+        other kinds of the same :attr:`state_family` are accepted where they carry the rows (e.g. a stock
+        ``weight`` into any row store); ``columns``: the saved columns this (narrower) table keeps, in order."""
 
     def unloadable(self, config, reader: StateReader, columns: Optional[Sequence[int]] = None) -> Optional[str]:
         """Why :meth:`load_state` could not take ``reader``'s state (None: it can). The same answer on every
@@ -233,30 +308,3 @@ class TableKind(abc.ABC):
     def cost_factor(self, config) -> float:
         """Planner perf model: cost of looking up and updating one row relative to an fp32 row fetch."""
         return 1.0
-
-
-_KINDS: Dict[type, TableKind] = {}
-
-
-def register_table_kind(spec_type: type, kind: TableKind) -> None:
-    """Make ``kind`` the kind of every table whose ``compression`` is a ``spec_type`` (``type(None)``: stock)."""
-    _KINDS[spec_type] = kind
-
-
-def kind_of(config) -> TableKind:
-    """The registered kind of ``config.compression``."""
-    _ensure_registered()
-    spec = getattr(config, "compression", None)
-    kind = _KINDS.get(type(spec))
-    if kind is None:
-        raise ValueError(
-            f"table {config.name!r}: no table kind registered for compression {type(spec).__name__}; "
-            f"known: {[t.__name__ for t in _KINDS]}"
-        )
-    return kind
-
-
-def _ensure_registered() -> None:
-    # The kinds register themselves when their modules are imported.
-    import torchrec_shark.modules.mixed_precision  # noqa: F401
-    import torchrec_shark.modules.tensor_train  # noqa: F401

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from dataclasses import dataclass
 from typing import Dict, List, Optional, Tuple
 
 import numpy as np
@@ -27,16 +28,46 @@ from torchrec_shark.modules.base import CompressedTable, SparseOptimizerSpec, Ta
 from torchrec_shark.modules.kernels.lookup import bag_of_ids
 from torchrec_shark.modules.kernels.sparse_optimizer import RowOptimizer
 from torchrec_shark.modules.kernels.tt_chain import chain_backward, chain_forward, materialize
-from torchrec_shark.modules.specs import TensorTrain
-from torchrec_shark.modules.table_kind import (
-    PieceSpec,
-    StateReader,
-    TableKind,
-    block_seed,
-    register_table_kind,
-    table_seed,
-)
+from torchrec_shark.modules.table_kind import PieceSpec, StateReader, TableKind, block_seed, table_seed
 from torchrec_shark.modules.tt_factorization import TTLayout, resolve_layout, split_ids
+
+TT_INITS = ("sampled_gaussian", "naive")
+
+
+@dataclass(frozen=True)
+class TensorTrain:
+    """TT-Rec: the table is a chain of 3-D cores ``(R_{k-1}, p_k, q_k, R_k)``.
+
+    ``ranks`` holds one value (used between every pair of cores) or ``num_cores - 1``
+    values. ``row_factors``/``col_factors`` default to balanced factorisations of
+    ``num_embeddings`` (rounded up) and ``embedding_dim``. ``cache_fraction`` of the rows are kept
+    uncompressed in an LFU cache refreshed every ``cache_refresh_every`` steps.
+    """
+
+    num_cores: int = 3
+    ranks: Tuple[int, ...] = (32,)
+    row_factors: Optional[Tuple[int, ...]] = None
+    col_factors: Optional[Tuple[int, ...]] = None
+    init: str = "sampled_gaussian"  # sampled_gaussian | naive
+    cache_fraction: float = 0.0
+    cache_refresh_every: int = 500
+
+    def __post_init__(self) -> None:
+        for name in ("ranks", "row_factors", "col_factors"):
+            value = getattr(self, name)
+            if value is not None:
+                object.__setattr__(self, name, tuple(int(v) for v in value))
+        if not 2 <= self.num_cores <= 4:
+            raise ValueError(f"TensorTrain.num_cores={self.num_cores} must be 2, 3 or 4")
+        if not self.ranks or any(r < 1 for r in self.ranks):
+            raise ValueError(f"TensorTrain.ranks={list(self.ranks)} must all be >= 1")
+        if self.init not in TT_INITS:
+            raise ValueError(f"TensorTrain.init={self.init!r} must be one of {list(TT_INITS)}")
+        if not 0.0 <= self.cache_fraction < 1.0:
+            raise ValueError(f"TensorTrain.cache_fraction={self.cache_fraction} must be in [0, 1)")
+        if self.cache_refresh_every < 1:
+            raise ValueError(f"TensorTrain.cache_refresh_every={self.cache_refresh_every} must be >= 1")
+
 
 # First-core slices drawn per generator at initialisation (a fixed block: the same values under any sharding).
 _INIT_SLICES = 1024
@@ -569,9 +600,38 @@ class ShardTensorTrainTable(TensorTrainTable):
 # ---------------------------------------------------------------------------- kind
 class TensorTrainKind(TableKind):
     """Tensor-train tables: a shard owns first-core slices (row-wise boundaries on ``p2 * ... * pd`` rows)
-    and replicas of the other cores; the LFU cache is per shard and restarts empty after a load."""
+    and replicas of the other cores; the LFU cache is per shard and restarts empty after a load.
 
+    ``tables.compression.kind=tensor_train``, settings in ``tables.compression.tensor_train``; tables with
+    fewer than its ``min_rows`` rows stay stock (factorising them saves little and costs AUC)."""
+
+    names = ("tensor_train",)
+    spec_type = TensorTrain
+    config_section = "tensor_train"
     table_class = TensorTrainTable
+    keeps_columns = False  # the cores factorise the width: a new width means new cores
+    replicated_state = True
+    state_family = "tensor_train"
+
+    def config_fields(self):
+        return {"min_rows": (int, 100_000)}
+
+    def spec_from_config(self, section, num_embeddings: int):
+        if num_embeddings < section.min_rows:
+            return None
+        return super().spec_from_config(section, num_embeddings)
+
+    def example_spec(self):
+        return TensorTrain(num_cores=2, ranks=(4,))
+
+    def describe(self, config) -> str:
+        lay = self.layout(config)
+        return (f"tensor_train ranks {list(lay.ranks[1:-1])}, cores "
+                f"{' '.join(str(lay.core_shape(k)) for k in range(lay.num_cores))}")
+
+    def shrink_hint(self, config) -> str:
+        return ("lower tables.compression.tensor_train.ranks "
+                "(or tables.overrides.<table>.compression.tensor_train.ranks)")
 
     @staticmethod
     def layout(config) -> TTLayout:
@@ -696,5 +756,3 @@ class TensorTrainKind(TableKind):
         fp32 = 4.0 * lay.embedding_dim
         return (fp32 + 2 * macs / 4.0) / fp32
 
-
-register_table_kind(TensorTrain, TensorTrainKind())

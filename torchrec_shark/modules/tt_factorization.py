@@ -15,11 +15,12 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import List, Optional, Sequence, Tuple
+from typing import TYPE_CHECKING, List, Optional, Sequence, Tuple
 
 import torch
 
-from torchrec_shark.modules.specs import TensorTrain
+if TYPE_CHECKING:  # the spec lives with its kind, which imports this module
+    from torchrec_shark.modules.tensor_train import TensorTrain
 
 MIN_CORES, MAX_CORES = 2, 4
 

@@ -49,6 +49,8 @@ from typing import Callable, Dict, Iterable, List, Optional, Sequence, Tuple
 import torch
 import torch.distributed as dist
 
+from torchrec_shark.modules.kinds import kind_of
+
 BUDGET_ON = ("selected", "final")
 
 
@@ -139,33 +141,23 @@ class TableInfo:
     rows: int
     width: int
     features: Tuple[str, ...]
-    kind: str = "stock"  # stock | fp16 | int8 | mixed_precision | tensor_train
+    kind: str = "none"  # the table kind's name
+    #: a narrower table can start from the kept columns of the trained one (the kind's ``keeps_columns``:
+    #: row stores keep rows of columns; tensor-train cores factorise the width, so a new width means new cores)
+    inherits_columns: bool = True
 
     @property
     def params(self) -> int:
         return self.rows * self.width
-
-    @property
-    def inherits_columns(self) -> bool:
-        """Whether a narrower table can start from the kept columns of the trained one.
-
-        Stock and per-row quantised tables store rows of columns; a tensor-train table's
-        cores factorise the width, so a new width means new cores (fresh init).
-        """
-        return self.kind != "tensor_train"
 
 
 def table_infos(table_configs: Sequence) -> List[TableInfo]:
     """:class:`TableInfo` for each ``EmbeddingBagConfig`` / ``CompressedEmbeddingBagConfig``."""
     out = []
     for c in table_configs:
-        comp = getattr(c, "compression", None)
-        kind = "stock"
-        if comp is not None:
-            cls = type(comp).__name__
-            kind = {"MixedPrecision": "mixed_precision", "TensorTrain": "tensor_train"}.get(
-                cls, getattr(comp, "dtype", cls.lower()))
-        out.append(TableInfo(c.name, int(c.num_embeddings), int(c.embedding_dim), tuple(c.feature_names), kind))
+        kind = kind_of(c)
+        out.append(TableInfo(c.name, int(c.num_embeddings), int(c.embedding_dim), tuple(c.feature_names),
+                             kind.name, kind.keeps_columns))
     return out
 
 

@@ -2,12 +2,20 @@
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 from typing import List, Optional
 
 from hydra.core.config_store import ConfigStore
 
-COMPARISONS = ("tt", "fp16", "int8", "shark", "baseline")
+#: the ``tables=`` presets (``conf/tables/*.yaml``)
+TABLES_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))),
+                          "conf", "tables")
+
+
+def table_presets() -> List[str]:
+    """Names of the ``tables=`` presets."""
+    return sorted(f[: -len(".yaml")] for f in os.listdir(TABLES_DIR) if f.endswith(".yaml"))
 
 
 @dataclass
@@ -18,7 +26,7 @@ class PipelineConfig:
     finetune_steps: int = 500
     prune: List[str] = field(default_factory=lambda: ["tolerance=0.03"])
     budget: float = 0.5
-    shark_tables: str = "mixed_precision"
+    shark_tables: str = "shark"
     comparisons: List[str] = field(default_factory=lambda: ["tt", "fp16", "int8"])
     resume: bool = True
 
@@ -31,11 +39,12 @@ def check(cfg: PipelineConfig) -> None:
         raise ValueError("steps and finetune_steps must be >= 1")
     if not 0.0 < cfg.budget <= 1.0:
         raise ValueError(f"budget={cfg.budget} must be in (0, 1]")
-    unknown = [c for c in cfg.comparisons if c not in COMPARISONS]
+    presets = table_presets()
+    unknown = [c for c in cfg.comparisons if c not in presets]
     if unknown:
-        raise ValueError(f"comparisons {unknown} are not tables= groups; choose from {list(COMPARISONS)}")
-    if cfg.shark_tables not in ("mixed_precision", "fp16", "int8", "none"):
-        raise ValueError(f"shark_tables={cfg.shark_tables!r} must be mixed_precision, fp16, int8 or none")
+        raise ValueError(f"comparisons {unknown} are not tables= presets; choose from {presets}")
+    if cfg.shark_tables != "none" and cfg.shark_tables not in presets:
+        raise ValueError(f"shark_tables={cfg.shark_tables!r} is not a tables= preset ({presets}) or none")
     for o in cfg.train:
         if "=" not in o:
             raise ValueError(f"train override {o!r} is not key=value")

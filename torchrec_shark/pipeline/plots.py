@@ -10,6 +10,8 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
+from torchrec_shark.modules.row_store import PRECISIONS  # noqa: E402
+
 
 def pareto_front(rows: Sequence[Dict]) -> List[Dict]:
     """Variants no other variant beats on both fewer bytes and higher AUC."""
@@ -71,7 +73,7 @@ def tier_occupancy(path: str, tier_history: Sequence[Dict]) -> bool:
     points = [h for h in tier_history if h.get("hits") and sum(h["hits"].values()) > 0]
     if not points:
         return False
-    tiers = [t for t in ("fp32", "fp16", "int8") if any(h["rows"].get(t, 0) for h in points)]
+    tiers = [t for t in PRECISIONS if any(h["rows"].get(t, 0) for h in points)]
     steps = [h["step"] for h in points]
     rows = points[-1]["rows"]
     total_rows = max(sum(rows.values()), 1)

@@ -9,7 +9,7 @@ from omegaconf import OmegaConf
 
 from torchrec_shark.passes.command_line import hydra_quote
 from torchrec_shark.pipeline import plots
-from torchrec_shark.pipeline.config import PipelineConfig
+from torchrec_shark.pipeline.config import TABLES_DIR, PipelineConfig
 from torchrec_shark.pipeline.report import add_ratios, variant_row, write_report
 from torchrec_shark.pipeline.stages import StageRunner, read_json
 
@@ -93,16 +93,18 @@ def run_pipeline(cfg: PipelineConfig, out_dir: str) -> str:
     return write_report(out_dir, rows, extras, notes, plot_files)
 
 
-def compressed_tables_config(source_yaml: str, out_dir: str, name: str, kind: str) -> str:
-    """A copy of a written tables config with every table stored as ``kind`` and no column
-    selection; returns the folder to put on ``hydra.searchpath``."""
+def compressed_tables_config(source_yaml: str, out_dir: str, name: str, preset: str) -> str:
+    """A copy of a written tables config with every table stored as the ``tables=<preset>`` preset stores
+    its tables (its whole ``compression`` block) and no column selection; returns the folder to put on
+    ``hydra.searchpath``."""
     doc = OmegaConf.load(source_yaml)
+    compression = OmegaConf.load(os.path.join(TABLES_DIR, f"{preset}.yaml")).get("compression", {"kind": "none"})
     doc.name = name
-    doc.compression.kind = kind
+    doc.compression = compression
     doc.init_columns = {}
     for table in doc.tables.values():
         if table.get("compression") is not None:
-            table.compression.kind = kind
+            table.compression = compression
     os.makedirs(os.path.join(out_dir, "tables"), exist_ok=True)
     OmegaConf.save(doc, os.path.join(out_dir, "tables", f"{name}.yaml"))
     return out_dir

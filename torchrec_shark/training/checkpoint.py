@@ -362,7 +362,7 @@ def _warm_start_compressed_tables(checkpoint: str, saved: Dict, model: torch.nn.
     tables and their key prefixes handled here, and what was loaded, narrowed or left fresh (why: logged)."""
     from torchrec_shark.distributed.resharding import _unwrapped
     from torchrec_shark.distributed.state_readers import CheckpointStateReader
-    from torchrec_shark.modules.table_kind import kind_of
+    from torchrec_shark.modules.kinds import kind_of
 
     out: Dict = {"prefixes": set(), "tables": set(), "loaded": [], "narrowed": [], "fresh": []}
     for path, module in model.named_modules():

@@ -1,7 +1,8 @@
 """Checks a training job makes before its first step, so that it fails at start and not hours in.
 
-- :func:`check_tt_memory`: tensor-train cores that would not fit in memory (a rank typo can ask
-  for terabytes), from the resolved table configs, before anything is allocated;
+- :func:`check_table_memory`: tables that would not fit in memory (a tensor-train rank or a row-count
+  typo can ask for terabytes), from the resolved table configs and their kinds' exact bytes, before
+  anything is allocated;
 - :func:`check_splits`: a training or validation split with no batch (evaluation would fail only after
   training, when no checkpoint is written yet);
 - :func:`resume_data_offset`: where the data stream continues on resume when the global batch
@@ -9,7 +10,7 @@
 
 Example::
 
-    check_tt_memory(table_configs, memory_bytes=host_memory_bytes())
+    check_table_memory(table_configs, optimizer, memory_bytes=host_memory_bytes())
     check_splits(dataset, batch_size=2048, rank=0, world_size=1, where="data.path=day_0.tsv")
 """
 
@@ -20,10 +21,7 @@ from typing import Dict, Optional, Sequence
 
 from torchrec_shark.config import ConfigError
 from torchrec_shark.data.types import DataError
-from torchrec_shark.modules.specs import TensorTrain
-from torchrec_shark.modules.tt_factorization import resolve_layout
-
-FP32_BYTES = 4
+from torchrec_shark.modules.kinds import kind_of
 
 
 def host_memory_bytes() -> Optional[int]:
@@ -51,27 +49,23 @@ def _gb(n: float) -> str:
     return f"{n / 1e9:,.1f} GB"
 
 
-def check_tt_memory(table_configs: Sequence, memory_bytes: Optional[int]) -> Dict[str, int]:
-    """Bytes of each tensor-train table's cores (fp32, before optimizer state); raises
-    :class:`ConfigError` naming the tables when they sum to more than ``memory_bytes``."""
-    cores = {}
-    for c in table_configs:
-        spec = getattr(c, "compression", None)
-        if isinstance(spec, TensorTrain):
-            layout = resolve_layout(c.name, c.num_embeddings, c.embedding_dim, spec)
-            cores[c.name] = (layout.num_parameters * FP32_BYTES, layout)
-    total = sum(b for b, _ in cores.values())
+def check_table_memory(table_configs: Sequence, optimizer, memory_bytes: Optional[int]) -> Dict[str, int]:
+    """Bytes of each table with its fused optimizer state (its kind's exact count, as the planner sees it);
+    raises :class:`ConfigError` naming the largest tables and what to lower when they sum to more than
+    ``memory_bytes``."""
+    sizes = {c.name: kind_of(c).storage_bytes(c, optimizer, 0, int(c.num_embeddings))["total"]
+             for c in table_configs}
+    total = sum(sizes.values())
     if memory_bytes is not None and total > memory_bytes:
-        worst = sorted(cores.items(), key=lambda kv: -kv[1][0])[:3]
-        detail = "; ".join(
-            f"{name}: ranks {list(lay.ranks[1:-1])}, cores "
-            f"{' '.join(str(lay.core_shape(k)) for k in range(lay.num_cores))} = {_gb(b)}"
-            for name, (b, lay) in worst)
+        worst = sorted(sizes, key=lambda name: -sizes[name])[:3]
+        configs = {c.name: c for c in table_configs}
+        detail = "; ".join(f"{name}: {_gb(sizes[name])}, {kind_of(configs[name]).describe(configs[name])}"
+                           for name in worst)
+        hints = sorted({kind_of(configs[name]).shrink_hint(configs[name]) for name in worst})
         raise ConfigError(
-            f"tensor-train cores need {_gb(total)} (fp32, before optimizer state), more than the "
-            f"{_gb(memory_bytes)} of memory available ({detail}); lower tables.compression.tensor_train.ranks "
-            f"(or tables.overrides.<table>.compression.tensor_train.ranks)")
-    return {name: b for name, (b, _) in cores.items()}
+            f"the embedding tables need {_gb(total)} (with their optimizer state), more than the "
+            f"{_gb(memory_bytes)} of memory available ({detail}); {'; '.join(hints)}")
+    return sizes
 
 
 def check_splits(dataset, batch_size: int, rank: int, world_size: int, where: str) -> None:

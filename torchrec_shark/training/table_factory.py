@@ -8,56 +8,26 @@ Example::
 
 from __future__ import annotations
 
-from typing import Dict, List, Optional, Sequence
+from typing import Dict, List, Sequence
 
 import torch
 from omegaconf import OmegaConf
 from torchrec.modules.embedding_configs import EmbeddingBagConfig, PoolingType
 from torchrec.modules.embedding_modules import EmbeddingBagCollection
 
-from torchrec_shark.config import CompressionConfig, ConfigError, TableConfig, TablesConfig
-from torchrec_shark.modules.specs import (
-    CompressedEmbeddingBagConfig,
-    CompressionSpec,
-    MixedPrecision,
-    TensorTrain,
-    Uniform,
-)
+from torchrec_shark.config import ConfigError, TableConfig, TablesConfig
+from torchrec_shark.modules.kinds import kind_of, spec_from_config
+from torchrec_shark.modules.specs import CompressedEmbeddingBagConfig
 
 POOLING = {"sum": PoolingType.SUM, "mean": PoolingType.MEAN}
 
 
-def compression_spec(cfg: Optional[CompressionConfig], num_embeddings: int) -> Optional[CompressionSpec]:
-    """The module-level spec for one table (``None``: stock fp32)."""
-    if cfg is None or cfg.kind == "none":
-        return None
-    if cfg.kind in ("fp16", "int8"):
-        return Uniform(dtype=cfg.kind)
-    if cfg.kind == "mixed_precision":
-        mp = cfg.mixed_precision
-        return MixedPrecision(
-            fp32_fraction=mp.fp32_fraction,
-            fp16_fraction=mp.fp16_fraction,
-            decay=mp.decay,
-            pos_weight=mp.pos_weight,
-            neg_weight=mp.neg_weight,
-            retier_every=mp.retier_every,
-            rounding=mp.rounding,
-        )
-    if cfg.kind == "tensor_train":
-        tt = cfg.tensor_train
-        if num_embeddings < tt.min_rows:
-            return None  # small tables stay stock: factorising them saves little and costs AUC
-        return TensorTrain(
-            num_cores=tt.num_cores,
-            ranks=tuple(tt.ranks),
-            row_factors=tuple(tt.row_factors) if tt.row_factors else None,
-            col_factors=tuple(tt.col_factors) if tt.col_factors else None,
-            init=tt.init,
-            cache_fraction=tt.cache_fraction,
-            cache_refresh_every=tt.cache_refresh_every,
-        )
-    raise ConfigError(f"unknown compression kind {cfg.kind!r}")
+def compression_spec(cfg, num_embeddings: int):
+    """The module-level spec for one table from its ``tables.compression`` config (``None``: stock fp32)."""
+    try:
+        return spec_from_config(cfg, num_embeddings)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
 
 
 def _plain(cfg):
@@ -120,7 +90,8 @@ def build_table_configs(
 
 
 def is_compressed(configs: Sequence[CompressedEmbeddingBagConfig]) -> bool:
-    return any(c.compression is not None for c in configs)
+    """Whether any table is of a kind other than stock (then the compressed collection holds them all)."""
+    return not all(kind_of(c).stock for c in configs)
 
 
 def stock_configs(configs: Sequence[CompressedEmbeddingBagConfig]) -> List[EmbeddingBagConfig]:

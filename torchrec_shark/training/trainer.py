@@ -43,7 +43,7 @@ from torchrec_shark.training.optimizers import (
 )
 from torchrec_shark.training.preflight import (
     check_splits,
-    check_tt_memory,
+    check_table_memory,
     memory_budget_bytes,
     resume_data_offset,
 )
@@ -89,8 +89,9 @@ class Trainer:
         self.table_configs = build_table_configs(
             cfg.tables, self.dataset.feature_names, self.dataset.num_embeddings_per_feature
         )
-        check_tt_memory(self.table_configs, memory_budget_bytes(
-            env.device.type, env.world_size, cfg.planner.hbm_cap_gb, cfg.planner.ddr_cap_gb))
+        check_table_memory(self.table_configs, sparse_optimizer_spec(t.embedding_optimizer, t.embedding_lr),
+                           memory_budget_bytes(env.device.type, env.world_size, cfg.planner.hbm_cap_gb,
+                                               cfg.planner.ddr_cap_gb))
         self.feature_names = [f for c in self.table_configs for f in c.feature_names]
         self.compressed = is_compressed(self.table_configs)
         self.sharded = True  # compressed collections shard too (their own sharder)
