@@ -24,7 +24,8 @@ from torchrec_shark.distributed.compressed_sharder import (
 from torchrec_shark.models.dlrm import DLRM, DLRMTrain
 from torchrec_shark.modules.base import SparseOptimizerSpec
 from torchrec_shark.modules.embedding_bag_collection import CompressedEmbeddingBagCollection
-from torchrec_shark.modules import CompressedEmbeddingBagConfig, MixedPrecision, three_tier, TensorTrain
+from torchrec_shark.modules import CompressedEmbeddingBagConfig, MixedPrecisionTable, RowStoreTable, TensorTrain, three_tier
+from torchrec_shark.modules.row_store import bits_per_value
 
 GLOBAL_BATCH = 16
 DIM = 8
@@ -61,10 +62,11 @@ def build_model(kinds: Sequence[str], seed: int = 0, lr: float = 0.05, optimizer
     torch.manual_seed(seed)
     ebc = CompressedEmbeddingBagCollection(tables=table_configs(kinds), optimizer=SparseOptimizerSpec(optimizer, lr=lr))
     for name, t in ebc.embedding_bags.items():
-        if hasattr(t, "priorities"):  # shard-balanced tiers: every 32-row block holds 8 fp32, 8 fp16, 16 int8 rows
-            st = t.logical_state_dict()
-            st["tier"] = torch.tensor(([0] * 8 + [1] * 8 + [2] * 16) * (t.num_embeddings // 32), dtype=torch.int8)
-            t.load_logical_state_dict(st)
+        if isinstance(t, MixedPrecisionTable):  # shard-balanced tiers: every 32-row block: 8 fp32, 8 fp16, 16 int8 rows
+            values = t.full_weight()
+            tier = torch.tensor(([0] * 8 + [1] * 8 + [2] * 16) * (t.num_embeddings // 32))
+            t.assign_tiers(torch.sort(tier, stable=True).indices)
+            t.write_rows(torch.arange(t.num_embeddings), values, rounding="nearest")
     return DLRMTrain(DLRM(ebc, 3, [DIM], [8, 1], dense_device=torch.device("cpu")))
 
 
@@ -169,15 +171,24 @@ def local_view(value, dim: int = 0):
 
 
 def row_tolerance(ref_table, rows: torch.Tensor) -> torch.Tensor:
-    """One rounding step of each row's tier in the reference table (fp32: 1e-5)."""
+    """One rounding step of each row's precision in the reference table (fp32 and tensor train: 1e-5)."""
     w = ref_table.full_weight()[rows]
-    if not hasattr(ref_table, "tier_of_rows"):
+    if not isinstance(ref_table, RowStoreTable):
         return torch.full_like(w, 1e-5)
+    precision = [p for p, _, _ in ref_table._tiers]
     tier = ref_table.tier_of_rows(rows).long()
-    step16 = w.abs() * 2.0**-10 + 2.0**-24
-    step8 = ((w.amax(1) - w.amin(1)) / 255.0).unsqueeze(1).expand_as(w) * 1.01
-    tol = torch.where(tier.unsqueeze(1) == 0, torch.full_like(w, 1e-5), torch.where(tier.unsqueeze(1) == 1, step16, step8))
-    return tol + 1e-6
+    out = torch.full_like(w, 1e-5)
+    for k, p in enumerate(precision):
+        here = (tier == k).unsqueeze(1).expand_as(w)
+        if p == "fp16":
+            step = w.abs() * 2.0**-10 + 2.0**-24
+        elif p != "fp32":  # integer codes: the row's range over its levels
+            levels = 2 ** bits_per_value(p) - 1
+            step = ((w.amax(1) - w.amin(1)) / levels).unsqueeze(1).expand_as(w) * 1.01
+        else:
+            continue
+        out = torch.where(here, step, out)
+    return out + 1e-6
 
 
 # ---------------------------------------------------------------------------- stock + compressed model

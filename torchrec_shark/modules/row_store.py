@@ -138,8 +138,10 @@ class RowStoreTable(CompressedTable):
             self.register_buffer("row_slot", torch.arange(self.num_embeddings, dtype=slot_dtype, device=device))
         if not stock_pool:
             self.register_buffer("update_count", torch.zeros((), dtype=torch.int64, device=device))
+        if self.slotted:  # lookups served per tier since the last tier_activity(reset=True): a statistic, not state
+            self.register_buffer("tier_hits", torch.zeros(len(self._tiers), dtype=torch.int64, device=device),
+                                 persistent=False)
         self.optim = RowOptimizer(optimizer, self.num_embeddings, self.embedding_dim, device)
-        self._tier_hits = torch.zeros(len(self._tiers), dtype=torch.int64, device=device)
         self._moves = 0
 
     @property
@@ -238,7 +240,7 @@ class RowStoreTable(CompressedTable):
             )
         if self.slotted:  # lookups (ids, repeats included) served by each tier
             hits = index.offsets.index_select(0, torch.tensor(index.bounds, device=index.offsets.device))
-            self._tier_hits += (hits[1:] - hits[:-1]).to(self._tier_hits)
+            self.tier_hits += (hits[1:] - hits[:-1]).to(self.tier_hits)
         if values is None:  # written since the lookup (e.g. re-tiered): locate the rows afresh
             fresh = self.index_rows(index.rows)
             grad = grad.index_select(0, fresh.perm)
@@ -314,11 +316,12 @@ class RowStoreTable(CompressedTable):
 
             table.tier_activity()  # {"rows": {"fp32": 10, "int4": 90}, "hits": {"fp32": 812, ...}, "moves": 37}
         """
-        out = {"rows": self.tier_counts(),
-               "hits": {p: int(v) for (p, _, _), v in zip(self._tiers, self._tier_hits.tolist())},
+        hits = self.tier_hits.tolist() if self.slotted else [0]
+        out = {"rows": self.tier_counts(), "hits": {p: int(v) for (p, _, _), v in zip(self._tiers, hits)},
                "moves": self._moves}
         if reset:
-            self._tier_hits.zero_()
+            if self.slotted:
+                self.tier_hits.zero_()
             self._moves = 0
         return out
 
@@ -584,6 +587,7 @@ class RowStoreKind(TableKind):
                 parts[f"{precision}_rows"] = n * _row_bytes(precision, dim)
         if self.slotted(config):
             parts["row_slot"] = rows * (4 if rows < 2**31 else 8)
+            parts["tier_hits"] = 8 * len(self.tiers(config))
         for name, (trail, dtype) in self.row_buffers.items():
             parts[name] = rows * math.prod(trail) * dtype.itemsize
         for name in self.scalar_buffers:
@@ -644,7 +648,7 @@ class RowStoreKind(TableKind):
             return f"{rows} saved rows, {config.num_embeddings} wanted"
         precision, key = pools[0]
         width = reader.size(key)[1] * CODECS[precision].dtype.itemsize - scale_bias_bytes(precision)
-        width = width * 8 // _bits(precision)
+        width = width * 8 // bits_per_value(precision)
         if columns is None and width != config.embedding_dim:
             return f"saved width {width}, {config.embedding_dim} wanted"
         if columns is not None and (len(columns) != config.embedding_dim or max(columns) >= width):
@@ -701,7 +705,7 @@ class RowStoreKind(TableKind):
         return (read + extra + decoded * DECODE_FLOPS_PER_ELEMENT * dim / FLOPS_PER_BYTE) / (4.0 * dim)
 
 
-def _bits(precision: str) -> int:
+def bits_per_value(precision: str) -> int:
     """Bits per value of ``precision``'s codes."""
     codec = CODECS[precision]
     return getattr(codec, "BITS", codec.dtype.itemsize * 8)

@@ -373,6 +373,8 @@ class TensorTrainTable(CompressedTable):
         offsets: torch.Tensor,
         per_sample_weights: Optional[torch.Tensor] = None,
     ) -> torch.Tensor:
+        if ids.device.type == "meta" or self.core_0.device.type == "meta":  # shape propagation, as stock tables
+            return torch.empty(offsets.numel() - 1, self.embedding_dim, device="meta")
         self.check_lookup(ids, offsets, per_sample_weights)
         ids, offsets = ids.reshape(-1).long(), offsets.long()
         if self.cache_rows and self.training:
