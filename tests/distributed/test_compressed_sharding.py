@@ -19,6 +19,7 @@ from torchrec.optim.keyed import CombinedOptimizer
 
 from tests.dist_utils import run_ranks
 from tests.distributed import compressed_common as C
+from torchrec_shark.modules import MixedPrecisionTable, TensorTrainTable
 
 KINDS = ["fp32", "mp", "tt"]
 STEPS = 3
@@ -39,7 +40,7 @@ def _compare(dmp, opt, ref, rank, ws, kinds):
     sd = dmp.state_dict()
     osd = opt.state_dict()["state"]
     for name, rt in ref_ebc.embedding_bags.items():
-        if hasattr(rt, "layout"):  # tensor train
+        if isinstance(rt, TensorTrainTable):
             v = C.local_view(sd[PREFIX + f"{name}.core_0"], dim=1)
             if v is not None:
                 s0, local = v
@@ -67,11 +68,13 @@ def _compare(dmp, opt, ref, rank, ws, kinds):
         rows = torch.arange(r0, r0 + t.num_embeddings)
         tol = C.row_tolerance(rt, rows)
         out[f"{name}.weight"] = float(((t.full_weight() - rt.full_weight()[rows]).abs() / tol).max())
-        if hasattr(rt, "priorities"):
+        if isinstance(rt, MixedPrecisionTable):
             out[f"{name}.tier_mismatch"] = float((t.tier_of_rows().long() != rt.tier_of_rows(rows).long()).sum())
             ref_pr = rt.priorities()[rows]
             assert float(ref_pr.sum()) > 0, "the reference counted no labels"
-            out[f"{name}.priority"] = float(((t.priorities() - ref_pr).abs() / 1e-5).max())
+            # bfloat16 priorities rounded stochastically: the same counts summed in another order can round one
+            # step (2**-7 relative at most) apart, and the two runs then round independently: a few steps
+            out[f"{name}.priority"] = float(((t.priorities() - ref_pr).abs() / (ref_pr.abs() * 2.0**-5 + 1e-5)).max())
         st = osd[PREFIX + f"{name}.weight"]
         for bn, ref_b in rt.optimizer_state().items():
             val = st[f"{name}.{bn}"]
