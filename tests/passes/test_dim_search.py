@@ -201,7 +201,7 @@ def test_search_on_a_sharded_mixed_precision_run_narrows_its_tables(tmp_path):
     with open(os.path.join(tmp_path, "retrain", "metrics.json")) as f:
         metrics = json.load(f)
     assert {t: i["embedding_dim"] for t, i in metrics["tables"].items()} == widths
-    assert all(i["kind"] == "MixedPrecision" for i in metrics["tables"].values())
+    assert all(i["kind"] == "mixed_precision" for i in metrics["tables"].values())
     assert metrics["val_auc"] > 0.55  # a start from the searched columns, not from scratch
 
 

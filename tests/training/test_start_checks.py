@@ -34,7 +34,7 @@ def train(run_dir, *overrides, timeout=300):
     (["+trainer.max_step=5"], "'trainer.max_step'"),
     (["trainer.embedding_lr=-0.1"], "trainer.embedding_lr=-0.1 must be positive"),
     (["tables=tt", "tables.compression.tensor_train.ranks=[1000000]", "tables.compression.tensor_train.min_rows=100"],
-     "tensor-train cores need"),
+     "the embedding tables need"),
     (["data.synthetic.num_val_samples=0"], "val split: split 'val' has no rows"),
 ])
 def test_refused_before_training(tmp_path, overrides, message):

@@ -3,7 +3,7 @@
 Example::
 
     embedding_storage(collection, table_configs, sharded=True, model=dmp)
-    # {"total": ..., "fp32_total": ..., "per_table": {"t_f00": ...}}
+    # {"total": ..., "fp32_total": ..., "allocated_total": ..., "per_table": {"t_f00": ...}}
     plan_table = compressed_plan_table(describe_plan(plan), table_configs, sharded_collection)
     print(format_plan_table(plan_table))   # kind, sharding type, ranks, compressed bytes per table
 """
@@ -15,6 +15,9 @@ from typing import Dict, Sequence
 import torch
 import torch.distributed as dist
 from torch import nn
+
+from torchrec_shark.distributed.compressed_kernels import allocated_bytes
+from torchrec_shark.modules.kinds import kind_of
 
 _TABLE_KEY = ".embedding_bags."
 
@@ -32,10 +35,16 @@ def _table_total(report) -> int:
 
 
 def embedding_storage(collection: nn.Module, configs: Sequence, sharded: bool, model: nn.Module) -> Dict:
+    """``total``: the tables' bytes as their kinds count them (rows, scales, slot maps, priorities; no optimizer
+    state), summed over ranks; ``allocated_total``: what their tensors occupy (each storage once, optimizer
+    state excluded); ``fp32_total``: the same tables as fp32 rows. A collective when sharded."""
     names = [c.name for c in configs]
     fp32 = {c.name: c.num_embeddings * c.embedding_dim * 4 for c in configs}
+    allocated = None
     if sharded and hasattr(collection, "table_shards"):  # compressed shards: what they allocate
         per_table = _sum_over_ranks(names, _compressed_local_bytes(collection))
+        allocated = _sum_over_ranks(names, {n: p["allocated"] - p["optimizer"]
+                                            for n, p in collection.memory_bytes()["per_table"].items()})
     elif sharded:
         per_rank = dict.fromkeys(names, 0)
         for key, value in model.state_dict().items():
@@ -46,7 +55,11 @@ def embedding_storage(collection: nn.Module, configs: Sequence, sharded: bool, m
         per_table = _sum_over_ranks(names, per_rank)
     else:
         per_table = {n: _table_total(collection.table_memory_bytes(n)) for n in names}
-    return {"total": sum(per_table.values()), "fp32_total": sum(fp32.values()), "per_table": per_table}
+        allocated = {n: allocated_bytes(t) - sum(v.numel() * v.element_size() for v in t.optimizer_state().values())
+                     for n, t in collection.embedding_bags.items()}
+    allocated = per_table if allocated is None else allocated  # stock tables: their weights are what they hold
+    return {"total": sum(per_table.values()), "fp32_total": sum(fp32.values()),
+            "allocated_total": sum(allocated.values()), "per_table": per_table}
 
 
 def _sum_over_ranks(names: Sequence[str], per_rank: Dict[str, int]) -> Dict[str, int]:
@@ -72,7 +85,7 @@ def compressed_plan_table(plan_table: Dict[str, Dict], configs: Sequence, collec
     out = {}
     for c in configs:
         info = dict(plan_table.get(c.name, {}))
-        info.update(kind=type(c.compression).__name__ if c.compression is not None else "fp32",
+        info.update(kind=kind_of(c).name,
                     bytes=table[c.name], optimizer_bytes=optim[c.name],
                     fp32_bytes=c.num_embeddings * c.embedding_dim * 4)
         out[c.name] = info

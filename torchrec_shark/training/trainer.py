@@ -47,6 +47,7 @@ from torchrec_shark.training.preflight import (
     memory_budget_bytes,
     resume_data_offset,
 )
+from torchrec_shark.modules.kinds import kind_of
 from torchrec_shark.training.storage import compressed_plan_table, embedding_storage, format_plan_table
 from torchrec_shark.training.table_factory import build_collection, build_table_configs, is_compressed
 from torchrec_shark.training.tier_activity import collect_tier_activity
@@ -397,7 +398,7 @@ class Trainer:
         tables = {}
         for c in self.table_configs:
             info = dict(self.plan_table.get(c.name, {}))
-            info.update(kind=type(c.compression).__name__ if c.compression else "fp32",
+            info.update(kind=kind_of(c).name,
                         num_embeddings=c.num_embeddings, embedding_dim=c.embedding_dim,
                         features=list(c.feature_names), bytes=storage["per_table"].get(c.name))
             tables[c.name] = info
@@ -410,6 +411,8 @@ class Trainer:
             "world_size": self.env.world_size,
             "embedding_bytes": storage["total"],
             "embedding_bytes_fp32": storage["fp32_total"],
+            # what the tables' tensors really occupy (storages counted once), to set against embedding_bytes
+            "embedding_bytes_allocated": storage["allocated_total"],
             **self._peak_memory(),
             "num_fields": len(self.feature_names),
             "fields": self.feature_names,
