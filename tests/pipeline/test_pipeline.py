@@ -51,7 +51,7 @@ def test_tiny_pipeline_report_matches_the_runs(tmp_path):
     shark_metrics = json.loads((out / "runs" / "shark" / "metrics.json").read_text())
     shark = shark_metrics["tables"]
     dims = json.loads((out / "runs" / "pruned_dims" / "metrics.json").read_text())["tables"]
-    assert {t["kind"] for t in shark.values()} == {"MixedPrecision"}
+    assert {t["kind"] for t in shark.values()} == {"mixed_precision"}
     assert {n: t["embedding_dim"] for n, t in shark.items()} == {n: t["embedding_dim"] for n, t in dims.items()}
     assert by["int8_only"]["embedding_bytes"] < by["fp16_only"]["embedding_bytes"] < base["embedding_bytes"]
     md = (out / "report.md").read_text()

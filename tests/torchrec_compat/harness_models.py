@@ -41,6 +41,7 @@ def _stub_missing_sequence_test_module() -> None:
 _stub_missing_sequence_test_module()
 
 from torchrec_shark import CompressedEmbeddingBagCollection, SparseOptimizerSpec
+from torchrec_shark.modules import MixedPrecisionTable
 
 # What the harness trains the unsharded reference with (torch.optim.SGD, lr 0.1) and what it
 # configures sharded tables with (EXACT_SGD).
@@ -53,12 +54,13 @@ def balance_tiers(ebc: CompressedEmbeddingBagCollection, block: int = 32) -> Non
     holds them in, so sharded and unsharded tables store the same values. (A row-wise shard keeps
     its own tier budget over its own rows.)"""
     for table in ebc.embedding_bags.values():
-        if not hasattr(table, "priorities"):
+        if not isinstance(table, MixedPrecisionTable):
             continue
-        state = table.logical_state_dict()
+        values = table.full_weight()
         pattern = [0] * (block // 4) + [1] * (block // 4) + [2] * (block // 2)
-        state["tier"] = torch.tensor(pattern * (table.num_embeddings // block), dtype=torch.int8)
-        table.load_logical_state_dict(state)
+        tier = torch.tensor(pattern * (table.num_embeddings // block))
+        table.assign_tiers(torch.sort(tier, stable=True).indices)
+        table.write_rows(torch.arange(table.num_embeddings), values, rounding="nearest")
 
 
 def _collection(tables: List, weighted: bool) -> CompressedEmbeddingBagCollection:

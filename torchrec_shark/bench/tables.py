@@ -301,8 +301,22 @@ def _kind_spec(kind, section_overrides: Optional[Dict[str, object]] = None):
     return spec
 
 
+_REGISTRY_ERROR: List[ImportError] = []  # why the table kinds could not be listed (they need TorchRec)
+
+
+def _raise(error: ImportError):
+    def build(shapes: List[TableShape], lr: float, device: torch.device) -> Model:
+        raise error
+
+    return build
+
+
 def _registered_kinds() -> List[Kind]:
-    from torchrec_shark.modules.kinds import KINDS as TABLE_KINDS
+    try:
+        from torchrec_shark.modules.kinds import KINDS as TABLE_KINDS
+    except ImportError as e:  # the benchmark still runs TorchRec-free kinds; ours are reported unavailable
+        _REGISTRY_ERROR.append(e)
+        return []
 
     # the default selection: the row stores (tensor train's factorised tables are benchmarked on request)
     out = [Kind("fp32" if k.stock else k.name, _compressed(_kind_spec(k)), default=k.state_family == "row_store")
@@ -502,7 +516,9 @@ def main(argv: Optional[List[str]] = None) -> Dict:
         torch.set_num_threads(args.threads)
     wanted = args.kinds.split(",")
     unknown = [k for k in wanted if k not in {x.name for x in KINDS}]
-    if unknown:
+    if unknown and _REGISTRY_ERROR:  # this package's kinds could not be listed: report them unavailable
+        KINDS.extend(Kind(name, _raise(_REGISTRY_ERROR[0])) for name in unknown)
+    elif unknown:
         ap.error(f"unknown kinds {unknown}")
     shapes = table_configs(args.tables, args.min_rows, args.max_rows, args.scale, args.dim)
     batches = make_batches(shapes, args.batch, args.pooling_factor, args.zipf, args.ctr, args.num_batches, seed=0, device=device)
