@@ -92,6 +92,9 @@ def _contract(rank: int, world: int, sharding_type: str, names, path: str):
         plan = planner.collective_plan(model, sharders, dist.GroupMember.WORLD)
         dmp = DistributedModelParallel(model, env=ShardingEnv.from_process_group(dist.GroupMember.WORLD),
                                        device=torch.device("cpu"), plan=plan, sharders=sharders)
+        # TorchRec's contract: state-dict keys are the named parameters and buffers
+        named = set(dict(dmp.named_parameters())) | set(dict(dmp.named_buffers()))
+        assert set(dmp.state_dict()) == named, f"{name}: {sorted(set(dmp.state_dict()) ^ named)}"
         # 1 -> 2 ranks: the unsharded table's state dict into the shards
         dmp.load_state_dict({f"ebc.embedding_bags.t.{k}": v for k, v in ref.state_dict().items()})
         b = BATCH // world

@@ -181,3 +181,40 @@ def test_collection_training_protocol(kind):
 
 def _lengths(n_ids: int) -> torch.Tensor:
     return torch.tensor([n_ids // 4, n_ids // 4, n_ids // 4, n_ids - 3 * (n_ids // 4)])
+
+
+def test_symbolic_trace_of_the_collection_computes_what_it_computes():
+    """``torch.fx.symbolic_trace`` with the collection as the root (as of a stock EmbeddingBagCollection):
+    one call per table, the same pooled embeddings, and the traced module trains the same tables."""
+    configs = [kind_config(k, name=f"t{i}", features=(f"f{i}", f"g{i}") if i % 2 else (f"f{i}",))
+               for i, k in enumerate(KINDS)]
+    ebc = CompressedEmbeddingBagCollection(configs, optimizer=SparseOptimizerSpec("sgd", lr=0.1))
+    traced = torch.fx.symbolic_trace(ebc)
+    calls = [n.target for n in traced.graph.nodes if n.op == "call_module"]
+    assert calls == [f"embedding_bags.{c.name}" for c in configs]
+    keys = [f for c in configs for f in c.feature_names]
+    ids, offsets = bags(batch=4 * len(keys))
+    lengths = offsets[1:] - offsets[:-1]
+    kjt = KeyedJaggedTensor.from_lengths_sync(keys, ids, lengths)
+    want = ebc(kjt)
+    got = traced(kjt)
+    assert got.keys() == want.keys()
+    torch.testing.assert_close(got.values(), want.values(), rtol=0, atol=0)
+    got.values().sum().backward()  # the traced module's tables are the collection's: they train
+    assert not torch.equal(ebc(kjt).values(), want.values())
+
+
+def test_a_model_holding_the_collection_traces_it_as_one_call():
+    ebc = CompressedEmbeddingBagCollection([kind_config(k, name=f"t{i}", features=(f"f{i}",))
+                                            for i, k in enumerate(KINDS)])
+
+    class Model(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.ebc = ebc
+
+        def forward(self, kjt):
+            return self.ebc(kjt).values()
+
+    traced = torch.fx.symbolic_trace(Model())
+    assert [n.target for n in traced.graph.nodes if n.op == "call_module"] == ["ebc"]

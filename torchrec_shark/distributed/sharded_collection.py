@@ -419,6 +419,15 @@ class ShardedCompressedEmbeddingBagCollection(ShardedEmbeddingBagCollection):
         st = self._table_states[name]
         return st.kind.unloadable(st.config, reader, columns)
 
+    def named_buffers(self, prefix: str = "", recurse: bool = True, remove_duplicate: bool = True):  # type: ignore[override]
+        """TorchRec's contract: every state-dict key is a named parameter or buffer. The tables' state tensors
+        come under their state-dict keys (as ``ShardedTensor`` s where sharded); they are no module's
+        registered buffers, so DDP and dense optimizers still never see them."""
+        yield from super().named_buffers(prefix, recurse, remove_duplicate)
+        for name, st in self._table_states.items():
+            for key, value in st.export(self.table_shards.get(name), False, self._shark_pg).items():
+                yield f"{prefix}{'.' if prefix else ''}embedding_bags.{name}.{key}", value
+
     @property
     def state_prefix(self) -> Optional[str]:
         """The prefix of this module's keys in the model's last ``state_dict()`` (None before one)."""

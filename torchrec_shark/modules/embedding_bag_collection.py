@@ -244,10 +244,13 @@ class CompressedEmbeddingBagCollection(EmbeddingBagCollectionInterface, FusedOpt
     # ------------------------------------------------------------------ forward
     def forward(self, features: KeyedJaggedTensor) -> KeyedTensor:
         if isinstance(features, torch.fx.Proxy):
-            # Traced as a leaf, as TorchRec's tracer treats its own embedding modules: one
-            # call_module node (the tables' input checks and fused updates cannot be traced).
             tracer = features.tracer
-            return tracer.create_proxy("call_module", tracer.path_of_module(self), (features,), {})
+            path = tracer.path_of_module(self)
+            if path:
+                # Inside a traced model: a leaf, as TorchRec's tracer treats its own embedding modules (one
+                # call_module node; the tables' input checks and fused updates cannot be traced).
+                return tracer.create_proxy("call_module", path, (features,), {})
+            return self._traced_forward(features, tracer)  # the root of the trace
         pooled: List[torch.Tensor] = []
         for table, ids, offs, weights, bags in self._table_inputs(features):
             out = table(ids, offs, weights)
@@ -260,6 +263,36 @@ class CompressedEmbeddingBagCollection(EmbeddingBagCollectionInterface, FusedOpt
             values=torch.cat(pooled, dim=1) if len(pooled) > 1 else pooled[0],
             key_dim=1,
         )
+
+    def _traced_forward(self, features: torch.fx.Proxy, tracer) -> KeyedTensor:
+        """The forward as a graph when the collection itself is traced (as ``torch.fx.symbolic_trace`` traces
+        a stock ``EmbeddingBagCollection``): per feature its jagged values from ``to_dict()``, one
+        ``call_module`` per table (its features' bags concatenated, as :meth:`_table_inputs` does), the
+        pooled outputs cut back per feature. Variable-batch inputs are not traced."""
+        jagged = features.to_dict()
+        pooled = []
+        for cfg in self._embedding_bag_configs:
+            parts = [jagged[f] for f in cfg.feature_names]
+            ids = torch.cat([p.values() for p in parts]) if len(parts) > 1 else parts[0].values()
+            offsets = [p.offsets() for p in parts]
+            weights = None
+            if self._is_weighted:
+                weights = torch.cat([p.weights() for p in parts]) if len(parts) > 1 else parts[0].weights()
+            if len(parts) > 1:  # one offsets tensor for the concatenated bags
+                shifted, shift = [offsets[0]], offsets[0][-1:]
+                for o in offsets[1:]:
+                    shifted.append(o[1:] + shift)
+                    shift = shift + o[-1:]
+                offsets_all = torch.cat(shifted)
+            else:
+                offsets_all = offsets[0]
+            out = tracer.create_proxy("call_module", f"embedding_bags.{cfg.name}", (ids, offsets_all, weights), {})
+            start = 0
+            for o in offsets:
+                end = o.numel() - 1 + start
+                pooled.append(out[start:end] if len(parts) > 1 else out)
+                start = end
+        return _keyed_tensor(self._embedding_names, self._length_per_key, torch.cat(pooled, dim=1))
 
     def _expand_variable_batch(self, features: KeyedJaggedTensor, pooled: List[torch.Tensor]) -> List[torch.Tensor]:
         """Variable batch per feature: each feature's pooled rows mapped back onto the full batch
@@ -324,6 +357,11 @@ class CompressedEmbeddingBagCollection(EmbeddingBagCollectionInterface, FusedOpt
     def fp32_bytes(self) -> int:
         """Bytes of the same tables as plain fp32 rows."""
         return sum(t.fp32_bytes() for t in self.embedding_bags.values())
+
+
+@torch.fx.wrap
+def _keyed_tensor(keys: List[str], length_per_key: List[int], values: torch.Tensor) -> KeyedTensor:
+    return KeyedTensor(keys=keys, length_per_key=length_per_key, values=values, key_dim=1)
 
 
 def _with_compression(cfg: EmbeddingBagConfig):
