@@ -1,11 +1,22 @@
 """Row codecs: layout, nearest-rounding error bounds and unbiased stochastic rounding."""
 
-import math
-
 import pytest
 import torch
 
-from torchrec_shark.modules.quantization import Fp16Codec, Int8Codec, RoundingNoise, round_to_fp16
+from torchrec_shark.modules import quantization
+from torchrec_shark.modules.quantization import (
+    CODECS,
+    CounterNoise,
+    Fp16Codec,
+    Int2Codec,
+    Int4Codec,
+    Int8Codec,
+    NBitCodec,
+    RoundingNoise,
+    round_to_fp16,
+)
+
+NBIT = [Int8Codec, Int4Codec, Int2Codec]
 
 Z_MAX = 5.0  # z-test threshold: a false alarm is a < 1e-6 event per statistic
 
@@ -62,60 +73,134 @@ def test_fp16_stochastic_is_unbiased():
     assert abs(z_all) < Z_MAX
 
 
-def test_int8_layout_matches_fbgemm():
+def _representable(codec: NBitCodec, n: int, dim: int, seed: int) -> torch.Tensor:
+    """Rows ``bias + code * scale`` with codes 0 and ``levels`` present and scale a power of two:
+    every value, and ``max - min``, is exact in fp32, so the covering scale/bias are these ones."""
+    g = torch.Generator().manual_seed(seed)
+    codes = torch.randint(0, codec.levels + 1, (n, dim), generator=g)
+    codes[:, 0], codes[:, -1] = 0, codec.levels
+    scale = torch.exp2(torch.randint(-12, 2, (n, 1), generator=g).float())
+    bias = torch.randint(-64, 64, (n, 1), generator=g).float() / 16
+    return bias + codes * scale
+
+
+@pytest.mark.parametrize("codec", NBIT, ids=lambda c: c.name)
+@pytest.mark.parametrize("rounding", ["nearest", "stochastic"])
+def test_representable_values_round_trip_exactly(codec, rounding):
+    x = _representable(codec, 64, 32, seed=codec.bits)
+    q = codec.encode(x, rounding, RoundingNoise(5))
+    torch.testing.assert_close(codec.decode(q), x, rtol=0, atol=0)
+    assert torch.equal(codec.encode(codec.decode(q), rounding, RoundingNoise(6)), q)
+
+
+@pytest.mark.parametrize("codec", NBIT, ids=lambda c: c.name)
+def test_nearest_encoding_is_fbgemms_on_representable_rows(codec):
+    """Where FBGEMM's nearest fp16 scale/bias equal the covering ones, the bytes are FBGEMM's own:
+    same code packing (low bits first), same scale/bias placement."""
     import fbgemm_gpu  # noqa: F401
 
-    x = torch.randn(37, 16)
-    q = Int8Codec.encode(x, "nearest")
-    assert q.shape == (37, 16 + 4) and q.dtype == torch.uint8
-    sb = q[:, 16:].contiguous().view(torch.float16).float()
-    manual = q[:, :16].float() * sb[:, :1] + sb[:, 1:]
-    torch.testing.assert_close(torch.ops.fbgemm.FusedNBitRowwiseQuantizedSBHalfToFloat(q, 8), manual)
-    torch.testing.assert_close(Int8Codec.decode(q), manual)
+    x = _representable(codec, 40, 64, seed=10 + codec.bits)
+    ours = codec.encode(x, "nearest")
+    assert torch.equal(ours, torch.ops.fbgemm.FloatToFusedNBitRowwiseQuantizedSBHalf(x, codec.bits))
 
 
-def test_int8_nearest_within_half_step_and_covers_range():
+@pytest.mark.parametrize("codec", NBIT, ids=lambda c: c.name)
+@pytest.mark.parametrize("dim", [8, 12, 16, 32, 64])
+def test_decode_equals_fbgemm(codec, dim, monkeypatch):
+    """Rows FBGEMM encoded, and rows this codec encoded, decode as FBGEMM's op decodes them, on
+    the FBGEMM path and on the plain torch path (used off CPU)."""
+    import fbgemm_gpu  # noqa: F401
+
+    g = torch.Generator().manual_seed(dim)
+    x = torch.randn(37, dim, generator=g) * torch.exp2(torch.randint(-8, 4, (37, 1), generator=g).float())
+    rows = [codec.encode(x, "stochastic", RoundingNoise(dim)), codec.encode(x, "nearest")]
+    if dim % (2 * codec.per_byte) == 0:  # FBGEMM's quantiser takes only an even number of code bytes
+        rows.append(torch.ops.fbgemm.FloatToFusedNBitRowwiseQuantizedSBHalf(x, codec.bits))
+    for q in rows:
+        assert q.shape == (37, codec.width(dim)) and q.dtype == torch.uint8
+        want = torch.ops.fbgemm.FusedNBitRowwiseQuantizedSBHalfToFloat(q, codec.bits)
+        sb = q[:, -4:].contiguous().view(torch.float16).float()
+        assert torch.equal(codec.codes(q).float() * sb[:, :1] + sb[:, 1:], want)
+        assert torch.equal(codec.decode(q), want)
+        monkeypatch.setattr(quantization, "_HAS_FBGEMM", False)
+        assert torch.equal(codec.decode(q), want)
+        monkeypatch.undo()
+
+
+@pytest.mark.parametrize("codec", NBIT, ids=lambda c: c.name)
+def test_rows_serve_in_fbgemm_inference_tbe(codec):
+    """FBGEMM's inference TBE (``IntNBitTableBatchedEmbeddingBagsCodegen``, CPU) reads the same
+    codes with the fp16 scale and bias moved to the *front* of the row, rows unpadded on CPU."""
+    from fbgemm_gpu.split_embedding_configs import SparseType
+    from fbgemm_gpu.split_table_batched_embeddings_ops_common import EmbeddingLocation, PoolingMode
+    from fbgemm_gpu.split_table_batched_embeddings_ops_inference import IntNBitTableBatchedEmbeddingBagsCodegen
+
+    rows, dim = 20, 24
+    tbe = IntNBitTableBatchedEmbeddingBagsCodegen(
+        embedding_specs=[("t", rows, dim, SparseType(codec.name), EmbeddingLocation.HOST)],
+        device="cpu",
+        pooling_mode=PoolingMode.SUM,
+        output_dtype=SparseType.FP32,
+    )
+    tbe.fill_random_weights()
+    q = codec.encode(torch.randn(rows, dim, generator=torch.Generator().manual_seed(1)), "stochastic", RoundingNoise(1))
+    weight = tbe.split_embedding_weights_with_scale_bias(split_scale_bias_mode=0)[0][0]
+    assert weight.shape == q.shape
+    weight.copy_(torch.cat([q[:, -4:], q[:, :-4]], dim=1))
+    ids, offsets = torch.tensor([0, 3, 3, 19, 5, 1, 2]), torch.tensor([0, 2, 4, 7])
+    want = torch.nn.functional.embedding_bag(ids, codec.decode(q), offsets[:-1], mode="sum")
+    torch.testing.assert_close(tbe(ids, offsets), want, rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("codec", NBIT, ids=lambda c: c.name)
+def test_nearest_within_half_step_and_covers_range(codec):
     """Error <= half a step, and (scale, bias) are the tightest fp16 pair that covers the row:
-    the bias is the largest fp16 <= min, the scale the smallest fp16 >= (max - bias) / 255.
-    Rows with a normal fp16 scale then use codes 0..254+; tiny rows, whose scale is an fp16
-    subnormal (step 2**-24), use fewer codes but no coarser step than the format allows."""
+    the bias is the largest fp16 <= min, the scale the smallest fp16 >= (max - bias) / levels.
+    Rows with a normal fp16 scale then use codes 0..levels-1 and up; tiny rows, whose scale is an
+    fp16 subnormal (step 2**-24), use fewer codes but no coarser step than the format allows."""
+    levels = codec.levels
     g = torch.Generator().manual_seed(4)
     x = torch.randn(200, 64, generator=g) * torch.exp2(torch.randint(-12, 6, (200, 1), generator=g).float())
+    if levels < 255:  # a few rows whose range is below levels * 2**-14: subnormal scales at these bits too
+        x[:5] = torch.randn(5, 64, generator=g) * 2.0**-18
     x = torch.cat([x, torch.full((3, 64), 0.3)])
-    q = Int8Codec.encode(x, "nearest")
-    step = Int8Codec.step(q).unsqueeze(1)
-    err = (Int8Codec.decode(q) - x).abs()
+    q = codec.encode(x, "nearest")
+    step = codec.step(q).unsqueeze(1)
+    err = (codec.decode(q) - x).abs()
     assert bool((err <= 0.5 * step * (1 + 1e-5) + 1e-12).all())
-    sb = q[:200, 64:].contiguous().view(torch.float16)
+    sb = q[:200, -4:].contiguous().view(torch.float16)
     scale, bias = sb[:, 0], sb[:, 1]
     lo, hi = x[:200].amin(1), x[:200].amax(1)
     inf = torch.full_like(bias, float("inf"))
     assert bool((bias.float() <= lo).all()) and bool((torch.nextafter(bias, inf).float() > lo).all())
-    need = (hi - bias.float()) / 255
+    need = (hi - bias.float()) / levels
     assert bool((scale.float() >= need).all()) and bool((torch.nextafter(scale, -inf).float() < need).all())
-    codes = q[:200, :64].long()
+    codes = codec.codes(q[:200]).long()
     assert bool((codes.min(1).values == 0).all())  # the bias is the row minimum (to fp16 precision)
     normal = scale.float() >= 2.0**-14
     assert int(normal.sum()) > 100 and int((~normal).sum()) > 0  # both cases are exercised
-    assert bool((codes[normal].max(1).values >= 254).all())  # the range is fully used
-    const = Int8Codec.decode(q[200:])  # constant rows stay constant
+    assert bool((codes[normal].max(1).values >= levels - 1).all())  # the range is fully used
+    const = codec.decode(q[200:])  # constant rows stay constant
     assert torch.equal(const, const[:, :1].expand_as(const))
 
 
-def test_int8_stochastic_is_unbiased():
+@pytest.mark.parametrize("codec", NBIT, ids=lambda c: c.name)
+def test_stochastic_is_unbiased(codec):
+    """Per element: mean of M encodings vs x, z-test with the Bernoulli variance p(1-p) step^2
+    (scale and bias depend on the row only, so the two neighbours are fixed)."""
     torch.manual_seed(3)
     x = torch.randn(8, 64)
-    noise = RoundingNoise(3)
     m = 3000
-    q0 = Int8Codec.encode(x, "nearest")
-    step = Int8Codec.step(q0).double().unsqueeze(1)  # scale/bias depend on the row only: same every time
+    q0 = codec.encode(x, "nearest")
+    step = codec.step(q0).double().unsqueeze(1)
     total = torch.zeros_like(x, dtype=torch.float64)
-    for _ in range(m):
-        q = Int8Codec.encode(x, "stochastic", noise)
-        assert torch.equal(q[:, 64:], q0[:, 64:])
-        total += Int8Codec.decode(q).double()
+    rows = torch.arange(8)
+    for i in range(m):  # the counter-based noise the tables use, a fresh step each time
+        q = codec.encode(x, "stochastic", CounterNoise(3, i, rows))
+        assert torch.equal(q[:, -4:], q0[:, -4:])
+        total += codec.decode(q).double()
     mean = total / m
-    sb = q0[:, 64:].contiguous().view(torch.float16).double()
+    sb = q0[:, -4:].contiguous().view(torch.float16).double()
     y = (x.double() - sb[:, 1:]) / sb[:, :1]
     p = y - torch.floor(y)
     sd = torch.sqrt(p * (1 - p) * step**2 / m)
@@ -124,6 +209,38 @@ def test_int8_stochastic_is_unbiased():
     z = bias[nz] / sd[nz]
     assert float(z.abs().max()) < Z_MAX, f"max |z| = {float(z.abs().max()):.2f}"
     assert abs(float(bias[nz].sum() / torch.sqrt((sd[nz] ** 2).sum()))) < Z_MAX
+
+
+@pytest.mark.parametrize(
+    "codec, dim, nbytes",
+    [(Int8Codec, 32, 36), (Int8Codec, 64, 68), (Int4Codec, 32, 20), (Int4Codec, 64, 36), (Int2Codec, 32, 12),
+     (Int2Codec, 64, 20), (Int4Codec, 6, 7), (Int2Codec, 12, 7)],
+)
+def test_bytes_per_row(codec, dim, nbytes):
+    assert codec.width(dim) * codec.dtype.itemsize == nbytes
+    assert codec.encode(torch.randn(3, dim), "stochastic").shape == (3, nbytes)
+    assert codec.dim_of(codec.encode(torch.randn(3, dim))) == dim
+
+
+@pytest.mark.parametrize("codec, dim", [(Int4Codec, 5), (Int2Codec, 6), (Int2Codec, 30)])
+def test_dims_that_leave_a_byte_part_full_are_refused(codec, dim):
+    with pytest.raises(ValueError, match="multiple of"):
+        codec.width(dim)
+    with pytest.raises(ValueError, match="multiple of"):
+        codec.encode(torch.zeros(2, dim))
+
+
+def test_codecs_by_name():
+    assert {name: c.name for name, c in CODECS.items()} == {n: n for n in ("fp32", "fp16", "int8", "int4", "int2")}
+    assert [CODECS[f"int{b}"].bits for b in (8, 4, 2)] == [8, 4, 2]
+    with pytest.raises(ValueError, match="bits"):
+        NBitCodec(3)
+
+
+def test_empty_rows():
+    for codec in NBIT:
+        assert codec.encode(torch.zeros(0, 16)).shape == (0, codec.width(16))
+        assert codec.decode(torch.zeros(0, codec.width(16), dtype=torch.uint8)).shape == (0, 16)
 
 
 def test_fp16_codec_roundtrip_and_clamp():

@@ -1,26 +1,29 @@
-"""Row codecs for embedding storage: fp32, fp16 and int8 with row-wise scale and bias.
+"""Row codecs for embedding storage: fp32, fp16, and int8 / int4 / int2 with row-wise scale and bias.
 
 A codec turns fp32 rows ``[n, D]`` into their stored form and back. Encoding rounds either
 to the nearest representable value or stochastically, so that the *expected* stored value
 equals the input exactly (an update smaller than the storage's step still moves the row on
 average instead of being lost).
 
-int8 rows use FBGEMM's fused layout (``FloatToFusedNBitRowwiseQuantizedSBHalf`` with
-``bit_rate=8``): ``D`` uint8 codes followed by an fp16 scale and an fp16 bias, value
-``code * scale + bias``; 68 bytes per row at ``D = 64``. Decoding uses FBGEMM's
-``FusedNBitRowwiseQuantizedSBHalfToFloat`` where it is available for the device.
+Integer rows use FBGEMM's fused n-bit rowwise layout (``FloatToFusedNBitRowwiseQuantizedSBHalf``):
+the codes, packed ``8 / bits`` to a byte, followed by an fp16 scale and an fp16 bias, value
+``code * scale + bias``. At ``D = 64`` a row takes 68 bytes in int8, 36 in int4, 20 in int2.
+Decoding uses FBGEMM's ``FusedNBitRowwiseQuantizedSBHalfToFloat`` where it is available for
+the device. The same rows serve in FBGEMM's inference TBE (``IntNBitTableBatchedEmbeddingBagsCodegen``)
+once the 4 scale/bias bytes are moved to the front of the row.
 
 Scale and bias are recomputed from the row every time it is encoded: the bias is the row
-minimum rounded *down* to fp16 and the scale is ``(max - bias) / 255`` rounded *up*, so
-``[bias, bias + 255 * scale]`` always covers the row. Nothing is ever clipped, which is what
-keeps stochastic rounding unbiased, and the full 256 codes span the row's current range (the
-smallest step the format allows). Keeping an old scale/bias instead would clip values that
-grew out of the range (a biased error that never averages out).
+minimum rounded *down* to fp16 and the scale is ``(max - bias) / (2**bits - 1)`` rounded *up*,
+so ``[bias, bias + (2**bits - 1) * scale]`` always covers the row. Nothing is ever clipped,
+which is what keeps stochastic rounding unbiased, and all ``2**bits`` codes span the row's
+current range (the smallest step the format allows). Keeping an old scale/bias instead would
+clip values that grew out of the range (a biased error that never averages out).
 
 Example::
 
     q = Int8Codec.encode(x, "stochastic")      # [n, D + 4] uint8
     x_hat = Int8Codec.decode(q)                 # [n, D] fp32, E[x_hat] == x
+    q4 = CODECS["int4"].encode(x, "stochastic")  # [n, D / 2 + 4] uint8
 """
 
 from __future__ import annotations
@@ -174,9 +177,9 @@ def round_to_fp16(x: torch.Tensor, rounding: str = "nearest", noise: Optional[Ro
     return y.half()
 
 
-def _scale_bias(x: torch.Tensor) -> tuple:
-    """Per-row fp16 ``(scale, bias)`` with ``[bias, bias + 255 * scale]`` covering the row:
-    the bias is the row minimum rounded down, the scale ``(max - bias) / 255`` rounded up."""
+def _scale_bias(x: torch.Tensor, levels: int = 255) -> tuple:
+    """Per-row fp16 ``(scale, bias)`` with ``[bias, bias + levels * scale]`` covering the row:
+    the bias is the row minimum rounded down, the scale ``(max - bias) / levels`` rounded up."""
     lo = x.amin(dim=1).clamp_(-_FP16_MAX, _FP16_MAX)
     hi = x.amax(dim=1).clamp_(-_FP16_MAX, _FP16_MAX)
     if x.device.type == "cpu":  # [n]-sized work: numpy's per-call cost is a fraction of torch's
@@ -184,7 +187,7 @@ def _scale_bias(x: torch.Tensor) -> tuple:
         bias = lo_np.astype(np.float16)
         down = bias.astype(np.float32) > lo_np
         bias[down] = np.nextafter(bias[down], np.float16(-np.inf))
-        step = (hi_np - bias.astype(np.float32)) / np.float32(255.0)
+        step = (hi_np - bias.astype(np.float32)) / np.float32(levels)
         scale = step.astype(np.float16)
         up = scale.astype(np.float32) < step
         scale[up] = np.nextafter(scale[up], np.float16(np.inf))
@@ -192,7 +195,7 @@ def _scale_bias(x: torch.Tensor) -> tuple:
         return torch.from_numpy(scale), torch.from_numpy(bias)
     bias = lo.half()
     bias = torch.where(bias.float() > lo, torch.nextafter(bias, torch.full_like(bias, -float("inf"))), bias)
-    step = (hi - bias.float()) / 255.0
+    step = (hi - bias.float()) / float(levels)
     scale = step.half()
     scale = torch.where(scale.float() < step, torch.nextafter(scale, torch.full_like(scale, float("inf"))), scale)
     scale = torch.where(scale > 0, scale, torch.full_like(scale, _FP16_SUBNORMAL_STEP))
@@ -237,26 +240,65 @@ class Fp16Codec:
         return q.float()
 
 
-class Int8Codec:
-    """Rows stored as uint8 codes + fp16 scale + fp16 bias (FBGEMM's fused 8-bit SBHalf layout)."""
+class NBitCodec:
+    """Rows stored as ``bits``-bit codes + fp16 scale + fp16 bias: FBGEMM's fused n-bit rowwise layout.
 
-    name = "int8"
+    A row of ``D`` values takes ``D * bits / 8`` code bytes, the codes of columns ``j * k ..
+    j * k + k - 1`` (``k = 8 / bits``) packed into byte ``j`` from the low bits up, then the fp16
+    scale and the fp16 bias: ``FloatToFusedNBitRowwiseQuantizedSBHalf``'s output, which
+    ``FusedNBitRowwiseQuantizedSBHalfToFloat`` decodes (``bits=8``: one code per byte, no packing).
+    ``D`` must fill whole bytes, as FBGEMM's n-bit kernels require (its library rejects other
+    widths; TBE, whose rows put the scale and bias first, sizes an int4 row as ``D // 2 + 4``).
+
+    Encoding computes the scale and bias itself rather than calling FBGEMM's quantiser, which
+    rounds the bias and scale to the *nearest* fp16 (a row minimum below the fp16 bias, or a
+    maximum above ``bias + levels * scale``, is then clipped: a biased error that stochastic
+    rounding would never average out) and has no stochastic rounding.
+
+    Example::
+
+        q = Int4Codec.encode(x, "stochastic")   # x: [n, 64] -> [n, 36] uint8
+        x_hat = Int4Codec.decode(q)              # [n, 64] fp32, E[x_hat] == x
+    """
+
     dtype = torch.uint8
     SCALE_BIAS_BYTES = 4
 
-    @staticmethod
-    def width(dim: int) -> int:
-        return dim + Int8Codec.SCALE_BIAS_BYTES
+    def __init__(self, bits: int) -> None:
+        if bits not in (2, 4, 8):
+            raise ValueError(f"bits={bits} must be 2, 4 or 8")
+        self.bits = bits
+        self.name = f"int{bits}"
+        self.levels = (1 << bits) - 1  # largest code
+        self.per_byte = 8 // bits
 
-    @staticmethod
-    def encode(x: torch.Tensor, rounding: str = "nearest", noise: Optional[RoundingNoise] = None) -> torch.Tensor:
+    def __repr__(self) -> str:
+        return f"NBitCodec(bits={self.bits})"
+
+    def code_bytes(self, dim: int) -> int:
+        """Bytes of packed codes in a row of ``dim`` values."""
+        if dim % self.per_byte:
+            raise ValueError(
+                f"{self.name} rows need a dim that is a multiple of {self.per_byte} (whole bytes of codes), got {dim}"
+            )
+        return dim // self.per_byte
+
+    def width(self, dim: int) -> int:
+        return self.code_bytes(dim) + self.SCALE_BIAS_BYTES
+
+    def dim_of(self, q: torch.Tensor) -> int:
+        """Values per row of encoded rows ``q``."""
+        return (q.shape[1] - self.SCALE_BIAS_BYTES) * self.per_byte
+
+    def encode(self, x: torch.Tensor, rounding: str = "nearest", noise: Optional[RoundingNoise] = None) -> torch.Tensor:
         _check_rounding(rounding)
         x = x.float()
         n, dim = x.shape
-        out = torch.empty(n, dim + Int8Codec.SCALE_BIAS_BYTES, dtype=torch.uint8, device=x.device)
+        nbytes = self.code_bytes(dim)
+        out = torch.empty(n, nbytes + self.SCALE_BIAS_BYTES, dtype=torch.uint8, device=x.device)
         if n == 0:
             return out
-        scale, bias = _scale_bias(x)
+        scale, bias = _scale_bias(x, self.levels)
         inv = 1.0 / scale.float()
         shift = -bias.float() * inv
         if rounding == "stochastic":  # floor((x - bias) / scale + u), u ~ U(0, 1) at 15-bit resolution
@@ -265,25 +307,46 @@ class Int8Codec:
             y.add_(r, alpha=2.0**-15).floor_()
         else:
             y = torch.addcmul(shift.unsqueeze(1), x, inv.unsqueeze(1)).round_()
-        out[:, :dim] = y.clamp_(0, 255)
-        out[:, dim:] = torch.stack([scale, bias], dim=1).view(torch.uint8)
+        y.clamp_(0, self.levels)
+        if self.per_byte > 1:  # pack in fp32 (exact: every byte is below 256), one conversion to uint8
+            packed = y[:, 0 :: self.per_byte].clone()
+            for j in range(1, self.per_byte):
+                packed.add_(y[:, j :: self.per_byte], alpha=float(1 << (j * self.bits)))
+            y = packed
+        out[:, :nbytes] = y
+        out[:, nbytes:] = torch.stack([scale, bias], dim=1).view(torch.uint8)
         return out
 
-    @staticmethod
-    def decode(q: torch.Tensor) -> torch.Tensor:
+    def codes(self, q: torch.Tensor) -> torch.Tensor:
+        """The unpacked codes of encoded rows, uint8 ``[n, D]``."""
+        nbytes = q.shape[1] - self.SCALE_BIAS_BYTES
+        if self.per_byte == 1:
+            return q[:, :nbytes]
+        shifts = torch.arange(0, 8, self.bits, dtype=torch.uint8, device=q.device)
+        c = q[:, :nbytes].unsqueeze(2).bitwise_right_shift(shifts).bitwise_and_(self.levels)
+        return c.reshape(q.shape[0], nbytes * self.per_byte)
+
+    def scale_bias(self, q: torch.Tensor) -> torch.Tensor:
+        """fp32 ``[n, 2]``: each row's scale and bias."""
+        nbytes = q.shape[1] - self.SCALE_BIAS_BYTES
+        return q[:, nbytes:].contiguous().view(torch.float16).float()
+
+    def decode(self, q: torch.Tensor) -> torch.Tensor:
+        dim = self.dim_of(q)
         if q.shape[0] == 0:
-            return torch.empty(0, q.shape[1] - Int8Codec.SCALE_BIAS_BYTES, device=q.device)
+            return torch.empty(0, dim, device=q.device)
         if _HAS_FBGEMM and q.device.type == "cpu":
-            return torch.ops.fbgemm.FusedNBitRowwiseQuantizedSBHalfToFloat(q, 8)
-        dim = q.shape[1] - Int8Codec.SCALE_BIAS_BYTES
-        sb = q[:, dim:].contiguous().view(torch.float16).float()
-        return torch.addcmul(sb[:, 1:2], q[:, :dim].float(), sb[:, 0:1])
+            return torch.ops.fbgemm.FusedNBitRowwiseQuantizedSBHalfToFloat(q, self.bits)
+        sb = self.scale_bias(q)
+        return torch.addcmul(sb[:, 1:2], self.codes(q).float(), sb[:, 0:1])
 
-    @staticmethod
-    def step(q: torch.Tensor) -> torch.Tensor:
+    def step(self, q: torch.Tensor) -> torch.Tensor:
         """Quantisation step (the scale) per row, fp32 ``[n]``."""
-        dim = q.shape[1] - Int8Codec.SCALE_BIAS_BYTES
-        return q[:, dim : dim + 2].contiguous().view(torch.float16).float().squeeze(1)
+        return self.scale_bias(q)[:, 0]
 
 
-CODECS = {"fp32": Fp32Codec, "fp16": Fp16Codec, "int8": Int8Codec}
+Int8Codec = NBitCodec(8)
+Int4Codec = NBitCodec(4)
+Int2Codec = NBitCodec(2)
+
+CODECS = {"fp32": Fp32Codec, "fp16": Fp16Codec, "int8": Int8Codec, "int4": Int4Codec, "int2": Int2Codec}
