@@ -708,4 +708,4 @@ class RowStoreKind(TableKind):
 def bits_per_value(precision: str) -> int:
     """Bits per value of ``precision``'s codes."""
     codec = CODECS[precision]
-    return getattr(codec, "BITS", codec.dtype.itemsize * 8)
+    return getattr(codec, "bits", codec.dtype.itemsize * 8)
