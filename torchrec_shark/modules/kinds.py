@@ -28,6 +28,7 @@ KINDS: List[TableKind] = [
     StockKind(),
     UniformKind("fp16"),
     UniformKind("int8"),
+    UniformKind("int4"),
     MixedPrecisionKind(),
     TensorTrainKind(),
 ]
