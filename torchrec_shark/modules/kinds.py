@@ -29,6 +29,7 @@ KINDS: List[TableKind] = [
     UniformKind("fp16"),
     UniformKind("int8"),
     UniformKind("int4"),
+    UniformKind("int2"),
     MixedPrecisionKind(),
     TensorTrainKind(),
 ]
