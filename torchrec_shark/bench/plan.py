@@ -43,7 +43,6 @@ Run::
 from __future__ import annotations
 
 import argparse
-import os
 import logging
 import resource
 import sys
@@ -61,7 +60,6 @@ from torchrec.modules.embedding_configs import DataType, EmbeddingBagConfig
 from torchrec.modules.embedding_modules import EmbeddingBagCollection
 from torchrec.optim import RowWiseAdagrad
 from torchrec.optim.apply_optimizer_in_backward import apply_optimizer_in_backward
-from omegaconf import OmegaConf
 
 from torchrec_shark.config import CompressionConfig, TablesConfig
 from torchrec_shark.distributed.compressed_sharder import (
@@ -78,7 +76,7 @@ from torchrec_shark.modules import (
     kind_named,
     kind_of,
 )
-from torchrec_shark.pipeline.config import TABLES_DIR, table_presets
+from torchrec_shark.pipeline.config import preset_compression, table_presets
 from torchrec_shark.training.table_factory import build_table_configs
 
 GB = 1e9
@@ -93,12 +91,6 @@ CRITEO_1TB_DIM = 128
 
 #: TorchRec's own tables (FBGEMM TBE) by their row precision; every other kind planned is a ``tables=`` preset.
 STOCK: Dict[str, DataType] = {"fp32": DataType.FP32, "fp16": DataType.FP16}
-
-
-def preset_compression(preset: str) -> CompressionConfig:
-    """The ``tables.compression`` block of the ``tables=<preset>`` group (``conf/tables/<preset>.yaml``)."""
-    doc = OmegaConf.load(os.path.join(TABLES_DIR, f"{preset}.yaml"))
-    return OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(CompressionConfig), doc.get("compression", {})))
 
 
 def plan_kinds() -> List[str]:

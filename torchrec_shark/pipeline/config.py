@@ -18,6 +18,16 @@ def table_presets() -> List[str]:
     return sorted(f[: -len(".yaml")] for f in os.listdir(TABLES_DIR) if f.endswith(".yaml"))
 
 
+def preset_compression(preset: str):
+    """The ``tables.compression`` block of the ``tables=<preset>`` group, validated against the schema."""
+    from omegaconf import OmegaConf
+
+    from torchrec_shark.config import CompressionConfig
+
+    doc = OmegaConf.load(os.path.join(TABLES_DIR, f"{preset}.yaml"))
+    return OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(CompressionConfig), doc.get("compression", {})))
+
+
 @dataclass
 class PipelineConfig:
     nproc: int = 1
