@@ -34,8 +34,8 @@ def test_tiny_pipeline_report_matches_the_runs(tmp_path):
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
     report = json.loads((out / "report.json").read_text())
     names = [v["name"] for v in report["variants"]]
-    assert names == ["baseline", "pruned", "pruned_dims", "shark", "baseline_continued", "tt_only", "fp16_only",
-                     "int8_only"]
+    assert names == ["baseline", "pruned", "pruned_dims", "shark", "ending_int8", "baseline_continued", "tt_only",
+                     "fp16_only", "int8_only"]
     base = report["variants"][0]
     for v in report["variants"]:
         m = json.loads((out / "runs" / v["name"] / "metrics.json").read_text())
@@ -53,6 +53,11 @@ def test_tiny_pipeline_report_matches_the_runs(tmp_path):
     dims = json.loads((out / "runs" / "pruned_dims" / "metrics.json").read_text())["tables"]
     assert {t["kind"] for t in shark.values()} == {"mixed_precision"}
     assert {n: t["embedding_dim"] for n, t in shark.items()} == {n: t["embedding_dim"] for n, t in dims.items()}
+    ending = json.loads((out / "runs" / "ending_int8" / "metrics.json").read_text())["tables"]
+    assert {t["kind"] for t in ending.values()} == {"int8"}
+    assert {n: t["embedding_dim"] for n, t in ending.items()} == {n: t["embedding_dim"] for n, t in dims.items()}
+    # the control continues the baseline by the chain's fine-tuning steps (an ending variant is no link of it)
+    assert by["baseline_continued"]["steps"] == 3 * 10
     assert by["int8_only"]["embedding_bytes"] < by["fp16_only"]["embedding_bytes"] < base["embedding_bytes"]
     md = (out / "report.md").read_text()
     for n in names:

@@ -12,14 +12,14 @@ def metrics(auc, nbytes, sps, tables):
             "tables": tables}
 
 
-def table(rows, dim, kind="fp32", nbytes=None, features=("f",)):
+def table(rows, dim, kind="none", nbytes=None, features=("f",)):
     return {"num_embeddings": rows, "embedding_dim": dim, "kind": kind, "features": list(features),
             "bytes": rows * dim * 4 if nbytes is None else nbytes}
 
 
 def test_rows_and_ratios():
     base = metrics(0.80, 4000 * 4 + 100 * 8 * 4, 1000.0, {"a": table(1000, 4), "b": table(100, 8)})
-    tt = metrics(0.799, 400 + 100 * 8 * 4, 500.0, {"a": table(1000, 4, "TensorTrain", 400), "b": table(100, 8)})
+    tt = metrics(0.799, 400 + 100 * 8 * 4, 500.0, {"a": table(1000, 4, "tensor_train", 400), "b": table(100, 8)})
     rows = [variant_row("baseline", "", base, "r0", 1.0), variant_row("tt_only", "", tt, "r1", 1.0)]
     add_ratios(rows)
     b, t = rows

@@ -49,7 +49,7 @@ def test_two_ranks_train_and_write_metrics(tmp_path, sharding_type):
             report = json.load(f)
         assert report["fresh_tables"] == [] and report["optimizer_state"]
         assert report["data_offset_batches"] == 60  # the data stream goes on where the source stopped
-        assert all(t["kind"] == "MixedPrecision" for t in warm["tables"].values())
+        assert all(t["kind"] == "mixed_precision" for t in warm["tables"].values())
         assert warm["val_auc"] == pytest.approx(metrics["val_auc"], abs=0.01)
 
 

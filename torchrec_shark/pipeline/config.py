@@ -37,6 +37,8 @@ class PipelineConfig:
     prune: List[str] = field(default_factory=lambda: ["tolerance=0.03"])
     budget: float = 0.5
     shark_tables: str = "shark"
+    # the same pruned, narrowed tables stored as these presets instead (each warm-started like the shark stage)
+    endings: List[str] = field(default_factory=lambda: ["int8"])
     comparisons: List[str] = field(default_factory=lambda: ["tt", "fp16", "int8"])
     resume: bool = True
 
@@ -50,9 +52,10 @@ def check(cfg: PipelineConfig) -> None:
     if not 0.0 < cfg.budget <= 1.0:
         raise ValueError(f"budget={cfg.budget} must be in (0, 1]")
     presets = table_presets()
-    unknown = [c for c in cfg.comparisons if c not in presets]
-    if unknown:
-        raise ValueError(f"comparisons {unknown} are not tables= presets; choose from {presets}")
+    for key in ("comparisons", "endings"):
+        unknown = [c for c in getattr(cfg, key) if c not in presets]
+        if unknown:
+            raise ValueError(f"{key} {unknown} are not tables= presets; choose from {presets}")
     if cfg.shark_tables != "none" and cfg.shark_tables not in presets:
         raise ValueError(f"shark_tables={cfg.shark_tables!r} is not a tables= preset ({presets}) or none")
     for o in cfg.train:

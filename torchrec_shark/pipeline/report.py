@@ -12,6 +12,8 @@ import json
 import os
 from typing import Dict, List, Optional, Sequence
 
+from torchrec_shark.modules.kinds import kind_named
+
 REQUIRED = ("name", "val_auc", "val_logloss", "embedding_bytes", "embedding_bytes_fp32", "train_samples_per_s")
 
 
@@ -19,7 +21,7 @@ def compressed_table_bytes(metrics: Dict) -> Dict[str, int]:
     """Bytes of the tables that are not stock fp32, and what they take as fp32."""
     real = fp32 = 0
     for info in metrics.get("tables", {}).values():
-        if info.get("kind", "fp32") in ("fp32", None) or info.get("bytes") is None:
+        if info.get("bytes") is None or kind_named(info.get("kind") or "none").stock:
             continue
         real += int(info["bytes"])
         fp32 += int(info["num_embeddings"]) * int(info["embedding_dim"]) * 4
