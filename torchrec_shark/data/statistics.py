@@ -250,6 +250,8 @@ def _write_statistics(dataset, run_dir: str, source_dir: Optional[str], log: Cal
         stats = load_statistics(source_dir)
         dataset.check_statistics(stats, source_dir)
         log(f"data statistics from {os.path.join(source_dir, STATS_FILE)}")
+        if os.path.abspath(source_dir) == os.path.abspath(run_dir):  # a resume: the run's own files stay as they are
+            return
     else:
         if source_dir:
             warnings.warn(
