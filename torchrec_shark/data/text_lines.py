@@ -31,6 +31,8 @@ def line_bounds(block: bytes) -> Tuple[np.ndarray, np.ndarray]:
     excludes the line end (``\\n`` or ``\\r\\n``)."""
     b = np.frombuffer(block, np.uint8)
     nl = np.flatnonzero(b == NEWLINE)
+    if not len(nl):
+        return np.zeros(0, np.int64), np.zeros(0, np.int64)
     starts = np.concatenate([[0], nl[:-1] + 1]).astype(np.int64)
     ends = nl - (b[np.maximum(nl - 1, 0)] == CR) * (nl > starts)
     return starts, ends.astype(np.int64)
