@@ -210,15 +210,15 @@ def _step_dirs(root: str) -> List[str]:
 
 
 def _meta_problem(path: str) -> Optional[str]:
-    """Why ``<path>/meta.json`` does not describe a checkpoint (missing, not JSON, no step), or ``None``."""
+    """Why ``<path>/meta.json`` does not describe a checkpoint (missing, not a JSON object), or ``None``."""
     try:
         meta = read_meta(path)
     except FileNotFoundError:
         return f"{os.path.join(path, META)} is missing"
     except (OSError, CheckpointError) as e:
         return str(e)
-    if not isinstance(meta, dict) or not isinstance(meta.get("step"), int):
-        return f"{os.path.join(path, META)} does not hold a checkpoint's step"
+    if not isinstance(meta, dict):
+        return f"{os.path.join(path, META)} is not a JSON object"
     return None
 
 
