@@ -443,6 +443,7 @@ class Trainer:
         evals_since_best = int(self._resumed_meta.get("evals_since_best", 0))
         stop_reason = "max_steps"
         interval_time, interval_steps = 0.0, 0
+        job_time, job_samples = train_time, timed_samples  # what the run had timed before this job
         health = HealthMonitor(lambda: dense_parameters(self.model))
 
         def current_record() -> Dict:
@@ -524,8 +525,11 @@ class Trainer:
         if stop_reason != "early_stopping" and step == last_step and last_step < t.max_steps:
             stop_reason = "max_epochs"
         sps = timed_samples / train_time if train_time > 0 else 0.0
+        job_time, job_samples = train_time - job_time, timed_samples - job_samples
         extra = {"speed_history": speed_history, "stop_reason": stop_reason, "epochs": epoch_of(step),
-                 "train_rows_per_epoch": train_rows, "best": None, "resumed_at_step": start_step or None}
+                 "train_rows_per_epoch": train_rows, "best": None, "resumed_at_step": start_step or None,
+                 # this job's own steps (a resumed run's train_samples_per_s covers the whole run)
+                 "job_samples_per_s": job_samples / job_time if job_time > 0 else 0.0}
         if best is not None and t.keep_best:
             path = ckpt.best_checkpoint(self.run_dir)
             extra["best"] = {**best, "checkpoint": os.path.relpath(path, self.run_dir) if path else None}
