@@ -79,7 +79,7 @@ def test_refused_and_failed_jobs_leave_the_run_dir_as_it_was(tmp_path):
     every = ["trainer.eval_every=5", "trainer.checkpoint_every=5"]
     code, out = train(run, "tables=shark", "trainer.max_steps=10", *every)
     assert code == 0, out[-3000:]
-    assert f"run dir: {run} (metrics: {run / 'metrics.json'})" in out
+    assert out.count(f"run dir: {run} (metrics: {run / 'metrics.json'})") == 2  # at the start and the end
     before = snapshot(run)
     assert {".hydra/config.yaml", "plan.json", "plan.txt", "data_truth.json"} <= set(before)
 

@@ -24,5 +24,7 @@ def hydra_quote(value: str) -> str:
 def dirs_line(name: str, out_dir: str, run_dir: str, report: str) -> str:
     """What a pass prints at its start and its end: its own run dir and report, and the run it reads
     (with that run's ``metrics.json``)."""
-    return (f"{name}: run dir {out_dir} (report: {os.path.join(out_dir, report)}); reads run {run_dir} "
-            f"(metrics: {os.path.join(run_dir.rsplit('@', 1)[0] if run_dir.endswith('@best') else run_dir, 'metrics.json')})")
+    from torchrec_shark.training.checkpoint import split_run_spec
+
+    metrics = os.path.join(split_run_spec(run_dir)[0], "metrics.json")
+    return f"{name}: run dir {out_dir} (report: {os.path.join(out_dir, report)}); reads run {run_dir} (metrics: {metrics})"
