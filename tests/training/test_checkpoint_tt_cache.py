@@ -4,6 +4,7 @@ evaluates as the live model did and trains on exactly as it would have."""
 
 import os
 
+import pytest
 import torch
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
@@ -70,6 +71,7 @@ def _save_load_train_on(rank, world_size, run_dir):
     return before, after, live_eval, loaded_eval, out
 
 
+@pytest.mark.slow
 def test_tt_cache_checkpoint_equals_the_live_model(tmp_path):
     for before, after, live_eval, loaded_eval, (a, b) in run_ranks(_save_load_train_on, 2, str(tmp_path)):
         assert before["cached"] > 0 and before["steps"] == 7
