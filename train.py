@@ -5,11 +5,13 @@ Examples::
     torchrun --standalone --nproc_per_node=2 train.py planner.sharding_types=[row_wise]
     torchrun --standalone --nproc_per_node=2 train.py data=criteo_tsv data.path=day_0.tsv
     python train.py tables=shark trainer.max_steps=200
+    python train.py trainer.resume=true hydra.run.dir=outputs/my_run trainer.max_steps=3000   # go on
 """
 
 from __future__ import annotations
 
 import logging
+import os
 import sys
 import warnings
 
@@ -22,34 +24,78 @@ from torchrec_shark.conf_store import register_configs
 from torchrec_shark.data.types import DataError
 from torchrec_shark.training.checkpoint import CheckpointError
 from torchrec_shark.training.env import distributed_job, shared_run_dir
+from torchrec_shark.training.preemption import EXIT_CODE as PREEMPTED_EXIT_CODE
 from torchrec_shark.training.run_dir import RunDirError, refuse_unwritable_run_dir, run_dir_lock
-from torchrec_shark.training.trainer import Trainer
+from torchrec_shark.training.run_record import (
+    record_files,
+    recorded_config,
+    recorded_overrides,
+    resume_config,
+    resumed_overrides,
+    write_files,
+)
+from torchrec_shark.training.trainer import NothingToDo, Preempted, Trainer, TrainingDiverged
 
 register_configs()
 # TorchRec's DMP passes a deprecated DDP argument internally; nothing for a user to act on.
 warnings.filterwarnings("ignore", message=".*broadcast_buffers.*is deprecated")
 # TorchRec's pipeline tracing trips a torch.fx notice meant for torch.export users.
 logging.getLogger("torch.fx._symbolic_trace").setLevel(logging.ERROR)
+logger = logging.getLogger("torchrec_shark.train")
+
+
+def _stop(message: str, code: int) -> None:
+    """Print ``message`` to stderr, keep it in the run's log, exit with ``code``."""
+    logger.error(message)
+    print(message, file=sys.stderr)
+    sys.exit(code)
 
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="config")
 def main(dcfg: DictConfig) -> None:
+    hydra_cfg = HydraConfig.get()
+    own_dir = hydra_cfg.runtime.output_dir
+    overrides = [str(o) for o in hydra_cfg.overrides.task]
+    record_hydra, run_overrides = HydraConfig.instance().cfg, overrides
     try:
         check_known_keys(dcfg, TrainConfig)
+        recorded = recorded_config(own_dir) if dcfg.trainer.resume else None
+        if recorded is not None:  # a resume continues the run's own settings
+            dcfg = resume_config(dcfg, recorded, overrides)
+            record_hydra, run_overrides = None, resumed_overrides(recorded_overrides(own_dir), overrides)
         cfg: TrainConfig = OmegaConf.to_object(dcfg)  # type: ignore[assignment]
         validate(cfg)
     except ConfigError as e:
-        print(f"config error: {e}", file=sys.stderr)
-        sys.exit(2)
+        _stop(f"config error: {e}", 2)
     with distributed_job(cfg.trainer.device, cfg.trainer.num_threads) as env:
-        run_dir = shared_run_dir(HydraConfig.get().runtime.output_dir, "train.log")
+        run_dir = shared_run_dir(own_dir, "train.log")
+        metrics = os.path.join(run_dir, "metrics.json")
+        if env.is_main:
+            print(f"run dir: {run_dir} (metrics: {metrics})", flush=True)
+        where = f" (rank {env.rank})" if env.world_size > 1 else ""
         try:
-            with run_dir_lock(run_dir, env):
-                Trainer(cfg, run_dir, env).run()
+            with run_dir_lock(run_dir, env) as lock:
+                trainer = Trainer(cfg, run_dir, env)
+                if lock is not None:  # the record of how the run was started, once the job is accepted
+                    files = record_files(dcfg, record_hydra, run_overrides)
+                    trainer.on_accepted += [lock.claim, lambda: write_files(run_dir, files)]
+                trainer.run()
+        except NothingToDo as e:
+            if env.is_main:
+                logger.info(str(e))
+                print(f"{e}\nrun dir: {run_dir} (metrics: {metrics})", flush=True)
+            return
+        except Preempted as e:
+            if env.is_main:
+                logger.warning(str(e))
+                print(str(e), flush=True)
+            sys.exit(PREEMPTED_EXIT_CODE)
+        except TrainingDiverged as e:
+            _stop(f"error{where}: {e}", 1)
         except (RunDirError, ConfigError, DataError, CheckpointError) as e:
-            where = f" (rank {env.rank})" if env.world_size > 1 else ""
-            print(f"error{where}: {e}", file=sys.stderr)
-            sys.exit(2)
+            _stop(f"error{where}: {e}", 2)
+        if env.is_main:
+            print(f"run dir: {run_dir} (metrics: {metrics})", flush=True)
 
 
 if __name__ == "__main__":

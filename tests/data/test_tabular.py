@@ -130,6 +130,47 @@ def test_a_stray_quote_loses_only_its_own_row(tmp_path, quoted_at):
         next(source(tmp_path / "q.csv", val_fraction=0.1, strict=True).batches("train", 8))
 
 
+def _quote_pair_csv(path, n, first, second, stray=True):
+    """``n`` rows; with ``stray``, row ``first`` opens a quote and row ``second`` closes it, so that the text
+    between them parses as one row of the right width."""
+    lines = ["click,price,user,tags"]
+    for i in range(n):
+        user, tags = f"u{i % 7}", f"t{i % 5}"
+        if stray and i == first:
+            user = '"u_open'
+        if stray and i == second:
+            user = 'u_close"'
+        lines.append(f"{i % 2},{i / 10:.1f},{user},{tags}")
+    path.write_text("\n".join(lines) + "\n")
+
+
+@pytest.mark.parametrize("distance", [10, 47])
+def test_a_quote_pair_swallows_no_row_unseen(tmp_path, distance):
+    # Before, rows 100 .. 100 + distance read as one well-formed row: 3,600 - distance rows trained on,
+    # malformed_lines 0, and every later row moved between train and validation.
+    _quote_pair_csv(tmp_path / "pair.csv", 3600, 100, 100 + distance)
+    _quote_pair_csv(tmp_path / "clean.csv", 3600, 100, 100 + distance, stray=False)
+    ds, clean = source(tmp_path / "pair.csv", val_fraction=0.1), source(tmp_path / "clean.csv", val_fraction=0.1)
+    rows = {s: np.concatenate([c.dense[:, 0] for c in ds.chunks(s)]) for s in ("train", "val")}
+    assert len(rows["train"]) + len(rows["val"]) + ds.stats()["malformed_lines"] == 3600
+    assert ds.stats()["malformed_lines"] == 1  # the line that opens the quote; the closing one reads as it is
+    for split in ("train", "val"):  # every other row in its own split, as in the clean file
+        expected = np.concatenate([c.dense[:, 0] for c in clean.chunks(split)])
+        np.testing.assert_array_equal(rows[split], expected[expected != 10.0])  # row 100: price 10.0
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        list(ds.batches("val", 100))
+    assert any("pair.csv:102:" in str(w.message) and "unbalanced quote" in str(w.message) for w in caught)
+
+
+def test_a_declared_column_with_no_value_warns(tmp_path):
+    df = frame()
+    df["user"] = ""
+    df.to_csv(tmp_path / "d.csv", index=False)
+    with pytest.warns(UserWarning, match=r"column 'user' \(data.sparse\) has no value in any of the 20 training rows"):
+        source(tmp_path / "d.csv").compute_statistics()
+
+
 @pytest.mark.parametrize("content", [b"", b"\x00\x01\x02garbage\xff\xfe\n\x00"])
 def test_empty_or_garbage_file_is_named(tmp_path, content):
     (tmp_path / "x.csv").write_bytes(content)

@@ -1,3 +1,4 @@
+import json
 import warnings
 
 import numpy as np
@@ -166,6 +167,31 @@ def test_auto_logs_only_a_long_upper_tail():
     x[0, 2] = -1e6  # one far negative value
     stats = compute_statistics([Columns(x, np.zeros(len(x), np.float32), [], [])], ["ts", "tail", "neg"], {})
     applied = {c: resolve_dense(c, "auto", stats.dense[c], 16).applied for c in ("ts", "tail", "neg")}
-    assert applied == {"ts": "standardize", "tail": "log1p_standardize", "neg": "standardize"}
+    # one value -1e6 sets the std of "neg" (18,000 where the other 3,002 have 1): it is scaled robustly
+    assert applied == {"ts": "standardize", "tail": "log1p_standardize", "neg": "standardize_robust"}
     neg = resolve_dense("neg", "auto", stats.dense["neg"], 16)
     assert neg.apply(np.array([-1e6]))[0] == -AUTO_CLIP
+    assert 0.8 < float(np.std(neg.apply(x[1:, 2]))) < 1.2  # the ordinary values keep their spread
+
+
+def test_an_extreme_value_every_100_rows_leaves_finite_statistics_and_a_usable_column(tmp_path):
+    rng = np.random.default_rng(5)
+    n = 5000
+    price = rng.lognormal(2, 0.5, n)
+    price[3::100] = 1e300  # a sentinel or a typo, 1% of the rows (training rows: not a multiple of 10)
+    pd.DataFrame({"click": rng.integers(0, 2, n), "price": price, "user": [f"u{i % 50}" for i in range(n)]}) \
+        .to_csv(tmp_path / "x.csv", index=False)
+    ds = build_dataset(DataConfig(source="tabular", path=str(tmp_path / "x.csv"), label="click", dense=["price"],
+                                  sparse=["user"], num_embeddings_per_feature=[100]))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        stats = ds.compute_statistics()
+        ds.use_statistics(stats)
+    col = stats.dense["price"]
+    assert all(np.isfinite([col.mean, col.std, col.log_mean, col.log_std]))
+    json.dumps(stats.to_json(), allow_nan=False)  # data_stats.json holds no NaN
+    assert any("'price': a few extreme values" in str(w.message) for w in caught)
+    x = np.concatenate([c.dense[:, 0] for c in (ds.transforms.apply(c) for c in ds.chunks("train"))])
+    ordinary = x[x < AUTO_CLIP]
+    assert np.all(x[x >= AUTO_CLIP] == AUTO_CLIP) and (x == AUTO_CLIP).sum() < 0.02 * len(x)
+    assert float(np.std(ordinary)) > 0.5  # before: every ordinary value became -10

@@ -25,9 +25,9 @@ def test_a_good_batch_passes():
     [
         (batch(values=(0, 5, 2, 3)), "feature 'a': id 5 is outside its table of 5 rows"),
         (batch(values=(0, 1, -1, 3)), "feature 'b': id -1 is outside"),
-        (batch(values=(0, 1, 2, 10)), "feature 'b': id 10 is outside its table of 10 rows"),
+        (batch(values=(0, 1, 2, 10)), "feature 'b': id 10 is outside its table of 10 rows (row 1 of the batch)"),
         (batch(dense=torch.tensor([[0.0, float("nan"), 0.0], [0.0] * 3])), "dense feature 1: non-finite value nan"),
-        (batch(labels=(0.0, 0.5)), "label 0.5 in row 1"),
+        (batch(labels=(0.0, 0.5)), "label 0.5 is not 0 or 1 (row 1 of the batch)"),
         (batch(dense=torch.zeros(3, 3)), "batch shapes disagree"),
     ],
 )

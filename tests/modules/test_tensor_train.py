@@ -395,6 +395,68 @@ def test_repopulation_keeps_values_and_folds_evicted_rows():
     assert (state[2:] == 0).all()
 
 
+def _whole_state(kind, cfg, optimizer, ranges, shards):
+    """A reader of the whole tensors that the sharded state of ``shards`` (one per range) stands for."""
+    from torchrec_shark.modules.table_kind import DictStateReader
+
+    layout = kind.state_layout(cfg, optimizer, ranges)
+    out = {}
+    for key, first in layout[0].items():
+        if first.replicated:
+            out[key] = kind.local_state(shards[0])[key].clone()
+            continue
+        whole = torch.zeros(first.global_size, dtype=first.dtype)
+        for specs, shard in zip(layout, shards):
+            spec = specs[key]
+            whole.narrow(spec.dim, spec.offset, spec.length).copy_(kind.local_state(shard)[key])
+        out[key] = whole
+    return DictStateReader(out)
+
+
+def test_cache_state_moves_between_shardings():
+    """The LFU cache is part of the state under any sharding: one table -> two row-wise shards -> one table
+    gives back the cached rows, their values and optimizer state exactly; a smaller cache keeps the most
+    frequent rows and folds the others into the cores."""
+    from torchrec_shark.modules.table_kind import DictStateReader, kind_of
+
+    opt = SparseOptimizerSpec("rowwise_adagrad", lr=0.05)
+    cfg = config(n=1000, dim=16, ranks=(4,), row_factors=(10, 10, 10), cache_fraction=0.05, cache_refresh_every=2)
+    kind = kind_of(cfg)
+    full = kind.build(cfg, opt, 0, 1000, None, seed=3)
+    g = torch.Generator().manual_seed(0)
+    hot = torch.cat([torch.randperm(500, generator=g)[:20], 500 + torch.randperm(500, generator=g)[:20]])
+    for step in range(5):  # repopulated at steps 2 and 4: the 40 hot rows are cached and trained there
+        ids = hot[torch.randint(0, 40, (64,), generator=g)]
+        _train_step(full, ids, torch.arange(0, 65, 4), torch.randn(16, 16, generator=g))
+    cached = full.cache_ids[: full._cached_count()].clone()
+    assert cached.numel() == 40
+    weight = full.full_weight()
+
+    ranges = [(0, 500), (500, 500)]
+    shards = [kind.build(cfg, opt, r0, n, None, seed=99, row_wise=True) for r0, n in ranges]
+    for (r0, n), shard in zip(ranges, shards):  # as the sharder builds a shard from an unsharded table
+        kind.load_state(shard, DictStateReader(kind.local_state(full)), r0)
+        mine = cached[(cached >= r0) & (cached < r0 + n)]
+        assert torch.equal(shard.cache_ids[: shard._cached_count()] + r0, mine)
+        torch.testing.assert_close(shard.full_weight()[mine - r0], weight[mine], rtol=0, atol=0)
+        torch.testing.assert_close(shard.full_weight(), weight[r0 : r0 + n], rtol=1e-5, atol=1e-7)
+        assert int(shard.steps) == 5
+
+    back = kind.build(cfg, opt, 0, 1000, None, seed=7)
+    kind.load_state(back, _whole_state(kind, cfg, opt, ranges, shards), 0)
+    assert torch.equal(back.cache_ids, full.cache_ids) and torch.equal(back.cache_weight, full.cache_weight)
+    torch.testing.assert_close(back.cache_optimizer.momentum1, full.cache_optimizer.momentum1, rtol=0, atol=0)
+    torch.testing.assert_close(back.full_weight()[cached], weight[cached], rtol=0, atol=0)
+
+    small = kind.build(config(n=1000, dim=16, ranks=(4,), row_factors=(10, 10, 10), cache_fraction=0.01),
+                       opt, 0, 1000, None, seed=7)
+    kind.load_state(small, _whole_state(kind, cfg, opt, ranges, shards), 0)
+    kept = small.cache_ids[: small._cached_count()]
+    assert kept.numel() == 10 and set(kept.tolist()) <= set(cached.tolist())
+    torch.testing.assert_close(small.full_weight()[kept], weight[kept], rtol=0, atol=0)
+    assert not torch.equal(small.core_0, back.core_0)  # the rows that did not fit were folded in
+
+
 def test_cache_needs_fused():
     with pytest.raises(ValueError, match="t_tt"):
         make(fused=False, cache_fraction=0.1)

@@ -34,3 +34,11 @@ def test_paths_with_spaces_and_commas_come_back_as_one_value(tmp_path):
 def test_plain_paths_stay_unquoted():
     assert hydra_quote("/tmp/runs/base-1.2_x") == "/tmp/runs/base-1.2_x"
     assert hydra_quote("/a b") == '"/a b"'
+
+
+def test_a_pass_names_its_run_dir_its_report_and_the_run_it_reads():
+    from torchrec_shark.passes.command_line import dirs_line
+
+    line = dirs_line("prune_fields", "/out/prune", "/runs/base@best", "prune_report.json")
+    assert line == ("prune_fields: run dir /out/prune (report: /out/prune/prune_report.json); reads run "
+                    "/runs/base@best (metrics: /runs/base/metrics.json)")

@@ -262,3 +262,65 @@ def test_two_ranks_fall_back_together(tmp_path):
     from tests.dist_utils import run_ranks
 
     assert run_ranks(_fallback_on_ranks, 2, str(tmp_path)) == [("step_00000001", 1)] * 2
+
+
+# ---------------------------------------------------------------- damaged checkpoints are never absent
+
+
+def _files(root):
+    """Every file under ``root`` with its bytes."""
+    out = {}
+    for d, _, names in os.walk(root):
+        for n in names:
+            path = os.path.join(d, n)
+            with open(path, "rb") as f:
+                out[os.path.relpath(path, root)] = f.read()
+    return out
+
+
+def test_every_meta_damaged_is_an_error_naming_each_and_nothing_changes(tmp_path):
+    for step in (1, 2):
+        ckpt.save_checkpoint(str(tmp_path), step, {"model": Holder(["a"], seed=step)}, meta={"step": step})
+    root = tmp_path / ckpt.CHECKPOINT_DIR
+    (root / "step_00000001" / ckpt.META).write_text('{"step": 1, "sam')  # truncated
+    (root / "step_00000002" / ckpt.META).unlink()  # deleted
+    before = _files(tmp_path)
+    assert [os.path.basename(p) for p in ckpt.checkpoint_dirs(str(tmp_path))] == ["step_00000001", "step_00000002"]
+    assert ckpt.complete_checkpoints(str(tmp_path)) == []
+    with pytest.raises(ckpt.CheckpointError, match=r"no readable checkpoint.*step_00000002.*missing.*step_00000001"):
+        ckpt.load_newest_readable(str(tmp_path), {"model": Holder(["a"])})
+    with pytest.raises(ckpt.CheckpointError, match="no readable checkpoint"):
+        ckpt.require_checkpoint(str(tmp_path))
+    assert _files(tmp_path) == before
+
+
+def test_fallback_past_a_deleted_meta_warns_naming_both(tmp_path, capsys):
+    for step in (1, 2):
+        ckpt.save_checkpoint(str(tmp_path), step, {"model": Holder(["a"], seed=step)}, meta={"step": step})
+    newest = tmp_path / ckpt.CHECKPOINT_DIR / "step_00000002"
+    (newest / ckpt.META).unlink()
+    capsys.readouterr()
+    path, meta = ckpt.load_newest_readable(str(tmp_path), {"model": Holder(["a"])})
+    assert path.endswith("step_00000001") and meta["step"] == 1
+    out = capsys.readouterr().out
+    assert "step_00000001" in out and f"{newest / ckpt.META} is missing" in out
+    assert ckpt.latest_checkpoint(str(tmp_path)).endswith("step_00000001")  # the passes' lookup warns too
+    assert "step_00000002" in capsys.readouterr().out
+
+
+def test_a_save_never_deletes_a_checkpoint_it_did_not_write(tmp_path):
+    for step in (1, 2):
+        ckpt.save_checkpoint(str(tmp_path), step, {"model": Holder(["a"], seed=step)}, meta={"step": step})
+    root = tmp_path / ckpt.CHECKPOINT_DIR
+    (root / "step_00000002" / ckpt.META).write_text("{not json")
+    damaged = _files(root / "step_00000002")
+    # A resume went back to step 1 and trains past step 2 again: the damaged step 2 is kept aside...
+    for step in (2, 3, 4):
+        ckpt.save_checkpoint(str(tmp_path), step, {"model": Holder(["a"], seed=10 + step)}, meta={"step": step})
+    assert _files(root / "step_00000002.replaced-1") == damaged
+    # ...and rotation deletes readable checkpoints only, older than the two newest.
+    names = sorted(n for n in os.listdir(root) if n.startswith("step_"))
+    assert names == ["step_00000002.replaced-1", "step_00000003", "step_00000004"]
+    (root / "step_00000003" / ckpt.META).write_text("")
+    ckpt.save_checkpoint(str(tmp_path), 5, {"model": Holder(["a"])}, meta={"step": 5})
+    assert (root / "step_00000003").is_dir()  # damaged: not rotated away

@@ -1,5 +1,7 @@
 """Start-of-run checks: table memory, empty splits, the data position on resume."""
 
+import warnings
+
 import pytest
 
 from torchrec_shark.config import ConfigError, DataConfig, SyntheticDataConfig
@@ -43,6 +45,23 @@ def test_empty_validation_split_fails_naming_the_data():
                                                                  num_val_samples=0)))
     with pytest.raises(DataError, match="data.source=synthetic: val split"):
         check_splits(ds, 64, 0, 1, "data.source=synthetic")
+
+
+def test_a_batch_larger_than_the_training_split_warns(tmp_path):
+    synthetic = SyntheticDataConfig(cardinalities=[10, 20], num_noise_fields=0, pair_dims=[], multi_hot_fields=[],
+                                    num_train_samples=100, num_val_samples=64)
+    ds = build_dataset(DataConfig(synthetic=synthetic))
+    with pytest.warns(UserWarning, match=r"trainer.batch_size=128 is larger than the whole training split \(100 rows\)"):
+        check_splits(ds, 128, 0, 1, "data.source=synthetic")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        check_splits(ds, 64, 0, 1, "data.source=synthetic")
+    # a streamed file: counted up to one batch
+    (tmp_path / "d.csv").write_text("click,user\n" + "".join(f"{i % 2},u{i}\n" for i in range(50)))
+    csv = build_dataset(DataConfig(source="tabular", path=str(tmp_path / "d.csv"), label="click", sparse=["user"],
+                                   num_embeddings_per_feature=[100], min_count=0))
+    with pytest.warns(UserWarning, match=r"larger than the whole training split \(45 rows\)"):
+        check_splits(csv, 64, 0, 1, "data.path=d.csv")
 
 
 def _meta(step, position, batch):

@@ -40,4 +40,7 @@ def test_one_rank_failing_ends_the_job_within_seconds(tmp_path):
     out = proc.stdout + proc.stderr
     assert proc.returncode != 0, out[-3000:]
     assert "error (rank 1): label 2.0" in out, out[-5000:]
+    # the row in the data, and where in the run it came
+    bad = 5 * BATCH + BATCH // 2 + 8
+    assert f"train row {bad}: day 0 row {bad} ({tmp_path}/day_0_*.npy) (rank 1, training step 6" in out, out[-5000:]
     print(f"failed job ended after {seconds:.1f} s")

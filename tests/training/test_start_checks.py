@@ -48,9 +48,6 @@ def test_second_job_in_a_busy_run_dir_is_refused_and_leaves_it_alone(tmp_path):
     run = tmp_path / "run"
     (run / ".hydra").mkdir(parents=True)
     (run / ".hydra" / "config.yaml").write_text("the holder's config\n")
-    # What a job holding the run dir has done: its lock and a copy of its .hydra/.
-    (run / ".lock.hydra").mkdir()
-    (run / ".lock.hydra" / "config.yaml").write_text("the holder's config\n")
     with open(run / ".lock", "a+") as lock:
         fcntl.flock(lock.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
         lock.write("pid 12345 on test\n")

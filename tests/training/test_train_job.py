@@ -75,6 +75,12 @@ def test_resume_reaches_the_uninterrupted_state(tmp_path, tables):
     resumed, out = train(tmp_path / "split", "trainer.max_steps=30", "trainer.resume=true", *common)
     assert "resumed from" in out
     assert resumed["val_logloss"] == pytest.approx(full["val_logloss"], abs=1e-6)
+    # metrics.json tells the whole run, not only the part after the resume
+    assert [h["step"] for h in resumed["history"]] == [h["step"] for h in full["history"]] == [15, 30]
+    for r, f in zip(resumed["history"], full["history"]):
+        assert r["val_logloss"] == pytest.approx(f["val_logloss"], abs=1e-6)
+        assert r["train_loss"] == pytest.approx(f["train_loss"], abs=1e-6)
+    assert resumed["train_samples_per_s"] > 0 and resumed["job_samples_per_s"] > 0 and resumed["resumed_at_step"] == 15
     a, b = _model_state(tmp_path / "full"), _model_state(tmp_path / "split")
     assert a.keys() == b.keys() and len(a) > 0
     for k in a:

@@ -210,7 +210,8 @@ def report(kind: str, res: Dict, tables: int, optim: int, nproc: int, scale_note
     m = res["metrics"]
     k, r = res["killed"], res["resumed"]
     print(f"   first run killed after its first checkpoint: {k['killed']} ({k['seconds']:.0f} s); resumed to step "
-          f"{m['steps']} ({r['seconds']:.0f} s); val AUC {m['val_auc']:.4f}; {m['train_samples_per_s']:,.0f} samples/s "
+          f"{m['steps']} ({r['seconds']:.0f} s); val AUC {m['val_auc']:.4f}; "
+          f"{m.get('job_samples_per_s', m['train_samples_per_s']):,.0f} samples/s "
           f"(resumed run); embedding bytes {m['embedding_bytes'] / GIB:.2f} GiB over {m['world_size']} ranks "
           f"(fp32 {m['embedding_bytes_fp32'] / GIB:.2f} GiB)")
     print(f"   {'rank':>4} {'shard GiB':>10} {'optim GiB':>10} {'peak RSS GiB (killed / resumed)':>32} "

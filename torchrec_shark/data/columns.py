@@ -21,7 +21,7 @@ from torchrec.datasets.utils import Batch
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
 from torchrec_shark.data.types import ClickDataset, DataError
-from torchrec_shark.data.validate import validate_batch
+from torchrec_shark.data.validate import BatchRowError, validate_batch
 
 SPLITS = ("train", "val")
 
@@ -163,6 +163,10 @@ class IndexedDataset(_BatchingDataset):
     def epoch_rows(self, split: str = "train", count: bool = False) -> Optional[int]:
         return int(self.num_rows(split))
 
+    def describe_row(self, split: str, row: int) -> str:
+        """Where row ``row`` of ``split`` comes from (a file and its row, where the source has files)."""
+        return f"{split} row {row}"
+
     def batches(self, split, batch_size, rank=0, world_size=1, start_batch=0) -> Iterator[Batch]:
         _check_args(split, batch_size, rank, world_size, start_batch)
         total = self.num_rows(split)
@@ -179,7 +183,12 @@ class IndexedDataset(_BatchingDataset):
             b = _local_rows(n, batch_size, world_size)
             if b == 0:
                 return
-            yield self._batch(self._wrapped_rows(split, first + rank * b, first + (rank + 1) * b, total))
+            lo = first + rank * b
+            try:
+                batch = self._batch(self._wrapped_rows(split, lo, lo + b, total))
+            except BatchRowError as e:  # name the row in the data, not in the batch
+                raise DataError(f"{e.what}: {self.describe_row(split, (lo + e.row) % total)}") from None
+            yield batch
             i += 1
 
     def _wrapped_rows(self, split: str, start: int, stop: int, total: int) -> Columns:

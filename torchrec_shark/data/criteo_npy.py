@@ -34,6 +34,8 @@ class CriteoNpy(IndexedDataset):
         )
         self.num_dense = INT_FEATURE_COUNT
         self._tables = np.asarray(self.num_embeddings_per_feature, np.int64)
+        self.path = cfg.path
+        self._day_numbers = {"train": list(cfg.train_days), "val": list(cfg.val_days)}
         self._days: Dict[str, List[Dict[str, np.ndarray]]] = {
             "train": [self._load_day(cfg.path, d) for d in cfg.train_days],
             "val": [self._load_day(cfg.path, d) for d in cfg.val_days],
@@ -63,6 +65,12 @@ class CriteoNpy(IndexedDataset):
 
     def num_rows(self, split: str) -> int:
         return int(self._starts[split][-1])
+
+    def describe_row(self, split: str, row: int) -> str:
+        days = self._day_numbers[split]
+        i = int(np.searchsorted(self._starts[split], row, side="right")) - 1
+        local = row - int(self._starts[split][i])
+        return f"{split} row {row}: day {days[i]} row {local} ({os.path.join(self.path, f'day_{days[i]}_*.npy')})"
 
     def rows(self, split: str, start: int, stop: int) -> Columns:
         starts = self._starts[split]

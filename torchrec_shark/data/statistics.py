@@ -76,29 +76,42 @@ class DataStatistics:
 
 
 class _Moments:
-    """Count, mean and sum of squared deviations, merged chunk by chunk (Chan et al.)."""
+    """Count, mean and sum of squared deviations, merged chunk by chunk (Chan et al.).
+
+    Squares are taken of values divided by a power of two at least the largest magnitude seen, so a
+    column holding 1e300 keeps a finite std (squaring it overflows); dividing by a power of two is
+    exact, so any other column gets the same bits as without it."""
 
     def __init__(self, width: int):
         self.n = np.zeros(width)
         self.mean = np.zeros(width)
-        self.m2 = np.zeros(width)
+        self.m2 = np.zeros(width)  # in units of scale**2
+        self.scale = np.ones(width)
 
     def add(self, x: np.ndarray) -> None:
         present = ~np.isnan(x)
         n_b = present.sum(0).astype(np.float64)
         filled = np.where(present, x, 0.0)
-        mean_b = filled.sum(0) / np.maximum(n_b, 1)
-        m2_b = (np.where(present, x - mean_b, 0.0) ** 2).sum(0)
+        big = np.abs(filled).max(0) if len(filled) else np.zeros_like(self.scale)
+        with np.errstate(divide="ignore"):
+            need = np.where(np.isfinite(big) & (big > 1.0), np.exp2(np.ceil(np.log2(np.maximum(big, 1.0)))), 1.0)
+        scale = np.maximum(self.scale, need)
+        self.m2 = self.m2 * (self.scale / scale) ** 2
+        self.scale = scale
+        xs = filled / scale
+        mean_b = xs.sum(0) / np.maximum(n_b, 1)
+        m2_b = (np.where(present, xs - mean_b, 0.0) ** 2).sum(0)
         n = self.n + n_b
-        delta = mean_b - self.mean
+        mean = self.mean / scale
+        delta = mean_b - mean
         with np.errstate(invalid="ignore", divide="ignore"):
-            self.mean = np.where(n > 0, self.mean + delta * n_b / np.maximum(n, 1), 0.0)
+            self.mean = np.where(n > 0, mean + delta * n_b / np.maximum(n, 1), 0.0) * scale
             self.m2 = self.m2 + m2_b + delta**2 * self.n * n_b / np.maximum(n, 1)
         self.n = n
 
     @property
     def std(self) -> np.ndarray:
-        return np.sqrt(self.m2 / np.maximum(self.n, 1))
+        return np.sqrt(self.m2 / np.maximum(self.n, 1)) * self.scale
 
 
 class _Reservoir:
@@ -237,6 +250,8 @@ def _write_statistics(dataset, run_dir: str, source_dir: Optional[str], log: Cal
         stats = load_statistics(source_dir)
         dataset.check_statistics(stats, source_dir)
         log(f"data statistics from {os.path.join(source_dir, STATS_FILE)}")
+        if os.path.abspath(source_dir) == os.path.abspath(run_dir):  # a resume: the run's own files stay as they are
+            return
     else:
         if source_dir:
             warnings.warn(

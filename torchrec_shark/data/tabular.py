@@ -7,8 +7,9 @@ with pandas' stable SipHash (:func:`pandas.util.hash_array`, not Python's salted
 modulo its table size less one; a missing value is id 0. The last row of every table is
 the field's out-of-vocabulary row, shared by ids rarer than ``data.min_count`` in the training
 split. Numbers in Parquet are hashed by their text, so a file hashes the same in either format.
-Data row ``i`` (counted from 0 over all files) is a validation row when
-``i % round(1 / val_fraction) == 0``.
+Data row ``i`` (counted from 0 over all files: a Parquet row, a non-blank line after a text file's
+header, malformed or not, so that a bad line moves no other row between the splits) is a validation
+row when ``i % round(1 / val_fraction) == 0``.
 
 Dense columns reach the model through the transforms of :mod:`torchrec_shark.data.transforms`
 (``data.dense_transform`` / ``data.dense_transforms``; ``bucketize`` turns a column into a sparse
@@ -16,9 +17,10 @@ feature of its name), learned from the training split in one pass
 (:mod:`torchrec_shark.data.statistics`). The trainer keeps those statistics with the run; a
 dataset used on its own computes them at its first ``batches`` call.
 
-Rows with a wrong number of columns, a label other than 0/1 or a non-numeric dense value
-are skipped and counted, or raise :class:`DataError` under ``data.strict``. Files are read
-in blocks with pyarrow.
+Rows with a wrong number of columns, a quoted field left open at the line's end (a quoted field
+may not span lines: :mod:`torchrec_shark.data.text_lines`), a label other than 0/1 or a
+non-numeric dense value are skipped and counted, or raise :class:`DataError` under ``data.strict``;
+every data row is either read or counted. Files are read in blocks of whole lines with pyarrow.
 """
 
 from __future__ import annotations
@@ -35,8 +37,9 @@ import pyarrow.csv as pcsv
 import pyarrow.parquet as pq
 
 from torchrec_shark.data.columns import Columns, StreamDataset, table_sizes, val_every
-from torchrec_shark.data.criteo_tsv import list_files
+from torchrec_shark.data.criteo_tsv import list_files, read_line_chunks
 from torchrec_shark.data.statistics import DataStatistics, compute_statistics
+from torchrec_shark.data.text_lines import line_bounds, malformed_lines
 from torchrec_shark.data.transforms import TRANSFORMS, TabularTransforms, hash_size
 from torchrec_shark.data.types import DataError
 
@@ -111,13 +114,25 @@ class Tabular(StreamDataset):
         self.num_dense = len(self.dense) - len(buckets)
         self.transforms: Optional[TabularTransforms] = None
         self._described: Dict = {}
+        self._present: Optional[Dict[str, int]] = None  # values seen per column, while computing statistics
 
     # ------------------------------------------------------------ statistics and transforms
     uses_statistics = True
 
     def compute_statistics(self) -> DataStatistics:
-        """One pass over the training split's raw rows."""
-        return compute_statistics(self.chunks("train"), self.dense, dict(zip(self.sparse, self.hash_sizes)))
+        """One pass over the training split's raw rows; warns about a declared column with no value in it."""
+        self._present = dict.fromkeys(self.dense + self.sparse, 0)
+        try:
+            stats = compute_statistics(self.chunks("train"), self.dense, dict(zip(self.sparse, self.hash_sizes)))
+            present = self._present
+        finally:
+            self._present = None
+        for c, n in present.items():
+            if n == 0:
+                group = "data.dense" if c in self.dense else "data.sparse"
+                warnings.warn(f"column {c!r} ({group}) has no value in any of the {stats.rows:,} training rows: it "
+                              "carries no information (an empty or misnamed column?)")
+        return stats
 
     def check_statistics(self, stats: DataStatistics, where: str = "given") -> None:
         """Raise :class:`DataError` unless ``stats`` cover this source's columns and tables."""
@@ -158,103 +173,117 @@ class Tabular(StreamDataset):
 
     # ------------------------------------------------------------ reading
     def _open_csv(self, path, fmt: str, handler, column_names: Optional[List[str]] = None):
-        return pcsv.open_csv(
-            path,
-            read_options=pcsv.ReadOptions(block_size=BLOCK_BYTES, column_names=column_names),
-            parse_options=pcsv.ParseOptions(
-                delimiter="\t" if fmt == "tsv" else ",",
-                # Opening parses the first block: without a handler (the header check) a bad row there
-                # would fail before the rows are read and counted.
-                invalid_row_handler=handler or (lambda row: "skip"),
-            ),
-            convert_options=pcsv.ConvertOptions(
-                include_columns=None if handler is None else self.columns,
-                column_types={c: pa.string() for c in self.columns},
-                strings_can_be_null=True,
-                null_values=[""],
-            ),
+        return pcsv.open_csv(path, read_options=pcsv.ReadOptions(block_size=BLOCK_BYTES, column_names=column_names),
+                             parse_options=self._parse_options(fmt, handler),
+                             convert_options=self._convert_options(handler is not None))
+
+    def _parse_options(self, fmt: str, handler) -> pcsv.ParseOptions:
+        # Opening parses the first block: without a handler (the header check) a bad row there
+        # would fail before the rows are read and counted.
+        return pcsv.ParseOptions(delimiter="\t" if fmt == "tsv" else ",",
+                                 invalid_row_handler=handler or (lambda row: "skip"))
+
+    def _convert_options(self, declared_only: bool) -> pcsv.ConvertOptions:
+        return pcsv.ConvertOptions(
+            include_columns=self.columns if declared_only else None,
+            column_types={c: pa.string() for c in self.columns},
+            strings_can_be_null=True,
+            null_values=[""],
         )
 
-    def _blocks(self, path: str, fmt: str) -> Iterator[Tuple[pa.RecordBatch, List["_BadLine"]]]:
-        """Record batches, each with the rows of wrong shape skipped while reading it."""
+    def _blocks(self, path: str, fmt: str) -> Iterator[Tuple[Optional[pa.RecordBatch], np.ndarray, List["_BadLine"], int]]:
+        """``(records, their data rows, the bad lines skipped, data rows scanned)`` per block of the file;
+        data rows count from 0 in the file."""
         if fmt == "parquet":
+            row = 0
             for rb in pq.ParquetFile(path).iter_batches(batch_size=PARQUET_ROWS, columns=self.columns):
-                yield rb, []
+                yield rb, row + np.arange(rb.num_rows), [], rb.num_rows
+                row += rb.num_rows
             return
-        yield from self._csv_blocks(path, fmt, path, None)
+        yield from self._text_blocks(path, fmt)
 
-    def _csv_blocks(self, source, fmt: str, path: str, names: Optional[List[str]]):
-        """:meth:`_blocks` of a text file or of recovered lines (``names``: its header's columns).
+    def _text_blocks(self, path: str, fmt: str):
+        """:meth:`_blocks` of a text file, a block of whole lines at a time. A block whose records are its
+        non-blank lines one to one (no line malformed, no quoted field over a line end) is taken as
+        parsed; any other block is parsed again without its malformed lines (found line by line), and
+        must then give one record per line."""
+        delimiter = ord("\t" if fmt == "tsv" else ",")
+        names: Optional[List[str]] = None
+        row, line = 0, 1  # data rows before the block; the block's first line in the file (1-based)
+        for block in read_line_chunks(path, BLOCK_BYTES):
+            if names is None:
+                header, _, block = block.partition(b"\n")
+                names = pcsv.read_csv(pa.BufferReader(header + b"\n"),
+                                      parse_options=self._parse_options(fmt, None)).schema.names
+                line = 2
+            starts, ends = line_bounds(block)
+            nonblank = np.flatnonzero(ends > starts)
+            rows = row + np.arange(len(nonblank))
+            lines = line + nonblank
+            rb, invalid = self._parse_block(block, fmt, names)
+            bad: List[_BadLine] = []
+            if invalid or rb is None or rb.num_rows != len(nonblank):
+                why = malformed_lines(block, starts, ends, delimiter, len(names))
+                bad = [_BadLine(block[starts[i]:ends[i]].decode(errors="replace"), why[int(i)], int(row + k),
+                                int(line + i)) for k, i in enumerate(nonblank) if int(i) in why]
+                if self.strict and bad:
+                    yield None, rows[:0], bad[:1], len(nonblank)
+                    return
+                good = [int(i) for i in nonblank if int(i) not in why]
+                clean = b"".join(block[starts[i]:ends[i]] + b"\n" for i in good)
+                rb, invalid = self._parse_block(clean, fmt, names) if good else (None, [])
+                kept = np.asarray([k for k, i in enumerate(nonblank) if int(i) not in why], np.int64)
+                if invalid or (rb.num_rows if rb is not None else 0) != len(good):
+                    raise DataError(f"{path}: lines {line}-{line + len(starts) - 1} do not parse to one record each "
+                                    f"({0 if rb is None else rb.num_rows} records from {len(good)} well-formed lines)")
+                rows = rows[kept]
+            yield rb, rows, bad, len(nonblank)
+            row += len(nonblank)
+            line += len(starts)
 
-        An unbalanced quote makes the parser read on to the next quote, over line ends, and hand
-        over all those lines as one bad row. Only its first line is the bad row: the lines after
-        it are parsed again on their own and follow the block they were found in (so they are
-        read, and split into train and val, the same way on every pass)."""
+    def _parse_block(self, block: bytes, fmt: str, names: List[str]):
+        """``(one record batch of the block or None, rows the parser rejected)``."""
         invalid: List[pcsv.InvalidRow] = []
 
-        def handler(row):
-            invalid.append(row)
-            return "error" if self.strict and "\n" not in row.text else "skip"
+        def handler(r):
+            invalid.append(r)
+            return "skip"
 
-        def split(rows):
-            bad, recovered = [], []
-            for row in rows:
-                head, sep, rest = row.text.partition("\n")
-                if not sep:
-                    bad.append(_BadLine(row.text, f"has {row.actual_columns} columns, expected {row.expected_columns}"))
-                    continue
-                bad.append(_BadLine(head, "has an unbalanced quote (it would swallow the lines after it)"))
-                recovered.append(rest)
-            return bad, recovered
-
+        if not block.strip():
+            return None, invalid
         try:
-            reader = self._open_csv(source, fmt, handler, names)
-        except pa.ArrowInvalid:  # strict: the handler stopped at a bad row of the first block
-            if not invalid:
-                raise
-            yield None, split(invalid)[0]
-            return
-        names = names or reader.schema.names
-        while True:
-            try:
-                rb = reader.read_next_batch()
-            except StopIteration:
-                break
-            except pa.ArrowInvalid:
-                if not invalid:
-                    raise
-                rb = None
-            bad, recovered = split(invalid)
-            invalid = []
-            if self.strict and bad:
-                yield None, bad
-                return
-            yield rb, bad
-            for text in recovered:
-                yield from self._csv_blocks(pa.BufferReader(text.encode()), fmt, path, names)
-            if rb is None:
-                break
+            table = pcsv.read_csv(pa.BufferReader(block),
+                                  read_options=pcsv.ReadOptions(column_names=names, block_size=len(block) + 1),
+                                  parse_options=self._parse_options(fmt, handler),
+                                  convert_options=self._convert_options(True))
+        except pa.ArrowInvalid:
+            return None, invalid or [None]  # type: ignore[list-item]
+        batches = table.combine_chunks().to_batches()
+        return (batches[0] if batches else None), invalid
 
     def chunks(self, split: str) -> Iterator[Columns]:
-        first = 0  # index of the block's first data row over all files
+        first = 0  # data rows of the files before this one
         for path, fmt in self.files:
-            key, delivered = f"file {path}", 0
-            for rb, invalid in self._blocks(path, fmt):
+            key, scanned = f"file {path}", 0
+            for rb, rows, bad, n in self._blocks(path, fmt):
+                scanned += n
                 self.skip_malformed(
                     key,
-                    np.full(len(invalid), delivered),
-                    delivered + (0 if rb is None else rb.num_rows),
-                    lambda i: f"{path}: row {invalid[i].text[:200]!r} {invalid[i].why}",
+                    np.asarray([b.row for b in bad], np.int64),
+                    scanned,
+                    lambda i: f"{path}:{bad[i].line}: {bad[i].text[:200]!r} {bad[i].why}",
                 )
                 if rb is None or rb.num_rows == 0:
                     continue
-                index = first + np.arange(rb.num_rows)
+                index = first + rows
                 keep = np.flatnonzero((index % self.val_every == 0) == (split == "val"))
-                first += rb.num_rows
-                delivered += rb.num_rows
-                yield self._convert(split, path, rb.take(pa.array(keep)), index[keep], first)
+                yield self._convert(split, path, rb.take(pa.array(keep)), index[keep], first + scanned)
+            first += scanned
 
     def _convert(self, split: str, path: str, rb: pa.RecordBatch, index: np.ndarray, upto: int) -> Columns:
+        if self._present is not None:
+            for c in self._present:
+                self._present[c] += rb.num_rows - rb.column(c).null_count
         label, label_ok = _numbers(rb.column(self.label))
         label_ok &= (label == 0) | (label == 1)
         dense = np.zeros((rb.num_rows, len(self.dense)))
@@ -310,10 +339,12 @@ class Tabular(StreamDataset):
 
 @dataclass(frozen=True)
 class _BadLine:
-    """A line skipped while parsing, and why."""
+    """A line skipped while parsing, and why: its data row (from 0 in its file) and line (from 1)."""
 
     text: str
     why: str
+    row: int = 0
+    line: int = 0
 
 
 def _numbers(col: pa.Array, missing: float = np.nan) -> Tuple[np.ndarray, np.ndarray]:

@@ -15,7 +15,10 @@ Per dense column (``data.dense_transform``, overridden per column by ``data.dens
   (counts, prices, durations: the long tail is compressed before it is scaled), then clipped to
   ``[-AUTO_CLIP, AUTO_CLIP]`` so a value far outside the training range cannot saturate the MLP.
   Every scale lands near unit variance: a Unix timestamp (~1.7e9, spread ~1e7) as well as a
-  ratio in [0, 1].
+  ratio in [0, 1]. A column whose mean and std a few extreme values dominate (one 1e300 per 100
+  rows: a std ``AUTO_OUTLIER_RATIO`` times its interquartile scale) is centred on its median and
+  scaled by that interquartile scale instead (``standardize_robust``), with a warning naming it:
+  its ordinary values keep their spread and the extreme ones are clipped.
 
 All statistics come from the training split (:mod:`torchrec_shark.data.statistics`). A missing
 dense value becomes 0 for ``none`` and ``log1p`` (as before, and as for Criteo) and the training
@@ -46,6 +49,8 @@ from torchrec_shark.data.statistics import QUANTILE_POINTS, DataStatistics, Dens
 TRANSFORMS = ("auto", "none", "log1p", "standardize", "minmax", "bucketize")
 AUTO_LOG_Z = 10.0
 AUTO_CLIP = 10.0
+# std over the interquartile scale above which a few extreme values, not the column, set the std.
+AUTO_OUTLIER_RATIO = 10.0
 # A dense input this large (|x|) drives ReLU pre-activations to the same order and the logits
 # with them: the sigmoid saturates and the log loss explodes.
 SATURATING_MAGNITUDE = 100.0
@@ -67,12 +72,15 @@ class DenseTransform:
 
     column: str
     requested: str
-    applied: str  # none | log1p | standardize | log1p_standardize | minmax | bucketize
+    # none | log1p | standardize | log1p_standardize | minmax | bucketize, or auto's
+    # standardize_robust | log1p_standardize_robust
+    applied: str
     shift: float = 0.0
     scale: float = 1.0
     clip: Optional[List[float]] = None
     fill: float = 0.0
     edges: List[float] = field(default_factory=list)  # bucketize only
+    note: Optional[str] = None  # why the statistics were not used as usual (a warning at start)
 
     @property
     def is_bucketize(self) -> bool:
@@ -126,9 +134,32 @@ def resolve_dense(column: str, kind: str, s: DenseColumnStats, num_buckets: int)
         upper = (s.max - s.mean) / s.std if s.std > 0 else 0.0
         clip = [-AUTO_CLIP, AUTO_CLIP]
         if s.min >= 0 and upper > AUTO_LOG_Z:
-            return DenseTransform(column, kind, "log1p_standardize", s.log_mean, _nonzero(s.log_std), clip)
-        return DenseTransform(column, kind, "standardize", s.mean, _nonzero(s.std), clip)
+            applied, mean, std = "log1p_standardize", s.log_mean, s.log_std
+            q = np.log1p(np.maximum(np.asarray(s.quantiles), 0.0))
+        else:
+            applied, mean, std, q = "standardize", s.mean, s.std, np.asarray(s.quantiles)
+        robust = robust_scale(q)
+        if not (np.isfinite(mean) and np.isfinite(std)) or (robust > 0 and std > AUTO_OUTLIER_RATIO * robust):
+            center = float(np.interp(0.5, np.linspace(0.0, 1.0, len(q)), q))
+            beyond = float(np.mean(np.abs(q - center) > AUTO_OUTLIER_RATIO * robust)) if robust > 0 else 0.0
+            note = (f"dense column {column!r}: a few extreme values set its mean and std (std {std:.3g}, "
+                    f"interquartile scale {robust:.3g}; about {beyond:.1%} of its {s.count:,} training values lie "
+                    f"beyond {AUTO_OUTLIER_RATIO:g} of those scales from the median, up to {s.max:.3g}): scaled by "
+                    f"its median and interquartile range instead, extreme values clipped to +-{AUTO_CLIP:g}")
+            return DenseTransform(column, kind, f"{applied}_robust", center, _nonzero(robust), clip, note=note)
+        return DenseTransform(column, kind, applied, mean, _nonzero(std), clip)
     raise ValueError(f"dense transform {kind!r} of column {column!r} is not one of {list(TRANSFORMS)}")
+
+
+def robust_scale(quantiles: np.ndarray) -> float:
+    """A std-like scale from the quantiles (at evenly spaced levels) that extreme values do not move: the
+    interquartile range / 1.349 (a normal column's std), or a wider central range where that is 0."""
+    grid = np.linspace(0.0, 1.0, len(quantiles))
+    for lo, z in ((0.25, 0.6745), (0.05, 1.6449), (0.01, 2.3263)):
+        width = float(np.interp(1 - lo, grid, quantiles) - np.interp(lo, grid, quantiles))
+        if width > 0 and np.isfinite(width):
+            return width / (2 * z)
+    return 0.0
 
 
 def _nonzero(scale: float) -> float:
@@ -175,8 +206,9 @@ class TabularTransforms:
         )
 
     def saturating(self, stats: DataStatistics) -> List[str]:
-        """A warning per dense column that reaches the model at a magnitude that saturates it."""
-        out = []
+        """A warning per dense column that reaches the model at a magnitude that saturates it, or whose
+        extreme values made ``auto`` scale it robustly."""
+        out = [t.note for t in self.dense if t.note]
         for t in self.dense:
             mag = t.magnitude(stats.dense[t.column])
             if mag > SATURATING_MAGNITUDE:

@@ -10,6 +10,15 @@ from torchrec.datasets.utils import Batch
 from torchrec_shark.data.types import DataError
 
 
+class BatchRowError(DataError):
+    """A bad value in row ``row`` of a batch; ``what`` says what, so that a source can name the row's place
+    in its data instead of in the batch."""
+
+    def __init__(self, what: str, row: int) -> None:
+        super().__init__(f"{what} (row {row} of the batch)")
+        self.what, self.row = what, row
+
+
 def validate_batch(batch: Batch, feature_names: Sequence[str], num_embeddings_per_feature: Sequence[int]) -> None:
     """Raise :class:`DataError` for ids outside their table, non-finite dense features or
     labels, and labels other than 0/1. Costs a few vectorised passes over the batch."""
@@ -36,16 +45,17 @@ def validate_batch(batch: Batch, feature_names: Sequence[str], num_embeddings_pe
         if bool(bad.any()):
             pos = int(torch.nonzero(bad)[0])
             f = int(torch.searchsorted(torch.cumsum(per_key, 0), torch.tensor(pos, device=values.device), right=True))
-            raise DataError(
+            bag = int(torch.searchsorted(kjt.offsets(), torch.tensor(pos, device=values.device), right=True)) - 1
+            raise BatchRowError(
                 f"feature {feature_names[f]!r}: id {int(values[pos])} is outside its table of "
-                f"{num_embeddings_per_feature[f]} rows"
+                f"{num_embeddings_per_feature[f]} rows", bag % n if n else 0
             )
     dense = batch.dense_features
     if dense.numel() and not bool(torch.isfinite(dense).all()):
         row, col = (int(i) for i in torch.nonzero(~torch.isfinite(dense))[0])
-        raise DataError(f"dense feature {col}: non-finite value {float(dense[row, col])} in row {row} of the batch")
+        raise BatchRowError(f"dense feature {col}: non-finite value {float(dense[row, col])}", row)
     labels = batch.labels
     bad = ~((labels == 0) | (labels == 1))
     if bool(bad.any()):
         row = int(torch.nonzero(bad)[0])
-        raise DataError(f"label {float(labels[row])} in row {row} of the batch is not 0 or 1")
+        raise BatchRowError(f"label {float(labels[row])} is not 0 or 1", row)

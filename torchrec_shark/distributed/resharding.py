@@ -5,7 +5,9 @@ state), so ``torch.distributed.checkpoint.load`` reshards it in place. A mixed-p
 pools are sized per shard (each shard keeps its own fp32 / fp16 / int8 budgets), so their global shapes
 change with the sharding: :func:`load` leaves every such table out of DCP's in-place load and has the
 table re-slice its state from the checkpoint for this rank's rows (a bounded chunk at a time, see
-:class:`~torchrec_shark.distributed.state_readers.CheckpointStateReader`).
+:class:`~torchrec_shark.distributed.state_readers.CheckpointStateReader`). So does a table with state
+laid out per shard (keys under ``per_shard.``, e.g. a tensor-train table's LFU cache), whatever the
+shapes: its global shape can coincide under another sharding.
 
 Example::
 
@@ -27,6 +29,7 @@ from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 from torchrec_shark.distributed.state_readers import CheckpointStateReader
 
 _MARK = "embedding_bags."
+_PER_SHARD = ".per_shard."
 
 
 def _table_prefix(key: str) -> Optional[str]:
@@ -38,7 +41,7 @@ def _table_prefix(key: str) -> Optional[str]:
 
 def resharded_tables(state: Dict, checkpoint: str, top: str = "model") -> List[str]:
     """Prefixes (``<top>.<...>embedding_bags.<table>.``) of the tables in ``state[top]`` with a tensor whose
-    saved global shape differs from the current one."""
+    saved global shape differs from the current one, or with state laid out per shard."""
     md = FileSystemReader(checkpoint).read_metadata().state_dict_metadata
     out = set()
     for key, value in state.get(top, {}).items():
@@ -47,7 +50,7 @@ def resharded_tables(state: Dict, checkpoint: str, top: str = "model") -> List[s
         if not isinstance(saved, TensorStorageMetadata) or not hasattr(value, "size"):
             continue
         prefix = _table_prefix(full)
-        if prefix is not None and tuple(saved.size) != tuple(value.size()):
+        if prefix is not None and (tuple(saved.size) != tuple(value.size()) or _PER_SHARD in full):
             out.add(prefix)
     return sorted(out)
 

@@ -600,9 +600,22 @@ class ShardTensorTrainTable(TensorTrainTable):
 
 
 # ---------------------------------------------------------------------------- kind
+# State laid out per shard (the LFU cache: its slots are the shard's own); distributed.resharding has the
+# table re-slice it itself under any sharding, the same one included.
+PER_SHARD = "per_shard."
+
+
 class TensorTrainKind(TableKind):
     """Tensor-train tables: a shard owns first-core slices (row-wise boundaries on ``p2 * ... * pd`` rows)
-    and replicas of the other cores; the LFU cache is per shard and restarts empty after a load.
+    and replicas of the other cores.
+
+    The LFU cache is per shard and part of the state, so a checkpoint is the model that trained: its
+    slots (``per_shard.cache_ids``, shard-local row ids; ``per_shard.cache_weight``; the cache's own
+    optimizer state ``per_shard.cache_optim.*``) are laid out shard after shard, ``per_shard.layout``
+    holds each shard's ``(row_start, rows, slots)``, and ``steps`` (the repopulation clock) is
+    replicated. A load takes the saved cached rows of its own row range, under any sharding; where
+    more rows come than its cache holds, the most frequent stay cached and the others are folded
+    into the first core as an eviction does.
 
     ``tables.compression.kind=tensor_train``, settings in ``tables.compression.tensor_train``; tables with
     fewer than its ``min_rows`` rows stay stock (factorising them saves little and costs AUC)."""
@@ -684,6 +697,7 @@ class TensorTrainKind(TableKind):
                 spec[f"core_{k}"] = PieceSpec(lay.core_shape(k), torch.float32, replicated=True)
             if config.compression.cache_fraction > 0:
                 spec["frequency"] = PieceSpec((n_rows,), torch.int32, r0, n)
+                spec.update(self._cache_layout(config, optimizer, ranges, len(out)))
             for k, p in enumerate(lay.row_factors):
                 width = math.prod(lay.core_shape(k)) // p
                 for name, (shape, dtype) in RowOptimizer.state_shapes(optimizer, p, width).items():
@@ -693,12 +707,39 @@ class TensorTrainKind(TableKind):
             out.append(spec)
         return out
 
+    @staticmethod
+    def _cache_slots(config, rows: int) -> int:
+        return max(1, int(config.compression.cache_fraction * rows))
+
+    def _cache_layout(self, config, optimizer, ranges, index: int) -> Dict[str, PieceSpec]:
+        """Shard ``index``'s pieces of the cache state: its slots after those of the shards before it."""
+        slots = [self._cache_slots(config, n) for _, n in ranges]
+        total, offset, mine = sum(slots), sum(slots[:index]), slots[index]
+        dim = config.embedding_dim
+        spec = {
+            "steps": PieceSpec((), torch.int64, replicated=True),
+            f"{PER_SHARD}layout": PieceSpec((len(ranges), 3), torch.int64, index, 1),
+            f"{PER_SHARD}cache_ids": PieceSpec((total,), torch.int64, offset, mine),
+            f"{PER_SHARD}cache_weight": PieceSpec((total, dim), torch.float32, offset, mine),
+        }
+        for name, (shape, dtype) in RowOptimizer.state_shapes(optimizer, mine, dim).items():
+            key = f"{PER_SHARD}cache_optim.{name}"
+            spec[key] = (PieceSpec((total, *shape[1:]), dtype, offset, mine) if shape
+                         else PieceSpec((len(ranges),), dtype, index, 1))  # a count of the shard's own updates
+        return spec
+
     def local_state(self, table, sync: bool = True) -> Dict[str, torch.Tensor]:
         ns = table.slices
         out = {"core_0": table.core_0[:, :ns]}
         out.update({f"core_{k}": table.cores[k] for k in range(1, table.layout.num_cores)})
         if table.cache_rows:
             out["frequency"] = table.frequency
+            out["steps"] = table.steps
+            out[f"{PER_SHARD}layout"] = torch.tensor([[table.row_start, table.num_embeddings, table.cache_rows]])
+            out[f"{PER_SHARD}cache_ids"] = table.cache_ids
+            out[f"{PER_SHARD}cache_weight"] = table.cache_weight
+            for name, t in table.cache_optimizer.state().items():
+                out[f"{PER_SHARD}cache_optim.{name}"] = t if t.dim() else t.view(1)
         if table.fused:
             for k, opt in enumerate(table.core_optimizers):
                 for name, t in opt.state().items():
@@ -730,11 +771,6 @@ class TensorTrainKind(TableKind):
         table.core_0[:, :ns].copy_(reader.read("core_0", s0, ns, dim=1))
         for k in range(1, table.layout.num_cores):
             table.cores[k].copy_(reader.read(f"core_{k}"))
-        if table.cache_rows:
-            if "frequency" in keys:
-                for a, v in reader.chunks("frequency", row_start, table.num_embeddings):
-                    table.frequency[a - row_start : a - row_start + v.numel()].copy_(v)
-            table.cache_ids.fill_(table.num_embeddings)  # the cache restarts empty: rows come from the cores
         if table.fused:
             for k, opt in enumerate(table.core_optimizers):
                 for name, t in opt.state().items():
@@ -745,7 +781,90 @@ class TensorTrainKind(TableKind):
                         t[:ns].copy_(reader.read(key, s0, ns))
                     else:
                         t.copy_(reader.read(key))
+        if table.cache_rows:  # after the cores: rows that do not fit the cache are folded into them
+            if "frequency" in keys:
+                for a, v in reader.chunks("frequency", row_start, table.num_embeddings):
+                    table.frequency[a - row_start : a - row_start + v.numel()].copy_(v)
+            if "steps" in keys:
+                table.steps.copy_(reader.read("steps"))
+            self._load_cache(table, reader, keys)
         table.version += 1
+
+    @staticmethod
+    def _saved_cache(table, reader: StateReader, keys) -> Optional[Tuple[torch.Tensor, torch.Tensor, Dict, Dict]]:
+        """``(global row ids, values, per-row optimizer state, per-shard optimizer counts)`` of the saved
+        cached rows in ``table``'s row range; ``None`` when the reader holds no cache it can read whole."""
+        lo, hi = table.row_start, table.row_start + table.num_embeddings
+        if f"{PER_SHARD}layout" in keys:  # a sharded layout (any sharding)
+            try:
+                layout = reader.read(f"{PER_SHARD}layout").tolist()
+            except ValueError:  # in-memory shards of another rank: not at hand here
+                return None
+            ids, values, rows, counts = [], [], {}, {}
+            offset = 0
+            names = [k[len(f"{PER_SHARD}cache_optim."):] for k in keys if k.startswith(f"{PER_SHARD}cache_optim.")]
+            for i, (r0, n, slots) in enumerate(layout):
+                if r0 < hi and r0 + n > lo:
+                    local = reader.read(f"{PER_SHARD}cache_ids", offset, slots)
+                    g = local + r0
+                    take = ((local < n) & (g >= lo) & (g < hi)).nonzero().squeeze(1)
+                    ids.append(g.index_select(0, take))
+                    values.append(reader.read(f"{PER_SHARD}cache_weight", offset, slots).index_select(0, take))
+                    for name in names:
+                        key = f"{PER_SHARD}cache_optim.{name}"
+                        own = table.cache_optimizer.state().get(name)
+                        if own is None:
+                            continue
+                        if own.dim():
+                            rows.setdefault(name, []).append(reader.read(key, offset, slots).index_select(0, take))
+                        else:  # a per-shard count (Adam's steps)
+                            counts.setdefault(name, []).append(reader.read(key, i, 1).clone())
+                offset += slots
+            if not ids:
+                return torch.zeros(0, dtype=torch.int64), table.cache_weight[:0], {}, {}
+            return (torch.cat(ids), torch.cat(values), {k: torch.cat(v) for k, v in rows.items()},
+                    {k: torch.cat(v) for k, v in counts.items()})
+        if "cache_ids" in keys and "cache_weight" in keys:  # an unsharded table's own buffers
+            g = reader.read("cache_ids")  # row ids of the whole table; empty slots hold its row count
+            take = ((g < table.table_rows) & (g >= lo) & (g < hi)).nonzero().squeeze(1)
+            return g.index_select(0, take), reader.read("cache_weight").index_select(0, take), {}, {}
+        return None
+
+    def _load_cache(self, table, reader: StateReader, keys) -> None:
+        """Fill the cache with the saved cached rows of the table's range (exactly as saved under the same
+        sharding); restarts it empty, with a warning, when the reader holds cache state it cannot read."""
+        import warnings
+
+        saved = self._saved_cache(table, reader, keys)
+        table.cache_ids.fill_(table.num_embeddings)
+        table.cache_weight.zero_()
+        for buf in table.cache_optimizer.state().values():
+            buf.zero_()
+        if saved is None:
+            if any(k.startswith(PER_SHARD) or k == "cache_ids" for k in keys):
+                warnings.warn(f"table {table.name!r}: the saved LFU cache is not readable from here (shards of "
+                              "another rank in memory); the cache restarts empty and its rows come from the cores")
+            return
+        ids, values, rows, counts = saved
+        order = torch.argsort(ids)
+        ids, values = ids.index_select(0, order) - table.row_start, values.index_select(0, order)
+        rows = {k: v.index_select(0, order) for k, v in rows.items()}
+        if ids.numel() > table.cache_rows:  # a smaller cache: keep the most frequent, fold the others back
+            freq = table.frequency.index_select(0, ids).long()
+            keep = torch.sort(torch.argsort(-freq, stable=True)[: table.cache_rows]).values
+            rest = torch.ones(ids.numel(), dtype=torch.bool)
+            rest[keep] = False
+            table._fold_into_first_core(ids[rest], values[rest])
+            ids, values = ids.index_select(0, keep), values.index_select(0, keep)
+            rows = {k: v.index_select(0, keep) for k, v in rows.items()}
+        k = ids.numel()
+        table.cache_ids[:k] = ids
+        table.cache_weight[:k] = values.to(table.cache_weight.dtype)
+        for name, buf in table.cache_optimizer.state().items():
+            if buf.dim() and name in rows and tuple(rows[name].shape[1:]) == tuple(buf.shape[1:]):
+                buf[:k] = rows[name].to(buf.dtype)
+            elif not buf.dim() and name in counts:
+                buf.copy_(counts[name].max())
 
     def cost_factor(self, config) -> float:
         # FLOPS_PER_BYTE as for the row stores: the cores stay in cache, a row costs its GEMMs and its output

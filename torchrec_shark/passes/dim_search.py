@@ -46,6 +46,7 @@ from omegaconf import MISSING, DictConfig, OmegaConf
 
 from torchrec_shark.config import check_known_keys
 from torchrec_shark.passes import saliency as sal
+from torchrec_shark.passes.command_line import dirs_line
 from torchrec_shark.passes.run_loader import load_run, pooled_gradients, retrain_command, run_config
 from torchrec_shark.passes.tables_yaml import write_tables_config
 from torchrec_shark.training.checkpoint import CheckpointError, require_checkpoint
@@ -356,11 +357,16 @@ def main(dcfg: DictConfig) -> None:
         sys.exit(2)
     with distributed_job(train_cfg.trainer.device, train_cfg.trainer.num_threads) as env:
         out_dir = shared_run_dir(HydraConfig.get().runtime.output_dir, "dim_search.log")
+        where = dirs_line("dim_search", out_dir, cfg.run_dir, "widths.json")
+        if env.is_main:
+            print(where, flush=True)
         try:
             search(cfg, out_dir, env)
         except BudgetError as e:
             print(f"dim_search: error: {e}", file=sys.stderr)
             sys.exit(3)
+        if env.is_main:
+            print(where, flush=True)
 
 
 if __name__ == "__main__":

@@ -452,6 +452,7 @@ def _hydra_main():
         import warnings
 
         from torchrec_shark.config import ConfigError, check_known_keys
+        from torchrec_shark.passes.command_line import dirs_line
         from torchrec_shark.training import checkpoint as ckpt
         from torchrec_shark.training.env import distributed_job, shared_run_dir
 
@@ -468,11 +469,16 @@ def _hydra_main():
             sys.exit(2)
         with distributed_job(run_cfg.trainer.device, run_cfg.trainer.num_threads) as env:
             out_dir = shared_run_dir(HydraConfig.get().runtime.output_dir, "prune_fields.log")
+            where = dirs_line("prune_fields", out_dir, cfg.run_dir, "prune_report.json")
+            if env.is_main:
+                print(where, flush=True)
             try:
                 run_pass(cfg, out_dir, env)
             except (PruneError, ConfigError, ckpt.CheckpointError) as e:
                 print(f"prune_fields: error: {e}", file=sys.stderr)
                 sys.exit(2)
+            if env.is_main:
+                print(where, flush=True)
 
     main()
 

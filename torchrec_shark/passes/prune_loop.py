@@ -264,13 +264,17 @@ def _hydra_main():
         from torchrec_shark.training.checkpoint import CheckpointError
 
         from torchrec_shark.config import ConfigError, check_known_keys
+        from torchrec_shark.passes.command_line import dirs_line
 
         try:
             check_known_keys(dcfg, PruneLoopConfig)
             cfg: PruneLoopConfig = OmegaConf.to_object(dcfg)  # type: ignore[assignment]
             if cfg.run_dir in ("???", "", None):
                 raise LoopError("run_dir=<a train.py run dir> is required")
-            run_loop(cfg, HydraConfig.get().runtime.output_dir)
+            out_dir = HydraConfig.get().runtime.output_dir
+            print(dirs_line("prune_loop", out_dir, cfg.run_dir, "prune_loop.md"), flush=True)
+            run_loop(cfg, out_dir)
+            print(dirs_line("prune_loop", out_dir, cfg.run_dir, "prune_loop.md"), flush=True)
         except (LoopError, ConfigError, CheckpointError) as e:
             print(f"prune_loop: error: {e}", file=sys.stderr)
             sys.exit(2)

@@ -48,9 +48,11 @@ def main(dcfg: DictConfig) -> None:
         print(f"pipeline: config error: {e}", file=sys.stderr)
         sys.exit(2)
     out = HydraConfig.get().runtime.output_dir
+    print(f"[pipeline] run dir: {out} (report: {os.path.join(out, 'report.md')}; each run's metrics.json "
+          f"under {os.path.join(out, 'runs')})", flush=True)
     t0 = time.perf_counter()
     path = run_pipeline(cfg, out)
-    print(f"[pipeline] report: {path} ({time.perf_counter() - t0:.0f} s)", flush=True)
+    print(f"[pipeline] run dir: {out} (report: {path}, {time.perf_counter() - t0:.0f} s)", flush=True)
 
 
 if __name__ == "__main__":

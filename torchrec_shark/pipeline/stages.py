@@ -137,9 +137,9 @@ class StageRunner:
 
     def _continue(self, run_dir: str) -> List[str]:
         """A crashed training stage continues from its checkpoints (a fresh run refuses a dir that has some)."""
-        from torchrec_shark.training.checkpoint import complete_checkpoints
+        from torchrec_shark.training.checkpoint import checkpoint_dirs
 
-        return ["trainer.resume=true"] if self.resume and complete_checkpoints(run_dir) else []
+        return ["trainer.resume=true"] if self.resume and checkpoint_dirs(run_dir) else []
 
     def train(self, name: str, nproc: int, overrides: Sequence[str], after: Sequence[str] = ()) -> StageResult:
         run_dir = self.path("runs", name)

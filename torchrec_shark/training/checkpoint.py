@@ -12,6 +12,12 @@ rank has finished writing, so a crash mid-write never leaves a directory that
 (:class:`NonFiniteStateError`). ``<run_dir>@best`` names a run's best checkpoint wherever a run
 dir is accepted (:func:`require_checkpoint`: warm start, the passes).
 
+Nothing trained is lost by accident: a ``step_*`` directory whose ``meta.json`` is missing or does
+not parse is a damaged checkpoint, never an absent one (:func:`checkpoint_dirs` lists it, a resume
+that finds only damaged ones stops naming each); every fallback past a checkpoint warns naming
+both; rotation deletes only readable checkpoints older than the one just written, and a save
+whose name is taken moves the old directory aside (``step_N.replaced-K``) instead of deleting it.
+
 Example::
 
     save_checkpoint(run_dir, step, {"model": model, "optim": optimizer}, meta={"step": step})
@@ -24,7 +30,7 @@ from __future__ import annotations
 import json
 import logging
 import os
-import dataclasses
+import re
 import shutil
 from typing import Dict, Iterator, List, Optional, Tuple
 
@@ -43,6 +49,7 @@ LATEST = "latest"
 BEST = "best"
 META = "meta.json"
 BEST_SUFFIX = "@best"
+_STEP_DIR = re.compile(r"step_(\d+)")
 
 
 class CheckpointError(RuntimeError):
@@ -95,13 +102,16 @@ def non_finite_keys(state: Dict[str, object], limit: int = 5) -> List[str]:
 
 
 def save_checkpoint(
-    run_dir: str, step: int, stateful: Dict[str, object], meta: Dict, keep: int = 2, best: bool = False
-) -> str:
+    run_dir: str, step: int, stateful: Dict[str, object], meta: Dict, keep: int = 2, best: bool = False,
+    unhealthy: Optional[str] = None,
+) -> Optional[str]:
     """Save ``{name: obj.state_dict()}`` for every rank; returns the checkpoint directory.
 
     ``keep`` newest checkpoints stay, plus the one ``best`` last marked. Raises
     :class:`NonFiniteStateError` (on every rank, nothing written) when any rank's state holds
-    NaN or Inf; the checkpoints already there stay as they were.
+    NaN or Inf; the checkpoints already there stay as they were. ``unhealthy``: this rank's reason
+    not to keep the state (see :mod:`~torchrec_shark.training.health`); when any rank gives one,
+    nothing is written and every rank returns ``None``.
     """
     root = os.path.join(run_dir, CHECKPOINT_DIR)
     name = f"step_{step:08d}"
@@ -113,10 +123,13 @@ def save_checkpoint(
         bad = non_finite_keys(state)
         if dist.is_initialized():
             found = [None] * dist.get_world_size()
-            dist.all_gather_object(found, (dist.get_rank(), bad), group=group)
+            dist.all_gather_object(found, (dist.get_rank(), bad, unhealthy), group=group)
         else:
-            found = [(0, bad)]
-        found = [(r, b) for r, b in found if b]
+            found = [(0, bad, unhealthy)]
+        unfit = [p for _, _, p in found if p]
+        found = [(r, b) for r, b, _ in found if b]
+        if not found and unfit:
+            return None  # finite but unfit to resume (on some rank): the last checkpoint stays latest
         if found:
             last = latest_checkpoint(run_dir)
             raise NonFiniteStateError(
@@ -131,17 +144,40 @@ def save_checkpoint(
         if _is_main():
             with open(os.path.join(tmp, META), "w") as f:
                 json.dump(meta, f, indent=2)
-            shutil.rmtree(final, ignore_errors=True)
+            if os.path.exists(final):
+                _move_aside(final)
             os.rename(tmp, final)
             _write_atomic(os.path.join(root, LATEST), name)
             if best:
                 _write_atomic(os.path.join(root, BEST), name)
-            kept = _pointed(root, BEST)
-            for old in _complete_checkpoints(root)[:-keep]:
-                if old != kept:
-                    shutil.rmtree(os.path.join(root, old), ignore_errors=True)
+            _rotate(root, step, keep)
         _barrier(group)
     return final
+
+
+def _move_aside(path: str) -> str:
+    """Rename a checkpoint directory that a save would replace (one this run never wrote: a damaged
+    checkpoint a resume went past, or one from a run that was resumed further back) to
+    ``<name>.replaced-<k>``; returns the new path."""
+    k = 1
+    while os.path.exists(f"{path}.replaced-{k}"):
+        k += 1
+    aside = f"{path}.replaced-{k}"
+    os.rename(path, aside)
+    msg = f"{path} already existed (not written by this run): kept as {aside}"
+    logger.warning(msg)
+    print(f"warning: {msg}", flush=True)
+    return aside
+
+
+def _rotate(root: str, step: int, keep: int) -> None:
+    """Delete readable checkpoints older than the ``keep`` newest up to ``step`` (never the best one,
+    never a damaged one, never one of a later step)."""
+    kept = _pointed(root, BEST)
+    older = [n for n in _step_dirs(root) if _step_of(n) <= step and _meta_problem(os.path.join(root, n)) is None]
+    for old in older[:-keep] if keep > 0 else older:
+        if old != kept:
+            shutil.rmtree(os.path.join(root, old), ignore_errors=True)
 
 
 def _write_atomic(path: str, text: str) -> None:
@@ -161,42 +197,94 @@ def _pointed(root: str, pointer: str) -> Optional[str]:
         return f.read().strip() or None
 
 
-def _complete_checkpoints(root: str) -> List[str]:
+def _step_of(name: str) -> int:
+    return int(_STEP_DIR.fullmatch(name).group(1))  # type: ignore[union-attr]
+
+
+def _step_dirs(root: str) -> List[str]:
+    """Names of every ``step_<N>`` directory under ``root``, readable or not, by step."""
     if not os.path.isdir(root):
         return []
-    names = [n for n in os.listdir(root) if n.startswith("step_") and os.path.isfile(os.path.join(root, n, META))]
-    return sorted(names)
+    names = [n for n in os.listdir(root) if _STEP_DIR.fullmatch(n) and os.path.isdir(os.path.join(root, n))]
+    return sorted(names, key=_step_of)
 
 
-def _readable_meta(path: str) -> bool:
+def _meta_problem(path: str) -> Optional[str]:
+    """Why ``<path>/meta.json`` does not describe a checkpoint (missing, not a JSON object), or ``None``."""
     try:
-        read_meta(path)
-        return True
-    except (OSError, ValueError, CheckpointError):
-        return False
+        meta = read_meta(path)
+    except FileNotFoundError:
+        return f"{os.path.join(path, META)} is missing"
+    except (OSError, CheckpointError) as e:
+        return str(e)
+    if not isinstance(meta, dict):
+        return f"{os.path.join(path, META)} is not a JSON object"
+    return None
+
+
+def checkpoint_dirs(run_dir: str) -> List[str]:
+    """Every checkpoint directory of a run (``checkpoints/step_<N>``), readable or not, oldest first.
+
+    A directory whose ``meta.json`` is damaged is still a checkpoint (of a model that trained):
+    a resume must stop on it rather than start afresh and rotate it away."""
+    root = os.path.join(run_dir, CHECKPOINT_DIR)
+    return [os.path.join(root, n) for n in _step_dirs(root)]
+
+
+def damaged_checkpoints(run_dir: str) -> Dict[str, str]:
+    """``{checkpoint dir: why its meta.json does not read}`` of a run."""
+    out = {}
+    for path in checkpoint_dirs(run_dir):
+        problem = _meta_problem(path)
+        if problem is not None:
+            out[path] = problem
+    return out
 
 
 def complete_checkpoints(run_dir: str) -> List[str]:
     """Complete checkpoint directories of a run (readable meta.json), oldest first."""
+    return [p for p in checkpoint_dirs(run_dir) if _meta_problem(p) is None]
+
+
+def _warn_fallback(chosen: str, skipped: List[str]) -> None:
+    msg = f"using checkpoint {chosen}, not the newer one(s) that cannot be read: " + " | ".join(skipped)
+    logger.warning(msg)
+    if _is_main():
+        print(f"warning: {msg}", flush=True)
+
+
+def _candidates(run_dir: str) -> List[str]:
+    """Checkpoint dirs to try, newest first: up to the one ``latest`` names (when it names one)."""
     root = os.path.join(run_dir, CHECKPOINT_DIR)
-    return [p for p in (os.path.join(root, n) for n in _complete_checkpoints(root)) if _readable_meta(p)]
+    dirs = checkpoint_dirs(run_dir)
+    name = _pointed(root, LATEST)
+    if name is not None and _STEP_DIR.fullmatch(name):
+        newer = [p for p in dirs if _step_of(os.path.basename(p)) > _step_of(name)]
+        dirs = [p for p in dirs if p not in newer]
+        if not any(os.path.basename(p) == name for p in dirs):  # the pointer names a missing dir
+            dirs.append(os.path.join(root, name))
+    return dirs[::-1]
 
 
 def latest_checkpoint(run_dir: str) -> Optional[str]:
-    """Newest complete checkpoint directory of a run, or ``None``."""
-    root = os.path.join(run_dir, CHECKPOINT_DIR)
-    name = _pointed(root, LATEST)
-    if name is not None and _readable_meta(os.path.join(root, name)):
-        return os.path.join(root, name)
-    names = complete_checkpoints(run_dir)
-    return names[-1] if names else None
+    """Newest complete checkpoint directory of a run, or ``None``; warns when it is not the one
+    ``latest`` names (or newer ones exist that cannot be read)."""
+    skipped = []
+    for path in _candidates(run_dir):
+        problem = _meta_problem(path) if os.path.isdir(path) else f"{path} does not exist"
+        if problem is None:
+            if skipped:
+                _warn_fallback(path, skipped)
+            return path
+        skipped.append(problem)
+    return None
 
 
 def best_checkpoint(run_dir: str) -> Optional[str]:
     """The run's checkpoint marked best by its validation metric, or ``None``."""
     root = os.path.join(run_dir, CHECKPOINT_DIR)
     name = _pointed(root, BEST)
-    if name is not None and _readable_meta(os.path.join(root, name)):
+    if name is not None and _meta_problem(os.path.join(root, name)) is None:
         return os.path.join(root, name)
     return None
 
@@ -224,6 +312,9 @@ def require_checkpoint(run_dir: str) -> str:
         return path
     path = latest_checkpoint(run_dir)
     if path is None:
+        damaged = damaged_checkpoints(run_dir)
+        if damaged:
+            raise CheckpointError(f"run dir {run_dir!r}: no readable checkpoint: " + " | ".join(damaged.values()))
         raise CheckpointError(f"run dir {run_dir!r} has no complete checkpoint under {CHECKPOINT_DIR}/")
     return path
 
@@ -233,7 +324,7 @@ def read_meta(checkpoint: str) -> Dict:
     try:
         with open(path) as f:
             return json.load(f)
-    except json.JSONDecodeError as e:
+    except ValueError as e:  # JSONDecodeError, or bytes that are not text
         raise CheckpointError(f"{path} is not valid JSON (truncated or overwritten?): {e}") from None
 
 
@@ -264,30 +355,39 @@ def load_checkpoint(checkpoint: str, stateful: Dict[str, object]) -> Dict:
 
 
 def load_newest_readable(run_dir: str, stateful: Dict[str, object]) -> Tuple[str, Dict]:
-    """Load the newest checkpoint of ``run_dir`` that reads; falls back past unreadable ones with a warning.
+    """Load the newest checkpoint of ``run_dir`` that reads; falls back past unreadable ones with a
+    warning naming both.
 
-    Returns ``(checkpoint, meta)``; raises :class:`CheckpointError` naming every one tried.
+    Returns ``(checkpoint, meta)``; raises :class:`CheckpointError` naming every one tried (nothing
+    is deleted or changed on disk either way).
     """
-    latest = latest_checkpoint(run_dir)
-    candidates = complete_checkpoints(run_dir)
-    if latest is not None and latest in candidates:  # the pointer first, then older ones, newest first
-        candidates = [p for p in candidates if p <= latest]
-    candidates = candidates[::-1]
-    root = os.path.join(run_dir, CHECKPOINT_DIR)
-    broken = [os.path.join(root, n) for n in _complete_checkpoints(root) if not _readable_meta(os.path.join(root, n))]
-    failed = [f"{p}: unreadable {META}" for p in broken if p > (candidates[0] if candidates else "")]
-    for path in candidates:
+    failed: List[str] = []
+    for path in _candidates(run_dir):
+        problem = _meta_problem(path) if os.path.isdir(path) else f"{path} does not exist"
+        if problem is not None:
+            failed.append(problem)
+            continue
         try:
             meta = load_checkpoint(path, stateful)
         except CheckpointError as e:
             failed.append(str(e))
             continue
-        if failed and _is_main():
-            msg = f"checkpoint(s) unreadable, resuming from the previous complete one {path}: " + " | ".join(failed)
-            logger.warning(msg)
-            print(f"warning: {msg}", flush=True)
+        if failed:
+            _warn_fallback(path, failed)
         return path, meta
     raise CheckpointError(f"run dir {run_dir!r}: no readable checkpoint: " + (" | ".join(failed) or "none found"))
+
+
+def newest_readable_meta(run_dir: str) -> Tuple[Optional[str], Optional[Dict], List[str]]:
+    """``(checkpoint, meta, problems)``: the checkpoint a resume would load first (newest with a
+    readable meta.json), without loading it, and why each newer one cannot be read."""
+    failed: List[str] = []
+    for path in _candidates(run_dir):
+        problem = _meta_problem(path) if os.path.isdir(path) else f"{path} does not exist"
+        if problem is None:
+            return path, read_meta(path), failed
+        failed.append(problem)
+    return None, None, failed
 
 
 def checkpoint_tensor_shapes(checkpoint: str, prefix: str = "model.") -> Dict[str, torch.Size]:

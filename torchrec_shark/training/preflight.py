@@ -4,7 +4,8 @@
   typo can ask for terabytes), from the resolved table configs and their kinds' exact bytes, before
   anything is allocated;
 - :func:`check_splits`: a training or validation split with no batch (evaluation would fail only after
-  training, when no checkpoint is written yet);
+  training, when no checkpoint is written yet), and a warning for a batch larger than the whole
+  training split (every batch would repeat rows);
 - :func:`resume_data_offset`: where the data stream continues on resume when the global batch
   size changed (exactly, or a refusal: never a silent skip or re-read).
 
@@ -17,6 +18,7 @@ Example::
 from __future__ import annotations
 
 import os
+import warnings
 from typing import Dict, Optional, Sequence
 
 from torchrec_shark.config import ConfigError
@@ -70,7 +72,8 @@ def check_table_memory(table_configs: Sequence, optimizer, memory_bytes: Optiona
 
 def check_splits(dataset, batch_size: int, rank: int, world_size: int, where: str) -> None:
     """Raise :class:`DataError` naming ``where`` (the data) when the training or the validation
-    split yields no batch for this world size."""
+    split yields no batch for this world size; warn (rank 0) when one batch is more than the whole
+    training split."""
     for split in ("train", "val"):
         try:
             first = next(iter(dataset.batches(split, batch_size, rank, world_size)), None)
@@ -79,6 +82,23 @@ def check_splits(dataset, batch_size: int, rank: int, world_size: int, where: st
         if first is None:
             raise DataError(f"{where}: the {split} split has no batch for {world_size} rank(s) (no rows, or fewer "
                             f"than the ranks); give more rows or another data.val_fraction")
+    rows = training_rows_below(dataset, batch_size)
+    if rows is not None and rank == 0:
+        warnings.warn(f"{where}: trainer.batch_size={batch_size} is larger than the whole training split ({rows:,} "
+                      "rows): every batch holds some rows more than once; lower trainer.batch_size")
+
+
+def training_rows_below(dataset, n: int) -> Optional[int]:
+    """The training split's rows when they are fewer than ``n`` (else ``None``), reading at most ``n`` rows
+    of a streamed source."""
+    rows = dataset.epoch_rows("train")
+    if rows is None and hasattr(dataset, "chunks"):
+        rows = 0
+        for chunk in dataset.chunks("train"):
+            rows += len(chunk)
+            if rows >= n:
+                return None
+    return rows if rows is not None and rows < n else None
 
 
 def resume_data_offset(meta: Dict, batch_size: int) -> int:

@@ -1,20 +1,22 @@
 """One job per run dir: an exclusive lock taken before training, and a check that the dir is writable.
 
 Two jobs writing one run dir overwrite each other's checkpoints and metrics; the second one
-is refused at start instead. Hydra writes ``.hydra/`` before the job starts, so the job that
-holds the lock keeps a copy of it (``.lock.hydra/``) and a refused job puts it back.
+is refused at start instead, and writes nothing. The holder names itself in ``.lock`` (pid and
+host) for the message of a refused job; a holder that is itself refused later (its checkpoint does
+not fit, nothing to do) puts back what ``.lock`` held, so that the run dir is left as it was.
 
 Example::
 
-    with run_dir_lock(run_dir, env):
-        Trainer(cfg, run_dir, env).run()
+    with run_dir_lock(run_dir, env) as lock:
+        trainer = Trainer(cfg, run_dir, env)
+        trainer.on_accepted.append(lock.claim)
+        trainer.run()
 """
 
 from __future__ import annotations
 
 import fcntl
 import os
-import shutil
 from contextlib import contextmanager
 from typing import Iterator, Optional, Sequence
 
@@ -23,7 +25,6 @@ import torch.distributed as dist
 from torchrec_shark.training.env import DistEnv
 
 LOCK_NAME = ".lock"
-HYDRA_COPY = ".lock.hydra"
 
 
 class RunDirError(RuntimeError):
@@ -76,49 +77,62 @@ def refuse_unwritable_run_dir(argv: Sequence[str]) -> Optional[str]:
     return None
 
 
+class RunDirLock:
+    """The held lock of a run dir (main rank): ``claim()`` once the job is accepted keeps its name in
+    ``.lock``; a job released without claiming puts back what the file held before."""
+
+    def __init__(self, run_dir: str, handle, previous: bytes) -> None:
+        self.run_dir = run_dir
+        self._handle = handle
+        self._previous = previous
+        self._claimed = False
+
+    def claim(self) -> None:
+        self._claimed = True
+
+    def release(self) -> None:
+        if not self._claimed:  # written in place: the lock is on this file, not on a name
+            self._handle.seek(0)
+            self._handle.truncate()
+            self._handle.write(self._previous.decode(errors="replace"))
+            self._handle.flush()
+        fcntl.flock(self._handle.fileno(), fcntl.LOCK_UN)
+        self._handle.close()
+
+
 def _acquire(run_dir: str):
-    """(open lock file, None) or (None, why not)."""
+    """(:class:`RunDirLock`, None) or (None, why not). Writes nothing when it fails."""
     why = unwritable(run_dir)
     if why is not None:
         return None, f"run dir {why}"
+    path = os.path.join(run_dir, LOCK_NAME)
     try:
-        handle = open(os.path.join(run_dir, LOCK_NAME), "a+")
+        handle = open(path, "a+")
     except OSError as e:
         return None, f"run dir {run_dir!r}: cannot open {LOCK_NAME} ({e.strerror})"
     try:
         fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
     except OSError:
         handle.close()
-        _restore_hydra(run_dir)
-        return None, (f"run dir {run_dir!r} is in use by another job ({_holder(os.path.join(run_dir, LOCK_NAME))}); "
+        return None, (f"run dir {run_dir!r} is in use by another job ({_holder(path)}); "
                       "wait for it to finish or choose another with hydra.run.dir=...")
+    handle.seek(0)
+    previous = handle.read().encode()
     handle.seek(0)
     handle.truncate()
     handle.write(f"pid {os.getpid()} on {os.uname().nodename}\n")
     handle.flush()
-    hydra_dir = os.path.join(run_dir, ".hydra")
-    if os.path.isdir(hydra_dir):
-        shutil.rmtree(os.path.join(run_dir, HYDRA_COPY), ignore_errors=True)
-        shutil.copytree(hydra_dir, os.path.join(run_dir, HYDRA_COPY))
-    return handle, None
-
-
-def _restore_hydra(run_dir: str) -> None:
-    """A refused job has already overwritten ``.hydra/`` (Hydra writes it first): put the holder's back."""
-    copy = os.path.join(run_dir, HYDRA_COPY)
-    if os.path.isdir(copy):
-        shutil.rmtree(os.path.join(run_dir, ".hydra"), ignore_errors=True)
-        shutil.copytree(copy, os.path.join(run_dir, ".hydra"))
+    return RunDirLock(run_dir, handle, previous), None
 
 
 @contextmanager
-def run_dir_lock(run_dir: str, env: DistEnv) -> Iterator[None]:
-    """Hold ``<run_dir>/.lock`` (rank 0, for the whole job) or raise :class:`RunDirError` on every rank."""
-    handle, error = _acquire(run_dir) if env.is_main else (None, None)
+def run_dir_lock(run_dir: str, env: DistEnv) -> Iterator[Optional[RunDirLock]]:
+    """Hold ``<run_dir>/.lock`` (rank 0, for the whole job) or raise :class:`RunDirError` on every rank.
+    Yields the lock on rank 0 (``None`` on the others)."""
+    lock, error = _acquire(run_dir) if env.is_main else (None, None)
     _agree(env, error)
     try:
-        yield
+        yield lock
     finally:
-        if handle is not None:
-            fcntl.flock(handle.fileno(), fcntl.LOCK_UN)
-            handle.close()
+        if lock is not None:
+            lock.release()
