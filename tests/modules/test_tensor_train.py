@@ -417,7 +417,8 @@ def test_cache_state_moves_between_shardings():
     """The LFU cache is part of the state under any sharding: one table -> two row-wise shards -> one table
     gives back the cached rows, their values and optimizer state exactly; a smaller cache keeps the most
     frequent rows and folds the others into the cores."""
-    from torchrec_shark.modules.table_kind import DictStateReader, kind_of
+    from torchrec_shark.modules.kinds import kind_of
+    from torchrec_shark.modules.table_kind import DictStateReader
 
     opt = SparseOptimizerSpec("rowwise_adagrad", lr=0.05)
     cfg = config(n=1000, dim=16, ranks=(4,), row_factors=(10, 10, 10), cache_fraction=0.05, cache_refresh_every=2)
