@@ -111,7 +111,7 @@ def test_refused_and_failed_jobs_leave_the_run_dir_as_it_was(tmp_path):
     code, out = train(run, "trainer.resume=true", "trainer.max_steps=15", small=False)
     assert code == 0, out[-3000:]
     metrics = json.loads((run / "metrics.json").read_text())
-    assert {t["kind"] for t in metrics["tables"].values()} == {"MixedPrecision"}
+    assert {t["kind"] for t in metrics["tables"].values()} == {"mixed_precision"}
     assert [h["step"] for h in metrics["history"]] == [5, 10, 15] and metrics["steps"] == 15
     assert metrics["history"][:2] == json.loads(before["metrics.json"])["history"]
     assert "max_steps: 15" in record.read_text() and "tables=shark" in (run / ".hydra" / "overrides.yaml").read_text()
