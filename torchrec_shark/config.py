@@ -295,9 +295,15 @@ def validate(cfg: TrainConfig) -> None:
         raise ConfigError(f"trainer.max_epochs={t.max_epochs} must be positive")
     if t.early_stopping_patience < 0:
         raise ConfigError(f"trainer.early_stopping_patience={t.early_stopping_patience} must be >= 0")
-    init_dir = t.init_from[: -len("@best")] if t.init_from and t.init_from.endswith("@best") else t.init_from
-    if init_dir is not None and not os.path.isdir(init_dir):
+    if t.init_from is not None and not os.path.isdir(_run_dir_of(t.init_from)):
         raise ConfigError(f"trainer.init_from={t.init_from!r} is not a directory")
+
+
+def _run_dir_of(spec: str) -> str:
+    """The run dir of a run reference (``<run_dir>`` or ``<run_dir>@best``)."""
+    from torchrec_shark.training.checkpoint import split_run_spec
+
+    return split_run_spec(spec)[0]
 
 
 def _check_data_transforms(d: DataConfig) -> None:

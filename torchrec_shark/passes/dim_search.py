@@ -46,10 +46,11 @@ from omegaconf import MISSING, DictConfig, OmegaConf
 
 from torchrec_shark.config import check_known_keys
 from torchrec_shark.passes import saliency as sal
-from torchrec_shark.passes.run_loader import load_run, pooled_gradients, retrain_command, run_config
+from torchrec_shark.passes.run_loader import load_run, pooled_gradients, retrain_command
 from torchrec_shark.passes.tables_yaml import write_tables_config
-from torchrec_shark.training.checkpoint import CheckpointError, require_checkpoint
+from torchrec_shark.training.checkpoint import CheckpointError
 from torchrec_shark.training.env import DistEnv, distributed_job, shared_run_dir
+from torchrec_shark.training.run_ref import resolve_run
 
 logger = logging.getLogger(__name__)
 
@@ -106,7 +107,7 @@ def search(cfg: DimSearchConfig, out_dir: str, env: DistEnv) -> Dict:
     """Run SSEDS on ``cfg.run_dir``; rank 0 writes the outputs to ``out_dir``. Returns the summary."""
     check_config(cfg)
     os.makedirs(out_dir, exist_ok=True)
-    run = load_run(cfg.run_dir, out_dir, env)
+    run = load_run(resolve_run(cfg.run_dir), out_dir, env)
     tables = sal.table_infos(run.trainer.table_configs)
     fields = [f for t in tables for f in t.features]
     num_batches = cfg.num_batches or sys.maxsize
@@ -136,7 +137,8 @@ def search(cfg: DimSearchConfig, out_dir: str, env: DistEnv) -> Dict:
 def _summary(cfg: DimSearchConfig, run, tables: List[sal.TableInfo], sel: sal.Selection) -> Dict:
     reinit = [t.name for t in tables if not t.inherits_columns and sel.table_widths[t.name] != t.width]
     return {
-        "run_dir": os.path.abspath(cfg.run_dir),
+        "run_dir": os.path.abspath(run.run_dir),
+        "run": run.ref.spec,
         "checkpoint": run.checkpoint,
         "budget": cfg.budget,
         "budget_on": cfg.budget_on,
@@ -184,10 +186,10 @@ def _write_outputs(cfg, out_dir, run, tables, sums, saliency, sel: sal.Selection
         header += f"\ntensor-train tables re-initialised at their new width: {summary['reinitialised_tables']}"
     path = write_tables_config(out_dir, cfg.tables_name, run.cfg.tables, run.trainer.table_configs,
                                widths=sel.table_widths, init_columns=summary["init_columns"], header=header)
-    command = retrain_command(cfg.run_dir, out_dir, cfg.tables_name, nproc=cfg.nproc)
+    command = retrain_command(run.ref, out_dir, cfg.tables_name, nproc=cfg.nproc)
     summary["tables_config"] = path
     summary["retrain_command"] = command
-    truth = truth_check(cfg.run_dir, tables, sel, summary["field_saliency"])
+    truth = truth_check(run.ref.data_truth(), tables, sel, summary["field_saliency"])
     if truth is not None:
         summary["truth_check"] = truth
         _dump(os.path.join(out_dir, "truth_check.json"), truth)
@@ -273,13 +275,10 @@ def spearman(a: List[float], b: List[float]) -> float:
     return float(np.corrcoef(ra, rb)[0, 1])
 
 
-def truth_check(run_dir: str, tables, sel: sal.Selection, field_saliency: Dict[str, float]) -> Optional[Dict]:
-    """Searched widths vs. ``<run_dir>/data_truth.json`` (synthetic data), or ``None`` without it."""
-    path = os.path.join(run_dir, "data_truth.json")
-    if not os.path.isfile(path):
+def truth_check(truth: Optional[Dict], tables, sel: sal.Selection, field_saliency: Dict[str, float]) -> Optional[Dict]:
+    """Searched widths vs. the run's ``data_truth.json`` (synthetic data), or ``None`` without it."""
+    if truth is None:
         return None
-    with open(path) as f:
-        truth = json.load(f)
     dims, informative, noise = _truth_fields(truth)
     if dims is None:
         return None
@@ -349,8 +348,7 @@ def main(dcfg: DictConfig) -> None:
         check_known_keys(dcfg, DimSearchConfig)
         cfg: DimSearchConfig = OmegaConf.to_object(dcfg)  # type: ignore[assignment]
         check_config(cfg)
-        train_cfg = run_config(cfg.run_dir)
-        require_checkpoint(cfg.run_dir)
+        train_cfg = resolve_run(cfg.run_dir).config()
     except (ValueError, FileNotFoundError, CheckpointError) as e:
         print(f"dim_search: error: {e}", file=sys.stderr)
         sys.exit(2)

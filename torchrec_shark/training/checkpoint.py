@@ -211,8 +211,12 @@ def split_run_spec(spec: str) -> Tuple[str, bool]:
 def require_checkpoint(run_dir: str) -> str:
     """Like :func:`latest_checkpoint` but raises a clear error when there is none.
 
-    ``<run_dir>@best`` returns the run's best checkpoint instead of its latest.
+    ``<run_dir>@best`` returns the run's best checkpoint instead of its latest; a checkpoint
+    directory (one already resolved, e.g. by :func:`~torchrec_shark.training.run_ref.resolve_run`)
+    is returned as it is.
     """
+    if _readable_meta(run_dir):
+        return run_dir
     run_dir, want_best = split_run_spec(run_dir)
     if not os.path.isdir(run_dir):
         raise CheckpointError(f"run dir {run_dir!r} does not exist")

@@ -41,6 +41,7 @@ from torchrec_shark.training.optimizers import (
     dense_optimizer,
     sparse_optimizer_spec,
 )
+from torchrec_shark.training.run_ref import resolve_run
 from torchrec_shark.training.preflight import (
     check_splits,
     check_tt_memory,
@@ -79,9 +80,14 @@ class Trainer:
         torch.manual_seed(t.seed)
         np.random.seed(t.seed)
 
+        # The warm-start source, resolved once: its statistics and its checkpoint come from the same run.
+        self.init_source = resolve_run(t.init_from) if t.init_from else None
         self.dataset = data_sources.build_dataset(cfg.data)
         if statistics_from is None:
-            statistics_from = run_dir if t.resume and has_statistics(run_dir) else t.init_from
+            if t.resume and has_statistics(run_dir):
+                statistics_from = run_dir
+            elif self.init_source is not None:
+                statistics_from = self.init_source.run_dir
         prepare_statistics(self.dataset, run_dir, statistics_from, env.is_main,
                            _from_main if env.world_size > 1 else None, self._log)
         check_splits(self.dataset, t.batch_size, env.rank, env.world_size,
@@ -193,16 +199,17 @@ class Trainer:
                 raise ckpt.CheckpointError(
                     f"run dir {self.run_dir!r} already holds checkpoints ({', '.join(os.path.basename(p) for p in existing)}): "
                     "pass trainer.resume=true to continue that run, or choose another run dir")
-        if t.init_from:
+        if self.init_source is not None:
+            source = self.init_source.checkpoint
             columns = {k: list(v) for k, v in self.cfg.tables.init_columns.items()}
-            report = ckpt.warm_start(t.init_from, self.model, columns)
+            report = ckpt.warm_start(source, self.model, columns)
             if columns:  # narrowed tables: their fields' projections start as the source's, masked
                 features = {c.name: list(c.feature_names) for c in self.table_configs}
-                report["projections"] = ckpt.warm_start_projections(t.init_from, self.model, columns, features)
+                report["projections"] = ckpt.warm_start_projections(source, self.model, columns, features)
                 report["skipped"] = [k for k in report["skipped"] if k not in set(report["projections"])]
             report["optimizer_state"] = ckpt.warm_start_optimizer(
-                t.init_from, self.optimizer, report["loaded"] + report["narrowed"], report["narrowed_columns"])
-            self._log(f"warm start from {t.init_from}: {len(report['loaded'])} tensors loaded, "
+                source, self.optimizer, report["loaded"] + report["narrowed"], report["narrowed_columns"])
+            self._log(f"warm start from {source}: {len(report['loaded'])} tensors loaded, "
                       f"{len(report.get('narrowed', []))} narrowed to init_columns, "
                       f"{len(report.get('projections', []))} projections from the source, "
                       f"{len(report['skipped'])} not in the source (fresh init), "
@@ -212,10 +219,11 @@ class Trainer:
                           f"tensor-train cores at a new width): {report['fresh_tables']}")
             # Continue the source's data stream: re-reading the samples it has already fitted pushes
             # the rows of rare ids further toward those samples' labels (a second epoch overfits).
-            meta = ckpt.read_meta(ckpt.require_checkpoint(t.init_from))
+            meta = ckpt.read_meta(source)
             source_batch = int(meta.get("config", {}).get("trainer", {}).get("batch_size", t.batch_size))
             self.data_offset = int(meta.get("data_position", meta.get("step", 0))) * source_batch // t.batch_size
             report["data_offset_batches"] = self.data_offset
+            report["source_checkpoint"] = os.path.abspath(source)
             if self.env.is_main:
                 self._write_json("warm_start.json", report)
         return 0
