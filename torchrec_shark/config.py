@@ -243,9 +243,14 @@ def _check_choice(key: str, value: str, choices) -> None:
         raise ConfigError(f"{key}={value!r} is not one of {list(choices)}")
 
 
-def validate(cfg: TrainConfig) -> None:
-    """Semantic checks that types alone cannot express. Raises :class:`ConfigError`."""
+def validate(cfg: TrainConfig, world_size: int = 1) -> None:
+    """Semantic checks that types alone cannot express (``world_size``: the job's ranks). Raises
+    :class:`ConfigError`."""
     import os
+
+    if cfg.trainer.batch_size % world_size:
+        raise ConfigError(f"trainer.batch_size={cfg.trainer.batch_size} must be divisible by the number of ranks "
+                          f"({world_size}): each rank reads an equal slice of every batch")
 
     _check_choice("data.source", cfg.data.source, ("synthetic", "criteo_tsv", "criteo_npy", "tabular"))
     if cfg.data.source != "synthetic":

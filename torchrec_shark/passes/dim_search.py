@@ -44,12 +44,14 @@ from hydra.core.config_store import ConfigStore
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import MISSING, DictConfig, OmegaConf
 
+from torchrec_shark.cli import job, run_hydra_app
 from torchrec_shark.config import check_known_keys
 from torchrec_shark.passes import saliency as sal
 from torchrec_shark.passes.run_loader import load_run, pooled_gradients, retrain_command
 from torchrec_shark.passes.tables_yaml import write_tables_config
 from torchrec_shark.training.checkpoint import CheckpointError
 from torchrec_shark.training.env import DistEnv, distributed_job, shared_run_dir
+from torchrec_shark.training.job_log import setup_job_logging
 from torchrec_shark.training.run_ref import resolve_run
 
 logger = logging.getLogger(__name__)
@@ -337,6 +339,7 @@ _FOUND = os.path.isfile(os.path.join(CONF_DIR, "dim_search.yaml"))
 
 @hydra.main(version_base="1.3", config_path=CONF_DIR if _FOUND else None,
             config_name="dim_search" if _FOUND else "dim_search_schema")
+@job
 def main(dcfg: DictConfig) -> None:
     import warnings
 
@@ -354,6 +357,7 @@ def main(dcfg: DictConfig) -> None:
         sys.exit(2)
     with distributed_job(train_cfg.trainer.device, train_cfg.trainer.num_threads) as env:
         out_dir = shared_run_dir(HydraConfig.get().runtime.output_dir, "dim_search.log")
+        setup_job_logging(out_dir, "dim_search.log", env.rank, env.world_size)
         try:
             search(cfg, out_dir, env)
         except BudgetError as e:
@@ -362,4 +366,4 @@ def main(dcfg: DictConfig) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_hydra_app(main, DimSearchConfig, prog="dim_search")

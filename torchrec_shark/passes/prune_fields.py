@@ -439,14 +439,18 @@ def _hydra_main():
     # conf/passes/prune_fields.yaml in a source checkout; the bare schema otherwise.
     found = os.path.isfile(os.path.join(CONF_DIR, "prune_fields.yaml"))
 
+    from torchrec_shark.cli import job, run_hydra_app
+
     @hydra.main(version_base="1.3", config_path=CONF_DIR if found else None,
                 config_name="prune_fields" if found else "prune_fields_schema")
+    @job
     def main(dcfg: DictConfig) -> None:
         import warnings
 
         from torchrec_shark.config import ConfigError, check_known_keys
         from torchrec_shark.training import checkpoint as ckpt
         from torchrec_shark.training.env import distributed_job, shared_run_dir
+        from torchrec_shark.training.job_log import setup_job_logging
 
         warnings.filterwarnings("ignore", message=".*broadcast_buffers.*is deprecated")
         try:
@@ -461,13 +465,14 @@ def _hydra_main():
             sys.exit(2)
         with distributed_job(run_cfg.trainer.device, run_cfg.trainer.num_threads) as env:
             out_dir = shared_run_dir(HydraConfig.get().runtime.output_dir, "prune_fields.log")
+            setup_job_logging(out_dir, "prune_fields.log", env.rank, env.world_size)
             try:
                 run_pass(cfg, out_dir, env)
             except (PruneError, ConfigError, ckpt.CheckpointError) as e:
                 print(f"prune_fields: error: {e}", file=sys.stderr)
                 sys.exit(2)
 
-    main()
+    run_hydra_app(main, PruneFieldsConfig, prog="prune_fields")
 
 
 if __name__ == "__main__":

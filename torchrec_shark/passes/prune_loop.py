@@ -257,8 +257,11 @@ def _hydra_main():
 
     found = os.path.isfile(os.path.join(CONF_DIR, "prune_loop.yaml"))
 
+    from torchrec_shark.cli import job, run_hydra_app
+
     @hydra.main(version_base="1.3", config_path=CONF_DIR if found else None,
                 config_name="prune_loop" if found else "prune_loop_schema")
+    @job
     def main(dcfg: DictConfig) -> None:
         from torchrec_shark.training.checkpoint import CheckpointError
 
@@ -274,7 +277,7 @@ def _hydra_main():
             print(f"prune_loop: error: {e}", file=sys.stderr)
             sys.exit(2)
 
-    main()
+    run_hydra_app(main, PruneLoopConfig, prog="prune_loop")
 
 
 if __name__ == "__main__":

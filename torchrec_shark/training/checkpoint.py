@@ -289,7 +289,6 @@ def load_newest_readable(run_dir: str, stateful: Dict[str, object]) -> Tuple[str
         if failed and _is_main():
             msg = f"checkpoint(s) unreadable, resuming from the previous complete one {path}: " + " | ".join(failed)
             logger.warning(msg)
-            print(f"warning: {msg}", flush=True)
         return path, meta
     raise CheckpointError(f"run dir {run_dir!r}: no readable checkpoint: " + (" | ".join(failed) or "none found"))
 

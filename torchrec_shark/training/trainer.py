@@ -26,7 +26,7 @@ from torchrec.distributed.train_pipeline import TrainPipelineSparseDist
 from torchrec.optim.keyed import CombinedOptimizer
 from tqdm import tqdm
 
-from torchrec_shark.config import TrainConfig
+from torchrec_shark.config import ConfigError, TrainConfig, validate
 from torchrec_shark import data as data_sources
 from torchrec_shark.data.statistics import has_statistics, prepare_statistics
 from torchrec_shark.distributed.model_parallel import compressed_sharders, plan_model, shard_model
@@ -73,8 +73,7 @@ class Trainer:
         self.run_dir = run_dir
         self.env = env
         t = cfg.trainer
-        if t.batch_size % env.world_size:
-            raise ValueError(f"trainer.batch_size={t.batch_size} must be divisible by the world size {env.world_size}")
+        validate(cfg, env.world_size)
         self.local_batch = t.batch_size // env.world_size
         self.data_offset = 0  # global training batches read before this run's step 0 (see _restore)
         torch.manual_seed(t.seed)
@@ -92,11 +91,16 @@ class Trainer:
                            _from_main if env.world_size > 1 else None, self._log)
         check_splits(self.dataset, t.batch_size, env.rank, env.world_size,
                      f"data.path={cfg.data.path}" if cfg.data.path else f"data.source={cfg.data.source}")
-        self.table_configs = build_table_configs(
-            cfg.tables, self.dataset.feature_names, self.dataset.num_embeddings_per_feature
-        )
-        check_tt_memory(self.table_configs, memory_budget_bytes(
-            env.device.type, env.world_size, cfg.planner.hbm_cap_gb, cfg.planner.ddr_cap_gb))
+        try:
+            self.table_configs = build_table_configs(
+                cfg.tables, self.dataset.feature_names, self.dataset.num_embeddings_per_feature
+            )
+            check_tt_memory(self.table_configs, memory_budget_bytes(
+                env.device.type, env.world_size, cfg.planner.hbm_cap_gb, cfg.planner.ddr_cap_gb))
+        except (ConfigError, data_sources.DataError):
+            raise
+        except ValueError as e:  # a table spec that cannot be built (e.g. a tensor-train shape): the config's fault
+            raise ConfigError(str(e)) from e
         self.feature_names = [f for c in self.table_configs for f in c.feature_names]
         self.compressed = is_compressed(self.table_configs)
         self.sharded = True  # compressed collections shard too (their own sharder)
@@ -154,7 +158,7 @@ class Trainer:
                 text = str(self.plan)
                 if self.compressed:
                     text += "\n" + format_plan_table(self.plan_table)
-                print(f"Sharding plan ({env.world_size} rank(s), {env.backend}):\n{text}", flush=True)
+                self._log(f"Sharding plan ({env.world_size} rank(s), {env.backend}):\n{text}")
                 with open(os.path.join(self.run_dir, "plan.txt"), "w") as f:
                     f.write(text + "\n")
                 self._write_json("plan.json", self.plan_table)
@@ -241,9 +245,9 @@ class Trainer:
         take turns step by step, so that whatever else slows the machine slows both alike."""
 
     def _log(self, msg: str) -> None:
+        """A line for the console (rank 0) and the run's log (see ``job_log``)."""
         if self.env.is_main:
             logger.info(msg)
-            print(msg, flush=True)
 
     # ---------------------------------------------------------------- loop
     def _train_batches(self, start: int) -> Iterator[Batch]:
@@ -343,8 +347,8 @@ class Trainer:
                 m = self.evaluate()
                 history.append({"step": step, "epoch": epoch, "val_auc": m["auc"], "val_logloss": m["logloss"],
                                 "train_loss": loss_ema})
-                bar.write(f"step {step}: val_auc={m['auc']:.4f} val_logloss={m['logloss']:.4f} "
-                          f"train_loss={loss_ema:.4f}") if self.env.is_main else None
+                self._log(f"step {step}: val_auc={m['auc']:.4f} val_logloss={m['logloss']:.4f} "
+                          f"train_loss={loss_ema:.4f}")
                 if self._improves(m, best):
                     best = {"step": step, "epoch": epoch, "val_auc": m["auc"], "val_logloss": m["logloss"]}
                     improved, evals_since_best = True, 0
