@@ -3,7 +3,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: install data train test test-torchrec bench clean
+.PHONY: install data train test test-slow test-torchrec bench clean
 
 install: $(STAMP)
 
@@ -25,6 +25,10 @@ train: install
 
 test: install
 	$(PY) -m pytest -q tests $(PYTEST_ARGS)
+
+# The README's examples that start many jobs of their own (pipeline, pruning loop, dense-transform benchmark)
+test-slow: install
+	$(PY) -m pytest -q tests -m slow $(PYTEST_ARGS)
 
 # TorchRec's sharding harness over every compressed kind x sharding type (2 gloo ranks; slow)
 test-torchrec: install
