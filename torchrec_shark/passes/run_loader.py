@@ -152,7 +152,7 @@ def retrain_command(run: Union[str, RunRef], search_dir: str, tables_name: str, 
     those whose key ``extra`` sets again (e.g. ``trainer.max_steps=200`` for fine-tuning). The
     warm start reads the checkpoint the pass read (``<run_dir>@best`` stays ``@best``).
     """
-    ref = _ref(run)
+    ref = run if isinstance(run, RunRef) else resolve_run(run, checkpoint=False)
     def key(o: str) -> str:
         return o.split("=", 1)[0].lstrip("+~")
 

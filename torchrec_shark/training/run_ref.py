@@ -35,7 +35,7 @@ class RunRef:
 
     run_dir: str
     best: bool
-    checkpoint: str
+    checkpoint: Optional[str]  # None only when resolved without it (``resolve_run(..., checkpoint=False)``)
 
     @property
     def spec(self) -> str:
@@ -88,19 +88,21 @@ class RunRef:
 
     def _best_evaluation(self, metrics: Dict) -> Dict:
         """The evaluation the best checkpoint was saved at: from its own meta, else metrics.json's ``best``."""
-        meta = ckpt.read_meta(self.checkpoint)
+        meta = ckpt.read_meta(self.checkpoint) if self.checkpoint else {}
         best = meta.get("best") or {}
         if best.get("step") == meta.get("step") and "val_auc" in best:
             return best
         recorded = metrics.get("best") or {}
-        if recorded.get("checkpoint") and os.path.basename(recorded["checkpoint"]) == os.path.basename(self.checkpoint):
+        if recorded.get("checkpoint") and (self.checkpoint is None or os.path.basename(recorded["checkpoint"])
+                                           == os.path.basename(self.checkpoint)):
             return recorded
         raise ckpt.CheckpointError(f"{self.checkpoint} has no recorded validation metrics (not saved as the best)")
 
 
-def resolve_run(spec: str) -> RunRef:
+def resolve_run(spec: str, checkpoint: bool = True) -> RunRef:
     """``<run_dir>`` or ``<run_dir>@best`` -> :class:`RunRef`; raises
     :class:`~torchrec_shark.training.checkpoint.CheckpointError` naming the run when the
-    checkpoint it names does not exist."""
+    checkpoint it names does not exist. ``checkpoint=False``: the run's files only (a command
+    that will read the checkpoint later, e.g. a retrain command)."""
     run_dir, best = ckpt.split_run_spec(spec)
-    return RunRef(run_dir=run_dir, best=best, checkpoint=ckpt.require_checkpoint(spec))
+    return RunRef(run_dir=run_dir, best=best, checkpoint=ckpt.require_checkpoint(spec) if checkpoint else None)
