@@ -50,8 +50,10 @@ def main(dcfg: DictConfig) -> None:
             with run_dir_lock(run_dir, env):
                 Trainer(cfg, run_dir, env).run()
         except (RunDirError, ConfigError, DataError, CheckpointError) as e:
-            where = f" (rank {env.rank})" if env.world_size > 1 else ""
             logging.getLogger("train").warning("refused: %s", e)  # the run's log only: the line below is the console's
+            if isinstance(e, ConfigError):
+                refuse(str(e))  # the same on every rank: said once
+            where = f" (rank {env.rank})" if env.world_size > 1 else ""
             print(f"error{where}: {e}", file=sys.stderr)
             sys.exit(EXIT_USAGE)
 

@@ -50,6 +50,7 @@ SMALL: Dict[str, List[str]] = {
     "torchrec_shark.passes.prune_loop": ["finetune_steps=2", "max_rounds=1", "num_batches=1"],
     "torchrec_shark.pipeline": ["steps=2", "finetune_steps=2"],  # and TRAIN_SMALL in its train=[...]
     "torchrec_shark.bench.tabular_transforms": ["--rows", "3000", "--steps", "2"],
+    "torchrec_shark.bench.tables": ["--small", "--tables", "4"],
     "torchrec_shark.data.samples": [],
     "make data": [],
     "make train": [],  # ARGS gets TRAIN_SMALL
