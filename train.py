@@ -19,11 +19,13 @@ import hydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
+from torchrec_shark.cli import EXIT_FAILED, EXIT_USAGE, job, refuse, run_hydra_app
 from torchrec_shark.config import ConfigError, TrainConfig, check_known_keys, validate
 from torchrec_shark.conf_store import register_configs
 from torchrec_shark.data.types import DataError
 from torchrec_shark.training.checkpoint import CheckpointError
 from torchrec_shark.training.env import distributed_job, shared_run_dir
+from torchrec_shark.training.job_log import setup_job_logging
 from torchrec_shark.training.preemption import EXIT_CODE as PREEMPTED_EXIT_CODE
 from torchrec_shark.training.run_dir import RunDirError, refuse_unwritable_run_dir, run_dir_lock
 from torchrec_shark.training.run_record import (
@@ -37,21 +39,22 @@ from torchrec_shark.training.run_record import (
 from torchrec_shark.training.trainer import NothingToDo, Preempted, Trainer, TrainingDiverged
 
 register_configs()
+LOG_NAME = "train.log"
 # TorchRec's DMP passes a deprecated DDP argument internally; nothing for a user to act on.
 warnings.filterwarnings("ignore", message=".*broadcast_buffers.*is deprecated")
-# TorchRec's pipeline tracing trips a torch.fx notice meant for torch.export users.
-logging.getLogger("torch.fx._symbolic_trace").setLevel(logging.ERROR)
-logger = logging.getLogger("torchrec_shark.train")
+# The run's log only (training.job_log): what the console gets is printed.
+logger = logging.getLogger("train")
 
 
 def _stop(message: str, code: int) -> None:
     """Print ``message`` to stderr, keep it in the run's log, exit with ``code``."""
     logger.error(message)
-    print(message, file=sys.stderr)
+    print(message, file=sys.stderr, flush=True)
     sys.exit(code)
 
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="config")
+@job
 def main(dcfg: DictConfig) -> None:
     hydra_cfg = HydraConfig.get()
     own_dir = hydra_cfg.runtime.output_dir
@@ -64,11 +67,12 @@ def main(dcfg: DictConfig) -> None:
             dcfg = resume_config(dcfg, recorded, overrides)
             record_hydra, run_overrides = None, resumed_overrides(recorded_overrides(own_dir), overrides)
         cfg: TrainConfig = OmegaConf.to_object(dcfg)  # type: ignore[assignment]
-        validate(cfg)
+        validate(cfg, world_size=int(os.environ.get("WORLD_SIZE", "1")))
     except ConfigError as e:
-        _stop(f"config error: {e}", 2)
+        refuse(str(e))
     with distributed_job(cfg.trainer.device, cfg.trainer.num_threads) as env:
-        run_dir = shared_run_dir(own_dir, "train.log")
+        run_dir = shared_run_dir(own_dir, LOG_NAME)
+        setup_job_logging(run_dir, LOG_NAME, env.rank, env.world_size)
         metrics = os.path.join(run_dir, "metrics.json")
         if env.is_main:
             print(f"run dir: {run_dir} (metrics: {metrics})", flush=True)
@@ -91,9 +95,13 @@ def main(dcfg: DictConfig) -> None:
                 print(str(e), flush=True)
             sys.exit(PREEMPTED_EXIT_CODE)
         except TrainingDiverged as e:
-            _stop(f"error{where}: {e}", 1)
+            _stop(f"error{where}: {e}", EXIT_FAILED)
         except (RunDirError, ConfigError, DataError, CheckpointError) as e:
-            _stop(f"error{where}: {e}", 2)
+            logger.warning("refused: %s", e)
+            if isinstance(e, ConfigError):
+                refuse(str(e))  # the same on every rank: said once
+            print(f"error{where}: {e}", file=sys.stderr, flush=True)
+            sys.exit(EXIT_USAGE)
         if env.is_main:
             print(f"run dir: {run_dir} (metrics: {metrics})", flush=True)
 
@@ -102,5 +110,5 @@ if __name__ == "__main__":
     unwritable_dir = refuse_unwritable_run_dir(sys.argv[1:])
     if unwritable_dir:
         print(f"error: run dir {unwritable_dir}", file=sys.stderr)
-        sys.exit(2)
-    main()
+        sys.exit(EXIT_USAGE)
+    run_hydra_app(main, TrainConfig, conf_dir=os.path.join(os.path.dirname(os.path.abspath(__file__)), "conf"))

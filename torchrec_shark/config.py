@@ -221,9 +221,14 @@ def _check_choice(key: str, value: str, choices) -> None:
         raise ConfigError(f"{key}={value!r} is not one of {list(choices)}")
 
 
-def validate(cfg: TrainConfig) -> None:
-    """Semantic checks that types alone cannot express. Raises :class:`ConfigError`."""
+def validate(cfg: TrainConfig, world_size: int = 1) -> None:
+    """Semantic checks that types alone cannot express (``world_size``: the job's ranks). Raises
+    :class:`ConfigError`."""
     import os
+
+    if cfg.trainer.batch_size % world_size:
+        raise ConfigError(f"trainer.batch_size={cfg.trainer.batch_size} must be divisible by the number of ranks "
+                          f"({world_size}): each rank reads an equal slice of every batch")
 
     _check_choice("data.source", cfg.data.source, ("synthetic", "criteo_tsv", "criteo_npy", "tabular"))
     if cfg.data.source != "synthetic":
@@ -273,9 +278,15 @@ def validate(cfg: TrainConfig) -> None:
         raise ConfigError(f"trainer.max_epochs={t.max_epochs} must be positive")
     if t.early_stopping_patience < 0:
         raise ConfigError(f"trainer.early_stopping_patience={t.early_stopping_patience} must be >= 0")
-    init_dir = t.init_from[: -len("@best")] if t.init_from and t.init_from.endswith("@best") else t.init_from
-    if init_dir is not None and not os.path.isdir(init_dir):
+    if t.init_from is not None and not os.path.isdir(_run_dir_of(t.init_from)):
         raise ConfigError(f"trainer.init_from={t.init_from!r} is not a directory")
+
+
+def _run_dir_of(spec: str) -> str:
+    """The run dir of a run reference (``<run_dir>`` or ``<run_dir>@best``)."""
+    from torchrec_shark.training.checkpoint import split_run_spec
+
+    return split_run_spec(spec)[0]
 
 
 def _check_data_transforms(d: DataConfig) -> None:

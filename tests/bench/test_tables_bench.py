@@ -25,6 +25,12 @@ def _check_results(report, kinds):
         assert r["bytes"] > 0 and r["fp32_bytes"] > 0
     ref = report["reference"]["kind"]
     assert by_kind[ref]["throughput_vs_ref"] == pytest.approx(1.0)
+    rounds = report["args"]["rounds"]
+    for r in by_kind.values():  # each ratio also taken round by round, its spread printed
+        assert len(r["vs_ref_rounds"]) == rounds
+        assert r["vs_ref_min"] <= r["vs_ref_median"] <= r["vs_ref_max"]
+        assert r["cpu_vs_ref_min"] <= r["cpu_vs_ref_median"] <= r["cpu_vs_ref_max"]
+    assert by_kind[ref]["vs_ref_rounds"] == [1.0] * rounds
     return by_kind
 
 

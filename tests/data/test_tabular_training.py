@@ -50,9 +50,10 @@ def test_timestamp_column_trains_and_statistics_follow_the_run(tmp_path):
     assert "resumed from" in out and (run / STATS_FILE).read_text() == saved
     assert resumed["data_transforms"] == metrics["data_transforms"]
 
-    # ... and a warm start takes its source's, whatever file it reads
+    # ... and a warm start takes its source's, whatever file it reads (also from the source's best checkpoint)
     warm_dir = tmp_path / "warm"
-    warm, out = train(shifted, warm_dir, 10, f"trainer.init_from={run}")
+    warm, out = train(shifted, warm_dir, 10, f"trainer.init_from={run}@best")
+    assert f"data statistics from {run / STATS_FILE}" in out
     assert (warm_dir / STATS_FILE).read_text() == saved
     assert (warm_dir / COUNTS_FILE).read_bytes() == (run / COUNTS_FILE).read_bytes()
     assert warm["data_transforms"] == metrics["data_transforms"]

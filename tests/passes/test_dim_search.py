@@ -76,17 +76,16 @@ def test_pass_config_composes_and_rejects_bad_values():
             dim_search.check_config(bad)
 
 
-def test_truth_check_reads_data_truth(tmp_path):
+def test_truth_check_reads_data_truth():
     truth = {"fields": {
         "a": {"informative": True, "intrinsic_dim": 16}, "b": {"informative": True, "intrinsic_dim": 8},
         "c": {"informative": True, "intrinsic_dim": 1}, "n": {"informative": False, "intrinsic_dim": 0}},
         "noise_fields": ["n"]}
-    (tmp_path / "data_truth.json").write_text(json.dumps(truth))
     tables = [sal.TableInfo(f"t_{f}", 100, 32, (f,)) for f in "abcn"]
     s = {"a": torch.full((32,), 4.0), "b": torch.full((32,), 2.0), "c": torch.full((32,), 1.0),
          "n": torch.full((32,), 0.1)}
     sel = sal.select_dims(sal.normalise(s), tables, budget=0.45)
-    out = dim_search.truth_check(str(tmp_path), tables, sel, {f: float(v.sum()) for f, v in s.items()})
+    out = dim_search.truth_check(truth, tables, sel, {f: float(v.sum()) for f, v in s.items()})
     assert sel.field_widths["a"] > sel.field_widths["b"] >= sel.field_widths["c"] >= sel.field_widths["n"] == 4
     assert out["informative"] == ["a", "b", "c"] and out["noise_fields"] == ["n"]
     assert out["spearman_saliency"] == pytest.approx(1.0) and out["noise_at_min_width"]

@@ -4,6 +4,7 @@ import csv
 import json
 import os
 import shlex
+import shutil
 import subprocess
 import sys
 
@@ -215,8 +216,8 @@ SMALL = [
     "tables.embedding_dim=16",
     "model.interaction_dim=16",
     "trainer.max_steps=40",
-    "trainer.eval_every=40",
-    "trainer.checkpoint_every=40",
+    "trainer.eval_every=20",
+    "trainer.checkpoint_every=20",
 ]
 
 
@@ -325,3 +326,26 @@ def test_cli_rejects_dropping_every_field_before_loading_the_model(pruned, tmp_p
     assert proc.returncode == 2, proc.stderr[-2000:]
     assert "drop=6 but the model has 6 fields; at most 5 can be dropped" in proc.stderr
     assert not (tmp_path / "out" / "field_importance.csv").exists()
+
+
+def test_pass_on_a_best_checkpoint_reads_it_and_its_fine_tune_starts_from_it(pruned, tmp_path):
+    """``run_dir=<run>@best``: the pass loads the best checkpoint (not the latest), and the command it
+    writes keeps the run's overrides and warm-starts from that same checkpoint."""
+    trained, _, _, _ = pruned
+    run, out, fine_tune = tmp_path / "run", tmp_path / "pass", tmp_path / "fine_tune"
+    shutil.copytree(trained, run)
+    # Step 20 recorded itself as the best when it was saved (the first evaluation always improves):
+    # name it the best, as a run whose last evaluation did not improve would have.
+    (run / "checkpoints" / "best").write_text("step_00000020")
+    _torchrun(["-m", "torchrec_shark.passes.prune_fields", f"run_dir={run}@best", "drop=1",
+               "extra=['trainer.max_steps=2']", f"hydra.run.dir={out}"], nproc=1)
+    report = json.loads((out / "prune_report.json").read_text())
+    assert report["checkpoint"] == str(run / "checkpoints" / "step_00000020")
+    argv = shlex.split(report["command"])
+    assert f"trainer.init_from={run}@best" in argv
+    kept = [o for o in SMALL if not o.startswith("tables.") and o != "trainer.max_steps=40"]
+    assert [o for o in argv if o in SMALL] == kept
+    _torchrun(["train.py", *argv[argv.index("train.py") + 1:], f"hydra.run.dir={fine_tune}"], nproc=1)
+    warm = json.loads((fine_tune / "warm_start.json").read_text())
+    assert warm["source_checkpoint"] == str(run / "checkpoints" / "step_00000020")
+    assert warm["data_offset_batches"] == 20

@@ -12,6 +12,7 @@ import pytest
 from omegaconf import OmegaConf
 
 from torchrec_shark.passes.prune_loop import LoopError, PruneLoopConfig, run_loop
+from torchrec_shark.training.checkpoint import split_run_spec
 
 FIELDS = [f"f{i}" for i in range(6)]
 IMPORTANCE = {"f0": 0.5, "f1": 0.001, "f2": 0.3, "f3": 0.002, "f4": 0.2, "f5": 0.1}
@@ -42,7 +43,7 @@ class FakeRunner:
         self.calls.append(argv)
         args = dict(a.split("=", 1) for a in argv if "=" in a and not a.startswith("-"))
         if "torchrec_shark.passes.prune_fields" in argv:
-            with open(os.path.join(args["run_dir"], "metrics.json")) as f:
+            with open(os.path.join(split_run_spec(args["run_dir"])[0], "metrics.json")) as f:
                 fields = json.load(f)["fields"]
             drop = sorted(fields, key=IMPORTANCE.get)[: int(args["drop"])]
             out = args["hydra.run.dir"]
@@ -57,7 +58,7 @@ class FakeRunner:
             return 0
         # Fine-tuning: train.py with the pruned tables, warm-started from the previous run.
         assert "train.py" in argv, argv
-        src = args["trainer.init_from"]
+        src = split_run_spec(args["trainer.init_from"])[0]
         with open(os.path.join(src, "metrics.json")) as f:
             parent = json.load(f)
         tables = OmegaConf.load(os.path.join(args["hydra.searchpath"].strip("[]").replace("file://", ""), "tables",
@@ -103,6 +104,23 @@ def test_loop_prunes_until_auc_falls_out_of_tolerance(tmp_path):
     assert f"trainer.init_from={out / 'round_01' / 'train'}" in second
     assert "trainer.max_steps=7" in second and "trainer.max_steps=100" not in second
     assert "data.synthetic.seed=3" in second
+
+
+def test_loop_on_a_best_checkpoint_starts_from_it(tmp_path):
+    """``run_dir=<run>@best``: the unpruned AUC is the best evaluation's, and the first round prunes and
+    fine-tunes from the best checkpoint with the run's overrides."""
+    base = tmp_path / "base"
+    _fake_run(str(base), FIELDS, 0.70, overrides=["trainer.max_steps=100", "data.synthetic.seed=3"])
+    os.makedirs(base / "checkpoints" / "step_0")
+    with open(base / "checkpoints" / "step_0" / "meta.json", "w") as f:
+        json.dump({"step": 0, "best": {"step": 0, "val_auc": 0.80, "val_logloss": 0.2}}, f)
+    (base / "checkpoints" / "best").write_text("step_0")
+    runner = FakeRunner({f: 0.0 for f in FIELDS})
+    summary = run_loop(_cfg(f"{base}@best", drop_per_round=2, max_rounds=1), str(tmp_path / "loop"), runner)
+    assert summary["base_val_auc"] == 0.80 and summary["rounds"][0]["val_auc"] == 0.80
+    prune_call, train_call = runner.calls
+    assert f"run_dir={base}@best" in prune_call
+    assert f"trainer.init_from={base}@best" in train_call and "data.synthetic.seed=3" in train_call
 
 
 def test_loop_stops_before_going_below_min_fields(tmp_path):

@@ -71,7 +71,6 @@ def _save_load_train_on(rank, world_size, run_dir):
     return before, after, live_eval, loaded_eval, out
 
 
-@pytest.mark.slow
 def test_tt_cache_checkpoint_equals_the_live_model(tmp_path):
     for before, after, live_eval, loaded_eval, (a, b) in run_ranks(_save_load_train_on, 2, str(tmp_path)):
         assert before["cached"] > 0 and before["steps"] == 7

@@ -41,7 +41,6 @@ def _model_state(checkpoint):
     return state
 
 
-@pytest.mark.slow
 @pytest.mark.parametrize("nproc", [1, 2])
 def test_sigterm_saves_a_checkpoint_and_the_resume_is_exact(tmp_path, nproc):
     run = tmp_path / "run"

@@ -74,7 +74,6 @@ def snapshot(run_dir):
     return out
 
 
-@pytest.mark.slow
 def test_refused_and_failed_jobs_leave_the_run_dir_as_it_was(tmp_path):
     run = tmp_path / "run"
     every = ["trainer.eval_every=5", "trainer.checkpoint_every=5"]

@@ -39,6 +39,12 @@ def test_two_ranks_train_and_write_metrics(tmp_path, sharding_type):
     losses = [h["val_logloss"] for h in metrics["history"]]
     assert losses[-1] < losses[0], losses
     assert "Sharding plan" in out and os.path.isfile(tmp_path / "run" / "plan.txt")
+    # The console shows the plan and results, not TorchRec's or torch's notes; train.log keeps all of the run.
+    assert "step 20: val_auc=" in out and "done: steps=60" in out
+    assert "WARNING]" not in out and "FutureWarning" not in out and "[HYDRA]" not in out, out[:3000]
+    log = (tmp_path / "run" / "train.log").read_text()
+    for line in ("Sharding plan (2 rank(s), gloo)", "step 20: val_auc=", "step 60: val_auc=", "done: steps=60"):
+        assert line in log, log[-3000:]
     assert os.path.isfile(tmp_path / "run" / "data_truth.json")
     if sharding_type == "row_wise":
         # Mixed-precision tables warm-start from these stock ones: rows re-encoded by tier, the model's

@@ -22,7 +22,10 @@ as unavailable, with the reason, and the others still run; this module itself im
 torch alone.
 
 All kinds are built first, then timed in interleaved slices (the order rotated each round),
-so that on a shared machine load changes hit every kind alike. Label-aware kinds are
+so that on a shared machine load changes hit every kind alike; each kind's ratio to the
+reference is also taken in every round alone, and its median and range over the rounds printed,
+in wall time and in process CPU time (the work of every thread: on a machine shared with other
+jobs the wall time also counts the waiting). Label-aware kinds are
 measured in steady state: a warm-up records labels and re-tiers
 before timing; the cost of one re-tiering is reported separately and amortised over
 ``retier_every`` steps.
@@ -402,6 +405,8 @@ class Runner:
         except expected as e:
             raise Unavailable(f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}".rstrip(": ")) from e
         self.steps, self.seconds, self.retier_s = 0, 0.0, None
+        self.slice_step_s: List[float] = []  # seconds per step of each timed slice (one per round)
+        self.slice_cpu_s: List[float] = []  # the same in process CPU time (all threads)
         if self.model.label_aware:  # steady state: tiers reflect the warm-up's hotness
             t0 = time.perf_counter()
             for t in self.model.label_aware:
@@ -411,12 +416,15 @@ class Runner:
 
     def run(self, iters: int) -> None:
         _sync(self.device)  # nothing queued by another kind is charged to this one
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         for _ in range(iters):
             self.model.step(self.batches[self.steps % len(self.batches)], self.grad)
             self.steps += 1
         _sync(self.device)
-        self.seconds += time.perf_counter() - t0
+        dt = time.perf_counter() - t0
+        self.seconds += dt
+        self.slice_step_s.append(dt / max(iters, 1))
+        self.slice_cpu_s.append((time.process_time() - c0) / max(iters, 1))
 
     def result(self) -> Dict:
         step_s = self.seconds / max(self.steps, 1)
@@ -474,8 +482,19 @@ def bench(kinds: List[Kind], shapes: List[TableShape], batches: List[Batch], lr:
             runners[(i + r) % len(runners)].run(per_round)
     results = [x.result() for x in runners]
     ref_sps = next(r["samples_per_s"] for r in results if r["kind"] == ref)
-    for r in results:
+    ref_runner = next(x for x in runners if x.kind.name == ref)
+    for r, x in zip(results, runners):
         r["throughput_vs_ref"] = r["samples_per_s"] / ref_sps
+        # the same ratio in every round alone (both kinds timed within the round): its spread
+        per_round = [a / b for a, b in zip(ref_runner.slice_step_s, x.slice_step_s)]
+        r["vs_ref_rounds"] = per_round
+        r["vs_ref_median"] = float(np.median(per_round))
+        r["vs_ref_min"], r["vs_ref_max"] = min(per_round), max(per_round)
+        # in CPU time: what a machine shared with other jobs distorts least (the work, not the waiting)
+        cpu_rounds = [a / b for a, b in zip(ref_runner.slice_cpu_s, x.slice_cpu_s)]
+        r["cpu_step_ms"] = float(np.median(x.slice_cpu_s)) * 1e3
+        r["cpu_vs_ref_median"] = float(np.median(cpu_rounds))
+        r["cpu_vs_ref_min"], r["cpu_vs_ref_max"] = min(cpu_rounds), max(cpu_rounds)
     return {"results": results, "unavailable": unavailable, "reference": {"kind": ref, "why": why}}
 
 
@@ -533,14 +552,18 @@ def main(argv: Optional[List[str]] = None) -> Dict:
     for name, why in out["unavailable"].items():
         print(f"{name}: unavailable on {args.device}: {why}")
     print(f"reference for the 'vs ref' column: {ref['kind']} ({ref['why']})")
-    print(f"\n{'kind':<20}{'MB':>10}{'vs fp32':>9}{'ms/step':>10}{'samples/s':>12}{'vs ref':>9}  notes")
+    print(f"\n{'kind':<20}{'MB':>10}{'vs fp32':>9}{'ms/step':>10}{'samples/s':>12}{'vs ref':>9}"
+          f"  {'per round: median [min-max]':<28}  {'CPU ms/step':>11}  {'CPU time vs ref':<28}  notes")
     for r in results:
         notes = ""
         if "retier_ms" in r:
             notes = f"re-tier {r['retier_ms']:.0f} ms (every step: {r['step_ms_with_retier']:.1f} ms/step incl. amortised)"
         print(
             f"{r['kind']:<20}{r['bytes'] / 2**20:>10.1f}{r['bytes_vs_fp32']:>8.1%}{r['step_ms']:>10.2f}"
-            f"{r['samples_per_s']:>12,.0f}{r['throughput_vs_ref']:>8.2f}x  {notes}"
+            f"{r['samples_per_s']:>12,.0f}{r['throughput_vs_ref']:>8.2f}x"
+            f"  {r['vs_ref_median']:.2f}x [{r['vs_ref_min']:.2f}-{r['vs_ref_max']:.2f}] ({len(r['vs_ref_rounds'])} rounds)"
+            f"  {r['cpu_step_ms']:>11.1f}  {r['cpu_vs_ref_median']:.2f}x [{r['cpu_vs_ref_min']:.2f}-{r['cpu_vs_ref_max']:.2f}]"
+            f"{'':<13}  {notes}"
         )
     for r in results:
         if len(r["parts"]) > 1:

@@ -72,6 +72,7 @@ def main(argv=None) -> Dict[str, Dict]:
     p.add_argument("--out", default="/tmp/tabular_transforms_bench")
     p.add_argument("--extra", nargs="*", default=[], help="more train.py overrides, e.g. tables=shark")
     args = p.parse_args(argv)
+    args.out = os.path.abspath(args.out)  # the runs start in the checkout, not where this was started
     os.makedirs(args.out, exist_ok=True)
     data = os.path.join(args.out, "clicks_ts.csv")
     write_timestamp_table(data, args.rows)

@@ -13,7 +13,8 @@ row-wise Adagrad). Per table it builds, side by side, each as a one-table collec
 
 A step is ``kt = ebc(kjt); kt.values().backward(g); ebc.step_end()``. The kinds' steps are interleaved
 (one step of each in turn), so a machine shared with other work slows them alike; the median over steps
-is reported, as wall time and as process CPU time (the latter is what a loaded machine distorts least).
+is reported, as wall time and as process CPU time (the latter is what a loaded machine distorts least),
+with the range of each ratio over ``--blocks`` consecutive blocks of the steps.
 
 :func:`tt_table_spec` gives :mod:`torchrec_shark.bench.tables` its TT-with-cache kind.
 """
@@ -95,9 +96,11 @@ def step_fn(ebc: torch.nn.Module, grad: torch.Tensor) -> Callable[[Batch], None]
     return step
 
 
-def interleaved(steps: Dict[str, Callable[[Batch], None]], batches: List[Batch], warmup: Dict[str, int], n: int
-                ) -> Dict[str, Dict[str, float]]:
-    """Median wall and process-CPU seconds per step of each kind, steps interleaved kind by kind."""
+def interleaved(steps: Dict[str, Callable[[Batch], None]], batches: List[Batch], warmup: Dict[str, int], n: int,
+                blocks: int = 1) -> Dict[str, Dict[str, object]]:
+    """Median wall and process-CPU seconds per step of each kind, steps interleaved kind by kind; also
+    the medians of ``blocks`` consecutive blocks of steps (``wall_blocks``, ``cpu_blocks``), whose
+    ratios between kinds give the spread of a ratio over repeats."""
     for name, fn in steps.items():
         for i in range(warmup[name]):
             fn(batches[i % len(batches)])
@@ -110,7 +113,13 @@ def interleaved(steps: Dict[str, Callable[[Batch], None]], batches: List[Batch],
             fn(b)
             wall[name].append(time.perf_counter() - w0)
             cpu[name].append(time.process_time() - c0)
-    return {k: {"wall": statistics.median(wall[k]), "cpu": statistics.median(cpu[k])} for k in steps}
+    size = max(1, n // blocks)
+    out: Dict[str, Dict[str, object]] = {}
+    for k in steps:
+        out[k] = {"wall": statistics.median(wall[k]), "cpu": statistics.median(cpu[k]),
+                  "wall_blocks": [statistics.median(wall[k][i:i + size]) for i in range(0, size * blocks, size)],
+                  "cpu_blocks": [statistics.median(cpu[k][i:i + size]) for i in range(0, size * blocks, size)]}
+    return out
 
 
 def bench_table(n: int, dim: int, args, opt: SparseOptimizerSpec) -> Dict[str, Dict[str, float]]:
@@ -125,7 +134,7 @@ def bench_table(n: int, dim: int, args, opt: SparseOptimizerSpec) -> Dict[str, D
         spec = TensorTrain(num_cores=args.cores, ranks=(args.rank,), cache_fraction=cache, cache_refresh_every=args.refresh_every)
         mods[label] = tt_collection(n, dim, spec, opt)
     warm = {"stock": args.warmup, "tt": args.warmup, "tt+cache": max(args.warmup, args.refresh_every + 1)}
-    res = interleaved({k: step_fn(m, grad) for k, m in mods.items()}, batches, warm, args.steps)
+    res = interleaved({k: step_fn(m, grad) for k, m in mods.items()}, batches, warm, args.steps, args.blocks)
     fp32 = n * dim * 4
     for label, ebc in mods.items():
         r = res[label]
@@ -148,8 +157,12 @@ def bench_table(n: int, dim: int, args, opt: SparseOptimizerSpec) -> Dict[str, D
         print(f"  {label:<9} wall {r['wall'] / args.batch * 1e6:7.3f} us/sample  cpu {r['cpu'] / args.batch * 1e6:7.3f} us/sample"
               f"  {r['bytes'] / 2**20:9.2f} MiB  {extra}")
     for label in ("tt", "tt+cache"):
-        print(f"  {label} / stock: wall {res[label]['wall'] / res['stock']['wall']:.2f}x, "
-              f"cpu {res[label]['cpu'] / res['stock']['cpu']:.2f}x")
+        line = f"  {label} / stock: wall {res[label]['wall'] / res['stock']['wall']:.2f}x, cpu {res[label]['cpu'] / res['stock']['cpu']:.2f}x"
+        for clock in ("wall", "cpu"):
+            ratios = [a / b for a, b in zip(res[label][f"{clock}_blocks"], res["stock"][f"{clock}_blocks"])]
+            res[label][f"{clock}_ratio_blocks"] = ratios
+            line += f"; {clock} over {len(ratios)} blocks {min(ratios):.2f}-{max(ratios):.2f}x"
+        print(line)
     del mods
     gc.collect()
     return res
@@ -169,6 +182,7 @@ def main(argv=None) -> Dict[str, Dict[str, Dict[str, float]]]:
     p.add_argument("--refresh-every", type=int, default=50)
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--steps", type=int, default=30)
+    p.add_argument("--blocks", type=int, default=3, help="consecutive blocks of steps whose ratios give the spread")
     p.add_argument("--distinct-batches", type=int, default=10)
     p.add_argument("--threads", type=int, default=0, help="torch intra-op threads (0: torch's default)")
     args = p.parse_args(argv)

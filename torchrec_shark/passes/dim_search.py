@@ -44,13 +44,16 @@ from hydra.core.config_store import ConfigStore
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import MISSING, DictConfig, OmegaConf
 
+from torchrec_shark.cli import job, run_hydra_app
 from torchrec_shark.config import check_known_keys
 from torchrec_shark.passes import saliency as sal
 from torchrec_shark.passes.command_line import dirs_line
-from torchrec_shark.passes.run_loader import load_run, pooled_gradients, retrain_command, run_config
+from torchrec_shark.passes.run_loader import load_run, pooled_gradients, retrain_command
 from torchrec_shark.passes.tables_yaml import write_tables_config
-from torchrec_shark.training.checkpoint import CheckpointError, require_checkpoint
+from torchrec_shark.training.checkpoint import CheckpointError
 from torchrec_shark.training.env import DistEnv, distributed_job, shared_run_dir
+from torchrec_shark.training.job_log import setup_job_logging
+from torchrec_shark.training.run_ref import resolve_run
 
 logger = logging.getLogger(__name__)
 
@@ -107,7 +110,7 @@ def search(cfg: DimSearchConfig, out_dir: str, env: DistEnv) -> Dict:
     """Run SSEDS on ``cfg.run_dir``; rank 0 writes the outputs to ``out_dir``. Returns the summary."""
     check_config(cfg)
     os.makedirs(out_dir, exist_ok=True)
-    run = load_run(cfg.run_dir, out_dir, env)
+    run = load_run(resolve_run(cfg.run_dir), out_dir, env)
     tables = sal.table_infos(run.trainer.table_configs)
     fields = [f for t in tables for f in t.features]
     num_batches = cfg.num_batches or sys.maxsize
@@ -137,7 +140,8 @@ def search(cfg: DimSearchConfig, out_dir: str, env: DistEnv) -> Dict:
 def _summary(cfg: DimSearchConfig, run, tables: List[sal.TableInfo], sel: sal.Selection) -> Dict:
     reinit = [t.name for t in tables if not t.inherits_columns and sel.table_widths[t.name] != t.width]
     return {
-        "run_dir": os.path.abspath(cfg.run_dir),
+        "run_dir": os.path.abspath(run.run_dir),
+        "run": run.ref.spec,
         "checkpoint": run.checkpoint,
         "budget": cfg.budget,
         "budget_on": cfg.budget_on,
@@ -185,10 +189,10 @@ def _write_outputs(cfg, out_dir, run, tables, sums, saliency, sel: sal.Selection
         header += f"\ntensor-train tables re-initialised at their new width: {summary['reinitialised_tables']}"
     path = write_tables_config(out_dir, cfg.tables_name, run.cfg.tables, run.trainer.table_configs,
                                widths=sel.table_widths, init_columns=summary["init_columns"], header=header)
-    command = retrain_command(cfg.run_dir, out_dir, cfg.tables_name, nproc=cfg.nproc)
+    command = retrain_command(run.ref, out_dir, cfg.tables_name, nproc=cfg.nproc)
     summary["tables_config"] = path
     summary["retrain_command"] = command
-    truth = truth_check(cfg.run_dir, tables, sel, summary["field_saliency"])
+    truth = truth_check(run.ref.data_truth(), tables, sel, summary["field_saliency"])
     if truth is not None:
         summary["truth_check"] = truth
         _dump(os.path.join(out_dir, "truth_check.json"), truth)
@@ -274,13 +278,10 @@ def spearman(a: List[float], b: List[float]) -> float:
     return float(np.corrcoef(ra, rb)[0, 1])
 
 
-def truth_check(run_dir: str, tables, sel: sal.Selection, field_saliency: Dict[str, float]) -> Optional[Dict]:
-    """Searched widths vs. ``<run_dir>/data_truth.json`` (synthetic data), or ``None`` without it."""
-    path = os.path.join(run_dir, "data_truth.json")
-    if not os.path.isfile(path):
+def truth_check(truth: Optional[Dict], tables, sel: sal.Selection, field_saliency: Dict[str, float]) -> Optional[Dict]:
+    """Searched widths vs. the run's ``data_truth.json`` (synthetic data), or ``None`` without it."""
+    if truth is None:
         return None
-    with open(path) as f:
-        truth = json.load(f)
     dims, informative, noise = _truth_fields(truth)
     if dims is None:
         return None
@@ -339,6 +340,7 @@ _FOUND = os.path.isfile(os.path.join(CONF_DIR, "dim_search.yaml"))
 
 @hydra.main(version_base="1.3", config_path=CONF_DIR if _FOUND else None,
             config_name="dim_search" if _FOUND else "dim_search_schema")
+@job
 def main(dcfg: DictConfig) -> None:
     import warnings
 
@@ -350,13 +352,13 @@ def main(dcfg: DictConfig) -> None:
         check_known_keys(dcfg, DimSearchConfig)
         cfg: DimSearchConfig = OmegaConf.to_object(dcfg)  # type: ignore[assignment]
         check_config(cfg)
-        train_cfg = run_config(cfg.run_dir)
-        require_checkpoint(cfg.run_dir)
+        train_cfg = resolve_run(cfg.run_dir).config()
     except (ValueError, FileNotFoundError, CheckpointError) as e:
         print(f"dim_search: error: {e}", file=sys.stderr)
         sys.exit(2)
     with distributed_job(train_cfg.trainer.device, train_cfg.trainer.num_threads) as env:
         out_dir = shared_run_dir(HydraConfig.get().runtime.output_dir, "dim_search.log")
+        setup_job_logging(out_dir, "dim_search.log", env.rank, env.world_size)
         where = dirs_line("dim_search", out_dir, cfg.run_dir, "widths.json")
         if env.is_main:
             print(where, flush=True)
@@ -370,4 +372,4 @@ def main(dcfg: DictConfig) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_hydra_app(main, DimSearchConfig, prog="dim_search")

@@ -136,13 +136,10 @@ def check_rule(cfg: PruneFieldsConfig, fields: Sequence[str]) -> None:
     choose_fields_to_drop(fields, zero, cfg.drop, cfg.tolerance, cfg.fields)
 
 
-def recorded_fields(run_dir: str) -> Optional[List[str]]:
-    """The fields a finished run recorded in its ``metrics.json`` (``None`` when it has none)."""
-    path = os.path.join(run_dir, "metrics.json")
-    if not os.path.isfile(path):
-        return None
-    with open(path) as f:
-        fields = json.load(f).get("fields")
+def recorded_fields(run) -> Optional[List[str]]:
+    """The fields a finished run (a :class:`~torchrec_shark.training.run_ref.RunRef`) recorded in its
+    ``metrics.json`` (``None`` when it has none)."""
+    fields = (run.metrics() or {}).get("fields")
     return list(fields) if fields else None
 
 
@@ -152,12 +149,11 @@ def check_request(cfg: PruneFieldsConfig) -> None:
     The fields come from the run's ``metrics.json``; a run without it is checked again once
     its model is loaded (:func:`check_rule` in :func:`run_pass`).
     """
-    from torchrec_shark.training import checkpoint as ckpt
+    from torchrec_shark.training.run_ref import resolve_run
 
     if cfg.run_dir in ("???", "", None):
         raise PruneError("run_dir=<a train.py run dir> is required")
-    ckpt.require_checkpoint(cfg.run_dir)
-    fields = recorded_fields(cfg.run_dir)
+    fields = recorded_fields(resolve_run(cfg.run_dir))
     if fields is not None:
         check_rule(cfg, fields)
 
@@ -335,10 +331,10 @@ def run_pass(cfg: PruneFieldsConfig, out_dir: str, env) -> Dict:
     """Measure, choose, rewrite. Returns the report written to ``prune_report.json``."""
     from torchrec_shark.passes.run_loader import load_run, retrain_command
     from torchrec_shark.passes.tables_yaml import write_tables_config
-    from torchrec_shark.training import checkpoint as ckpt
+    from torchrec_shark.training.run_ref import resolve_run
 
-    ckpt.require_checkpoint(cfg.run_dir)
-    run = load_run(cfg.run_dir, out_dir, env)
+    ref = resolve_run(cfg.run_dir)
+    run = load_run(ref, out_dir, env)
     fields = list(run.dlrm.feature_names)
     check_rule(cfg, fields)
     num_batches = cfg.num_batches or run.cfg.trainer.eval_batches
@@ -351,7 +347,8 @@ def run_pass(cfg: PruneFieldsConfig, out_dir: str, env) -> Dict:
     plan = prune_tables(table_configs, dropped)
 
     report: Dict = {
-        "run_dir": os.path.abspath(cfg.run_dir),
+        "run_dir": os.path.abspath(ref.run_dir),
+        "run": ref.spec,
         "checkpoint": run.checkpoint,
         "rule": {"drop": cfg.drop, "tolerance": cfg.tolerance, "fields": list(cfg.fields), "by": cfg.by},
         "fields": fields,
@@ -367,11 +364,7 @@ def run_pass(cfg: PruneFieldsConfig, out_dir: str, env) -> Dict:
     if result["exact"]:
         report["spearman_fperm_exact"] = spearman([result["fperm"][f] for f in fields],
                                                   [result["exact"][f] for f in fields])
-    truth = None
-    truth_path = os.path.join(cfg.run_dir, "data_truth.json")
-    if os.path.isfile(truth_path):
-        with open(truth_path) as f:
-            truth = json.load(f)
+    truth = ref.data_truth()
     report["truth"] = truth_checks(truth, result)
 
     if dropped:
@@ -380,13 +373,13 @@ def run_pass(cfg: PruneFieldsConfig, out_dir: str, env) -> Dict:
         over_in = dense_dim + len(fields) * (len(fields) + 1) // 2
         key = over_arch_input_key(run.trainer.model, over_in)
         init_columns = {key: interaction_columns(fields, kept, dense_dim)}
-        header = (f"Field pruning of {os.path.abspath(cfg.run_dir)} ({run.checkpoint}):\n"
+        header = (f"Field pruning of {ref.spec} ({run.checkpoint}):\n"
                   f"dropped fields {dropped} (tables {plan['dropped_tables']}); rule {report['rule']}.\n"
                   f"init_columns keeps the over arch's input columns of the remaining interactions.")
         path = write_tables_config(out_dir, cfg.name, run.cfg.tables, table_configs, keep_tables=plan["keep_tables"],
                                    init_columns=init_columns, header=header, drop_features=dropped)
         nproc = cfg.nproc or env.world_size
-        command = retrain_command(cfg.run_dir, out_dir, cfg.name, extra=list(cfg.extra), nproc=nproc)
+        command = retrain_command(ref, out_dir, cfg.name, extra=list(cfg.extra), nproc=nproc)
         report.update(tables_config=path, command=command)
     else:
         report.update(tables_config=None, command=None)
@@ -401,7 +394,7 @@ def run_pass(cfg: PruneFieldsConfig, out_dir: str, env) -> Dict:
         if cfg.plot:
             noise = (truth or {}).get("noise_fields", [])
             plot_importance(os.path.join(out_dir, "field_importance.png"), result, dropped, noise,
-                            title=f"field importance: {os.path.basename(os.path.abspath(cfg.run_dir))}")
+                            title=f"field importance: {os.path.basename(os.path.abspath(ref.run_dir))}")
         if report["command"]:
             with open(os.path.join(out_dir, "retrain_command.txt"), "w") as f:
                 f.write(report["command"] + "\n")
@@ -446,8 +439,11 @@ def _hydra_main():
     # conf/passes/prune_fields.yaml in a source checkout; the bare schema otherwise.
     found = os.path.isfile(os.path.join(CONF_DIR, "prune_fields.yaml"))
 
+    from torchrec_shark.cli import job, run_hydra_app
+
     @hydra.main(version_base="1.3", config_path=CONF_DIR if found else None,
                 config_name="prune_fields" if found else "prune_fields_schema")
+    @job
     def main(dcfg: DictConfig) -> None:
         import warnings
 
@@ -455,6 +451,7 @@ def _hydra_main():
         from torchrec_shark.passes.command_line import dirs_line
         from torchrec_shark.training import checkpoint as ckpt
         from torchrec_shark.training.env import distributed_job, shared_run_dir
+        from torchrec_shark.training.job_log import setup_job_logging
 
         warnings.filterwarnings("ignore", message=".*broadcast_buffers.*is deprecated")
         try:
@@ -469,6 +466,7 @@ def _hydra_main():
             sys.exit(2)
         with distributed_job(run_cfg.trainer.device, run_cfg.trainer.num_threads) as env:
             out_dir = shared_run_dir(HydraConfig.get().runtime.output_dir, "prune_fields.log")
+            setup_job_logging(out_dir, "prune_fields.log", env.rank, env.world_size)
             where = dirs_line("prune_fields", out_dir, cfg.run_dir, "prune_report.json")
             if env.is_main:
                 print(where, flush=True)
@@ -480,7 +478,7 @@ def _hydra_main():
             if env.is_main:
                 print(where, flush=True)
 
-    main()
+    run_hydra_app(main, PruneFieldsConfig, prog="prune_fields")
 
 
 if __name__ == "__main__":

@@ -139,7 +139,7 @@ def run_loop(cfg: PruneLoopConfig, out_dir: str, runner: Runner = subprocess_run
     from omegaconf import OmegaConf
 
     from torchrec_shark.passes.run_loader import retrain_command
-    from torchrec_shark.training import checkpoint as ckpt
+    from torchrec_shark.training.run_ref import resolve_run
 
     if cfg.drop_per_round is not None and cfg.tolerance is not None:
         raise LoopError("give drop_per_round or tolerance, not both (set drop_per_round=null to use tolerance)")
@@ -149,13 +149,12 @@ def run_loop(cfg: PruneLoopConfig, out_dir: str, runner: Runner = subprocess_run
         raise LoopError(f"drop_per_round={cfg.drop_per_round} must be >= 1")
     if cfg.finetune_steps < 1 or cfg.max_rounds < 1 or cfg.min_fields < 1:
         raise LoopError("finetune_steps, max_rounds and min_fields must be >= 1")
-    base_dir = os.path.abspath(cfg.run_dir)
-    ckpt.require_checkpoint(base_dir)
-    metrics_path = os.path.join(base_dir, "metrics.json")
-    if not os.path.isfile(metrics_path):
-        raise LoopError(f"{base_dir} has no metrics.json: the unpruned run did not finish")
+    ref = resolve_run(cfg.run_dir)
+    base_dir = ref.spec  # <run_dir>@best stays @best: the first round prunes and warm-starts from that checkpoint
+    base = ref.metrics()
+    if base is None:
+        raise LoopError(f"{ref.run_dir} has no metrics.json: the unpruned run did not finish")
     os.makedirs(out_dir, exist_ok=True)
-    base = _read_json(metrics_path)
     base_auc = float(base["val_auc"])
     rows = [_row(0, base, [], True, base_dir, base_auc)]
     write_tables(out_dir, rows)
@@ -258,8 +257,11 @@ def _hydra_main():
 
     found = os.path.isfile(os.path.join(CONF_DIR, "prune_loop.yaml"))
 
+    from torchrec_shark.cli import job, run_hydra_app
+
     @hydra.main(version_base="1.3", config_path=CONF_DIR if found else None,
                 config_name="prune_loop" if found else "prune_loop_schema")
+    @job
     def main(dcfg: DictConfig) -> None:
         from torchrec_shark.training.checkpoint import CheckpointError
 
@@ -279,7 +281,7 @@ def _hydra_main():
             print(f"prune_loop: error: {e}", file=sys.stderr)
             sys.exit(2)
 
-    main()
+    run_hydra_app(main, PruneLoopConfig, prog="prune_loop")
 
 
 if __name__ == "__main__":

@@ -1,10 +1,12 @@
-"""Load a finished ``train.py`` run (config + latest checkpoint) and take gradients at its pooled embeddings.
+"""Load a finished ``train.py`` run (config + a checkpoint) and take gradients at its pooled embeddings.
 
-Both passes work on pooled embeddings, so they apply to every table kind and sharding.
+Both passes work on pooled embeddings, so they apply to every table kind and sharding. A run is
+named by ``<run_dir>`` (its latest checkpoint) or ``<run_dir>@best`` (its best one), resolved once
+by :func:`~torchrec_shark.training.run_ref.resolve_run`.
 
 Example::
 
-    run = load_run("outputs/2026-01-01/12-00-00", out_dir=".", env=init_distributed())
+    run = load_run("outputs/2026-01-01/12-00-00@best", out_dir=".", env=init_distributed())
     for sample in pooled_gradients(run, num_batches=8):
         sample.pooled["f00"], sample.grads["f00"]  # [b, D] each, this rank's slice of the batch
 """
@@ -14,10 +16,9 @@ from __future__ import annotations
 import os
 import shlex
 from dataclasses import dataclass
-from typing import Dict, Iterator, List, Sequence, Tuple
+from typing import Dict, Iterator, List, Sequence, Tuple, Union
 
 import torch
-from omegaconf import OmegaConf
 from torch.nn import functional as F
 
 from torchrec_shark.config import TrainConfig, validate
@@ -25,30 +26,37 @@ from torchrec_shark.models.dlrm import DLRM
 from torchrec_shark.passes.command_line import hydra_quote
 from torchrec_shark.training import checkpoint as ckpt
 from torchrec_shark.training.env import DistEnv
+from torchrec_shark.training.run_ref import RunRef, resolve_run
 from torchrec_shark.training.trainer import Trainer
 
 
-def run_config(run_dir: str) -> TrainConfig:
+def _ref(run: Union[str, RunRef]) -> RunRef:
+    return run if isinstance(run, RunRef) else resolve_run(run)
+
+
+def run_config(run: Union[str, RunRef]) -> TrainConfig:
     """The resolved config a run was trained with (Hydra's ``<run_dir>/.hydra/config.yaml``)."""
-    path = os.path.join(run_dir, ".hydra", "config.yaml")
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"{run_dir!r} is not a train.py run dir: {path} is missing")
-    merged = OmegaConf.merge(OmegaConf.structured(TrainConfig), OmegaConf.load(path))
-    return OmegaConf.to_object(merged)  # type: ignore[return-value]
+    return _ref(run).config()
 
 
-def run_overrides(run_dir: str) -> List[str]:
+def run_overrides(run: Union[str, RunRef]) -> List[str]:
     """The command-line overrides the run was started with."""
-    path = os.path.join(run_dir, ".hydra", "overrides.yaml")
-    return list(OmegaConf.load(path)) if os.path.isfile(path) else []
+    return _ref(run).overrides()
 
 
 @dataclass
 class LoadedRun:
-    run_dir: str
+    ref: RunRef
     cfg: TrainConfig
     trainer: Trainer
-    checkpoint: str
+
+    @property
+    def run_dir(self) -> str:
+        return self.ref.run_dir
+
+    @property
+    def checkpoint(self) -> str:
+        return self.ref.checkpoint
 
     @property
     def dlrm(self) -> DLRM:
@@ -59,16 +67,16 @@ class LoadedRun:
         return self.trainer.env
 
 
-def load_run(run_dir: str, out_dir: str, env: DistEnv) -> LoadedRun:
-    """Rebuild a run's model (same data, tables, sharding) and load its latest checkpoint."""
-    checkpoint = ckpt.require_checkpoint(run_dir)
-    cfg = run_config(run_dir)
+def load_run(run: Union[str, RunRef], out_dir: str, env: DistEnv) -> LoadedRun:
+    """Rebuild a run's model (same data, tables, sharding) and load the checkpoint its reference names."""
+    ref = _ref(run)
+    cfg = ref.config()
     cfg.trainer.resume, cfg.trainer.init_from = False, None
     validate(cfg)
-    trainer = Trainer(cfg, out_dir, env, statistics_from=run_dir)  # the run's inputs, transformed as it saw them
-    ckpt.load_checkpoint(checkpoint, {"model": trainer.model})
+    trainer = Trainer(cfg, out_dir, env, statistics_from=ref.run_dir)  # the run's inputs, transformed as it saw them
+    ckpt.load_checkpoint(ref.checkpoint, {"model": trainer.model})
     trainer.model.eval()
-    return LoadedRun(run_dir, cfg, trainer, checkpoint)
+    return LoadedRun(ref, cfg, trainer)
 
 
 @dataclass
@@ -136,24 +144,27 @@ def predict_with(run: LoadedRun, dense: torch.Tensor, pooled: Dict[str, torch.Te
         return run.dlrm.predict(dense, pooled)
 
 
-def retrain_command(run_dir: str, search_dir: str, tables_name: str, extra: Sequence[str] = (), nproc: int = 0) -> str:
-    """The ``torchrun train.py`` command that trains a rewritten tables config warm-started from ``run_dir``.
+def retrain_command(run: Union[str, RunRef], search_dir: str, tables_name: str, extra: Sequence[str] = (),
+                    nproc: int = 0) -> str:
+    """The ``torchrun train.py`` command that trains a rewritten tables config warm-started from ``run``.
 
     Every override of the source run is inherited except those the new config replaces and
-    those whose key ``extra`` sets again (e.g. ``trainer.max_steps=200`` for fine-tuning).
+    those whose key ``extra`` sets again (e.g. ``trainer.max_steps=200`` for fine-tuning). The
+    warm start reads the checkpoint the pass read (``<run_dir>@best`` stays ``@best``).
     """
+    ref = run if isinstance(run, RunRef) else resolve_run(run, checkpoint=False)
     def key(o: str) -> str:
         return o.split("=", 1)[0].lstrip("+~")
 
     replaced = ("tables", "hydra.", "trainer.resume", "trainer.init_from")
     again = {key(o) for o in extra}
-    inherited = [o for o in run_overrides(run_dir) if not key(o).startswith(replaced) and key(o) not in again]
+    inherited = [o for o in ref.overrides() if not key(o).startswith(replaced) and key(o) not in again]
     nproc = nproc or int(os.environ.get("WORLD_SIZE", "1"))
     parts = [
         "torchrun", "--standalone", f"--nproc_per_node={nproc}", "train.py",
         f"hydra.searchpath=[{hydra_quote('file://' + os.path.abspath(search_dir))}]",
         f"tables={tables_name}",
-        f"trainer.init_from={hydra_quote(os.path.abspath(run_dir))}",
+        f"trainer.init_from={hydra_quote(ref.spec)}",
         *inherited,
         *extra,
     ]

@@ -30,6 +30,7 @@ import hydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
+from torchrec_shark.cli import job, run_hydra_app
 from torchrec_shark.config import check_known_keys
 from torchrec_shark.pipeline.config import PipelineConfig, check, register_configs
 from torchrec_shark.pipeline.run import run_pipeline
@@ -39,6 +40,7 @@ CONF = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.absp
 
 
 @hydra.main(version_base="1.3", config_path=CONF, config_name="pipeline")
+@job
 def main(dcfg: DictConfig) -> None:
     try:
         check_known_keys(dcfg, PipelineConfig)
@@ -56,4 +58,4 @@ def main(dcfg: DictConfig) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_hydra_app(main, PipelineConfig, prog="pipeline")

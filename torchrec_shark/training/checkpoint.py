@@ -247,10 +247,8 @@ def complete_checkpoints(run_dir: str) -> List[str]:
 
 
 def _warn_fallback(chosen: str, skipped: List[str]) -> None:
-    msg = f"using checkpoint {chosen}, not the newer one(s) that cannot be read: " + " | ".join(skipped)
-    logger.warning(msg)
-    if _is_main():
-        print(f"warning: {msg}", flush=True)
+    # the job's console shows this package's warnings on the main rank (training.job_log)
+    logger.warning(f"using checkpoint {chosen}, not the newer one(s) that cannot be read: " + " | ".join(skipped))
 
 
 def _candidates(run_dir: str) -> List[str]:
@@ -299,8 +297,12 @@ def split_run_spec(spec: str) -> Tuple[str, bool]:
 def require_checkpoint(run_dir: str) -> str:
     """Like :func:`latest_checkpoint` but raises a clear error when there is none.
 
-    ``<run_dir>@best`` returns the run's best checkpoint instead of its latest.
+    ``<run_dir>@best`` returns the run's best checkpoint instead of its latest; a checkpoint
+    directory (one already resolved, e.g. by :func:`~torchrec_shark.training.run_ref.resolve_run`)
+    is returned as it is.
     """
+    if _readable_meta(run_dir):
+        return run_dir
     run_dir, want_best = split_run_spec(run_dir)
     if not os.path.isdir(run_dir):
         raise CheckpointError(f"run dir {run_dir!r} does not exist")

@@ -31,7 +31,7 @@ from torchrec.distributed.train_pipeline import TrainPipelineSparseDist
 from torchrec.optim.keyed import CombinedOptimizer
 from tqdm import tqdm
 
-from torchrec_shark.config import TrainConfig
+from torchrec_shark.config import ConfigError, TrainConfig, validate
 from torchrec_shark import data as data_sources
 from torchrec_shark.data.types import DataError
 from torchrec_shark.data.statistics import has_statistics, prepare_statistics
@@ -49,6 +49,7 @@ from torchrec_shark.training.optimizers import (
     sparse_optimizer_spec,
 )
 from torchrec_shark.training.preemption import StopRequest
+from torchrec_shark.training.run_ref import resolve_run
 from torchrec_shark.training.preflight import (
     check_splits,
     check_table_memory,
@@ -94,8 +95,7 @@ class Trainer:
         self.run_dir = run_dir
         self.env = env
         t = cfg.trainer
-        if t.batch_size % env.world_size:
-            raise ValueError(f"trainer.batch_size={t.batch_size} must be divisible by the world size {env.world_size}")
+        validate(cfg, env.world_size)
         self.local_batch = t.batch_size // env.world_size
         self.data_offset = 0  # global training batches read before this run's step 0 (see _restore)
         # Files for the run dir (name -> dict for JSON, or text) and callbacks of the main rank, both held
@@ -107,24 +107,34 @@ class Trainer:
         # What a resume starts from, checked before anything is read or built.
         self._resume_checkpoint, self._resume_meta = self._check_checkpoints()
 
+        # The warm-start source, resolved once: its statistics and its checkpoint come from the same run.
+        self.init_source = resolve_run(t.init_from) if t.init_from else None
         self.dataset = data_sources.build_dataset(cfg.data)
         self.last_step, self.train_rows = self._last_step()
         if self._resume_meta is not None:
             self._check_work_left(self._resume_checkpoint, self._resume_meta)
         if statistics_from is None:
-            statistics_from = run_dir if t.resume and has_statistics(run_dir) else t.init_from
+            if t.resume and has_statistics(run_dir):
+                statistics_from = run_dir
+            elif self.init_source is not None:
+                statistics_from = self.init_source.run_dir
         prepare_statistics(self.dataset, run_dir, statistics_from, env.is_main,
                            _from_main if env.world_size > 1 else None, self._log)
         check_splits(self.dataset, t.batch_size, env.rank, env.world_size,
                      f"data.path={cfg.data.path}" if cfg.data.path else f"data.source={cfg.data.source}")
-        self.table_configs = build_table_configs(
-            cfg.tables, self.dataset.feature_names, self.dataset.num_embeddings_per_feature
-        )
-        if self._resume_meta is not None:
-            self._check_checkpoint_tables(self._resume_checkpoint, self._resume_meta)
-        check_table_memory(self.table_configs, sparse_optimizer_spec(t.embedding_optimizer, t.embedding_lr),
-                           memory_budget_bytes(env.device.type, env.world_size, cfg.planner.hbm_cap_gb,
-                                               cfg.planner.ddr_cap_gb))
+        try:
+            self.table_configs = build_table_configs(
+                cfg.tables, self.dataset.feature_names, self.dataset.num_embeddings_per_feature
+            )
+            if self._resume_meta is not None:
+                self._check_checkpoint_tables(self._resume_checkpoint, self._resume_meta)
+            check_table_memory(self.table_configs, sparse_optimizer_spec(t.embedding_optimizer, t.embedding_lr),
+                               memory_budget_bytes(env.device.type, env.world_size, cfg.planner.hbm_cap_gb,
+                                                   cfg.planner.ddr_cap_gb))
+        except (ConfigError, data_sources.DataError, ckpt.CheckpointError):
+            raise
+        except ValueError as e:  # a table spec that cannot be built (e.g. a tensor-train shape): the config's fault
+            raise ConfigError(str(e)) from e
         self.feature_names = [f for c in self.table_configs for f in c.feature_names]
         self.compressed = is_compressed(self.table_configs)
         self.sharded = True  # compressed collections shard too (their own sharder)
@@ -241,7 +251,7 @@ class Trainer:
                 text = str(self.plan)
                 if self.compressed:
                     text += "\n" + format_plan_table(self.plan_table)
-                print(f"Sharding plan ({env.world_size} rank(s), {env.backend}):\n{text}", flush=True)
+                self._log(f"Sharding plan ({env.world_size} rank(s), {env.backend}):\n{text}")
                 self.pending_files["plan.txt"] = text + "\n"
                 self.pending_files["plan.json"] = self.plan_table
         else:
@@ -291,16 +301,17 @@ class Trainer:
                 self._log(f"resumed from {path} at step {meta['step']}")
                 return int(meta["step"])
             self._log("trainer.resume=true but the run dir has no checkpoint: starting from scratch")
-        if t.init_from:
+        if self.init_source is not None:
+            source = self.init_source.checkpoint
             columns = {k: list(v) for k, v in self.cfg.tables.init_columns.items()}
-            report = ckpt.warm_start(t.init_from, self.model, columns)
+            report = ckpt.warm_start(source, self.model, columns)
             if columns:  # narrowed tables: their fields' projections start as the source's, masked
                 features = {c.name: list(c.feature_names) for c in self.table_configs}
-                report["projections"] = ckpt.warm_start_projections(t.init_from, self.model, columns, features)
+                report["projections"] = ckpt.warm_start_projections(source, self.model, columns, features)
                 report["skipped"] = [k for k in report["skipped"] if k not in set(report["projections"])]
             report["optimizer_state"] = ckpt.warm_start_optimizer(
-                t.init_from, self.optimizer, report["loaded"] + report["narrowed"], report["narrowed_columns"])
-            self._log(f"warm start from {t.init_from}: {len(report['loaded'])} tensors loaded, "
+                source, self.optimizer, report["loaded"] + report["narrowed"], report["narrowed_columns"])
+            self._log(f"warm start from {source}: {len(report['loaded'])} tensors loaded, "
                       f"{len(report.get('narrowed', []))} narrowed to init_columns, "
                       f"{len(report.get('projections', []))} projections from the source, "
                       f"{len(report['skipped'])} not in the source (fresh init), "
@@ -310,10 +321,11 @@ class Trainer:
                           f"tensor-train cores at a new width): {report['fresh_tables']}")
             # Continue the source's data stream: re-reading the samples it has already fitted pushes
             # the rows of rare ids further toward those samples' labels (a second epoch overfits).
-            meta = ckpt.read_meta(ckpt.require_checkpoint(t.init_from))
+            meta = ckpt.read_meta(source)
             source_batch = int(meta.get("config", {}).get("trainer", {}).get("batch_size", t.batch_size))
             self.data_offset = int(meta.get("data_position", meta.get("step", 0))) * source_batch // t.batch_size
             report["data_offset_batches"] = self.data_offset
+            report["source_checkpoint"] = os.path.abspath(source)
             if self.env.is_main:
                 self._write_json("warm_start.json", report)
         return 0
@@ -363,9 +375,9 @@ class Trainer:
         take turns step by step, so that whatever else slows the machine slows both alike."""
 
     def _log(self, msg: str) -> None:
+        """A line for the console (rank 0) and the run's log (see ``job_log``)."""
         if self.env.is_main:
             logger.info(msg)
-            print(msg, flush=True)
 
     # ---------------------------------------------------------------- loop
     def _train_batches(self, start: int) -> Iterator[Batch]:
@@ -496,8 +508,8 @@ class Trainer:
                     m = self.evaluate()
                     history.append({"step": step, "epoch": epoch, "val_auc": m["auc"], "val_logloss": m["logloss"],
                                     "train_loss": loss_ema})
-                    bar.write(f"step {step}: val_auc={m['auc']:.4f} val_logloss={m['logloss']:.4f} "
-                              f"train_loss={loss_ema:.4f}") if self.env.is_main else None
+                    self._log(f"step {step}: val_auc={m['auc']:.4f} val_logloss={m['logloss']:.4f} "
+                              f"train_loss={loss_ema:.4f}")
                     if self._improves(m, best):
                         best = {"step": step, "epoch": epoch, "val_auc": m["auc"], "val_logloss": m["logloss"]}
                         improved, evals_since_best = True, 0
