@@ -19,7 +19,8 @@ CONF = os.path.join(ROOT, "conf")
     ("trainer.max_stepz=5", "unknown key 'trainer.max_stepz'.*did you mean 'trainer.max_steps'"),
     ("+trainer.eval_evry=5", "did you mean 'trainer.eval_every'"),
     ("trainer.embedding_dim=8", "did you mean 'tables.embedding_dim'"),  # the right key under another group
-    ("tables=nonexistent", r"no preset 'nonexistent' in the 'tables' group \(presets: baseline, fp16, int8, shark, tt\)$"),
+    ("tables=nonexistent", r"no preset 'nonexistent' in the 'tables' group \(presets: "
+                           + ", ".join(sorted(f[:-5] for f in os.listdir(os.path.join(CONF, "tables")))) + r"\)$"),
     ("tables=sharc", "did you mean tables=shark"),
     ("data=criteo_tvs", "did you mean data=criteo_tsv"),
     ("trainer.max_steps=[", "trainer.max_steps=\\["),  # does not parse
