@@ -426,3 +426,15 @@ def test_tables_built_without_initial_values_start_zeroed_and_load_the_same(spec
     assert _table(spec=spec).read_rows(torch.arange(40)).abs().sum() > 0  # only inside the block
     blank.load_state_dict(drawn.state_dict())
     assert torch.equal(blank.read_rows(torch.arange(40)), drawn.read_rows(torch.arange(40)))
+
+
+@pytest.mark.parametrize("rows, want", [(10, [10, 0, 0]), (1000, [1000, 0, 0]), (10_000, [4096, 239, 5665]),
+                                        (1_000_000, [10_000, 40_000, 950_000])])
+def test_hot_rows_keep_small_tables_in_the_first_tier(rows, want):
+    """At least ``hot_rows`` rows (all of a smaller table) in the first tier; the others share the rest in
+    proportion to their fractions; a large table keeps its fractions."""
+    spec = MixedPrecision(tiers=(("fp32", 0.01), ("fp16", 0.04), ("int4", 0.95)), hot_rows=4096)
+    assert spec.sizes(rows) == want and sum(spec.sizes(rows)) == rows
+    table = _table(n=rows, dim=4, spec=spec) if rows <= 10_000 else None
+    if table is not None:
+        assert list(table.tier_counts().values()) == want

@@ -64,6 +64,9 @@ class MixedPrecision:
     neg_weight: float = 0.25
     retier_every: int = 100
     rounding: str = "stochastic"  # stochastic | nearest
+    # The first tier holds at least this many rows of every table (shard), all of a smaller one: a small
+    # table's rows are all hot, and a fraction of it would leave hot rows in the coarse tiers.
+    hot_rows: int = 0
 
     def __post_init__(self) -> None:
         tiers = tuple(t if isinstance(t, Tier) else Tier(*t) for t in self.tiers)
@@ -84,14 +87,25 @@ class MixedPrecision:
             raise ValueError(f"MixedPrecision.retier_every={self.retier_every} must be >= 1")
         if not 0.0 <= self.decay <= 1.0:
             raise ValueError(f"MixedPrecision.decay={self.decay} must be in [0, 1]")
+        if self.hot_rows < 0:
+            raise ValueError(f"MixedPrecision.hot_rows={self.hot_rows} must be >= 0")
 
     @property
     def precisions(self) -> Tuple[str, ...]:
         return tuple(t.precision for t in self.tiers)
 
     def sizes(self, rows: int) -> List[int]:
-        """Rows per tier of a table (or shard) of ``rows`` rows."""
-        return tier_sizes([t.fraction for t in self.tiers], rows)
+        """Rows per tier of a table (or shard) of ``rows`` rows: the fractions, with at least ``hot_rows`` in the
+        first tier (the other tiers share the rest in proportion to their fractions)."""
+        fractions = [t.fraction for t in self.tiers]
+        sizes = tier_sizes(fractions, rows)
+        first = min(rows, self.hot_rows)
+        if sizes[0] >= first:
+            return sizes
+        rest = fractions[1:]
+        total = sum(rest)
+        rest = [f / total for f in rest] if total > 0 else [1.0 / len(rest)] * len(rest)
+        return [first, *tier_sizes(rest, rows - first)]
 
 
 # Priorities are kept in bfloat16 (2 bytes a row: only their order matters) and every update is rounded
