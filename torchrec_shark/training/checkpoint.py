@@ -164,9 +164,8 @@ def _move_aside(path: str) -> str:
         k += 1
     aside = f"{path}.replaced-{k}"
     os.rename(path, aside)
-    msg = f"{path} already existed (not written by this run): kept as {aside}"
-    logger.warning(msg)
-    print(f"warning: {msg}", flush=True)
+    # the job's console shows this package's warnings on the main rank (training.job_log)
+    logger.warning(f"{path} already existed (not written by this run): kept as {aside}")
     return aside
 
 
@@ -301,7 +300,7 @@ def require_checkpoint(run_dir: str) -> str:
     directory (one already resolved, e.g. by :func:`~torchrec_shark.training.run_ref.resolve_run`)
     is returned as it is.
     """
-    if _readable_meta(run_dir):
+    if _meta_problem(run_dir) is None:
         return run_dir
     run_dir, want_best = split_run_spec(run_dir)
     if not os.path.isdir(run_dir):
