@@ -1,3 +1,4 @@
+import logging
 import os
 
 import pytest
@@ -294,18 +295,20 @@ def test_every_meta_damaged_is_an_error_naming_each_and_nothing_changes(tmp_path
     assert _files(tmp_path) == before
 
 
-def test_fallback_past_a_deleted_meta_warns_naming_both(tmp_path, capsys):
+def test_fallback_past_a_deleted_meta_warns_naming_both(tmp_path, caplog):
     for step in (1, 2):
         ckpt.save_checkpoint(str(tmp_path), step, {"model": Holder(["a"], seed=step)}, meta={"step": step})
     newest = tmp_path / ckpt.CHECKPOINT_DIR / "step_00000002"
     (newest / ckpt.META).unlink()
-    capsys.readouterr()
-    path, meta = ckpt.load_newest_readable(str(tmp_path), {"model": Holder(["a"])})
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger=ckpt.logger.name):
+        path, meta = ckpt.load_newest_readable(str(tmp_path), {"model": Holder(["a"])})
     assert path.endswith("step_00000001") and meta["step"] == 1
-    out = capsys.readouterr().out
-    assert "step_00000001" in out and f"{newest / ckpt.META} is missing" in out
-    assert ckpt.latest_checkpoint(str(tmp_path)).endswith("step_00000001")  # the passes' lookup warns too
-    assert "step_00000002" in capsys.readouterr().out
+    assert "step_00000001" in caplog.text and f"{newest / ckpt.META} is missing" in caplog.text
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger=ckpt.logger.name):
+        assert ckpt.latest_checkpoint(str(tmp_path)).endswith("step_00000001")  # the passes' lookup warns too
+    assert "step_00000002" in caplog.text
 
 
 def test_a_save_never_deletes_a_checkpoint_it_did_not_write(tmp_path):

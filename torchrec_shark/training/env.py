@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import os
 import shutil
-import socket
 import sys
 import traceback
 from contextlib import contextmanager
@@ -32,18 +31,10 @@ class DistEnv:
         return self.rank == 0
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def init_distributed(device: str = "auto", num_threads: int = 0) -> DistEnv:
     """Join (or create, when not launched by torchrun) the default process group."""
     if "RANK" not in os.environ:
         os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", LOCAL_WORLD_SIZE="1")
-        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-        os.environ.setdefault("MASTER_PORT", str(_free_port()))
     rank = int(os.environ["RANK"])
     world_size = int(os.environ["WORLD_SIZE"])
     local_rank = int(os.environ.get("LOCAL_RANK", rank))
@@ -58,7 +49,12 @@ def init_distributed(device: str = "auto", num_threads: int = 0) -> DistEnv:
         threads = num_threads or max(1, (os.cpu_count() or 1) // local_world_size)
         torch.set_num_threads(threads)
     if not dist.is_initialized():
-        dist.init_process_group(backend=backend, rank=rank, world_size=world_size)
+        if world_size == 1:
+            # Nothing to rendezvous with: an in-process store needs no port, so jobs that start together
+            # (or inherit a finished job's MASTER_PORT from their parent's environment) cannot collide on one.
+            dist.init_process_group(backend=backend, store=dist.HashStore(), rank=0, world_size=1)
+        else:
+            dist.init_process_group(backend=backend, rank=rank, world_size=world_size)
     return DistEnv(rank, world_size, local_rank, local_world_size, dev, backend)
 
 
