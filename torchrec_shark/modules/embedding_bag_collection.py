@@ -115,6 +115,7 @@ class CompressedEmbeddingBagCollection(EmbeddingBagCollectionInterface, FusedOpt
         self._device = device
         self._is_weighted = is_weighted
         self._optimizer_spec = optimizer
+        self.fused = fused  # the sharded collection fuses its shards likewise
         self._embedding_bag_configs = list(tables)
         self.embedding_bags = nn.ModuleDict()
         self._feature_order: List[str] = []

@@ -238,6 +238,10 @@ class FusedRowStore:
     def owns(self, table: nn.Module) -> bool:
         return getattr(table, "_fused", None) is self
 
+    def storage_ptrs(self) -> set:
+        """Data pointers of the storages of the store's tensors (which members' buffers are views of)."""
+        return {t.untyped_storage().data_ptr() for t in [*self.buffers.values(), *(q.pool for q in self.precisions)]}
+
     def apply(self, fn: Callable[[torch.Tensor], torch.Tensor]) -> None:
         """Apply ``fn`` (``Module._apply``'s: a move to another device) to the store's tensors and give every
         member its views of the results, so the members stay views (call before the module's own ``_apply``,
