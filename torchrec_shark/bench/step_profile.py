@@ -35,6 +35,7 @@ def main(argv: Optional[List[str]] = None) -> None:
     p.add_argument("--top", type=int, default=30, help="entries printed")
     p.add_argument("--torch", action="store_true", help="torch.profiler's operator table instead of cProfile")
     p.add_argument("--sort", default="cumulative", help="cProfile sort key: cumulative or tottime")
+    p.add_argument("--callers", default=None, help="cProfile: also print who calls the functions matching this")
     p.add_argument("overrides", nargs="*", help="train.py's Hydra overrides (after --)")
     a = p.parse_args(argv)
 
@@ -69,7 +70,10 @@ def main(argv: Optional[List[str]] = None) -> None:
             else:
                 prof.disable()
                 out = io.StringIO()
-                pstats.Stats(prof, stream=out).sort_stats(a.sort).print_stats(a.top)
+                stats = pstats.Stats(prof, stream=out).sort_stats(a.sort)
+                stats.print_stats(a.top)
+                if a.callers:
+                    stats.print_callers(a.callers)
                 text = out.getvalue()
             if rank == 0:
                 print(f"--- profile of steps [{a.start}, {end}) ---\n{text}", flush=True)
