@@ -21,6 +21,7 @@ from torchrec_shark.modules import (
 )
 from torchrec_shark.modules.base import TableInputError
 from torchrec_shark.modules.fused_store import FusedRowStore
+from torchrec_shark.modules.kernels.host import torch_ops_only
 
 ROW_STORE_KINDS = [pytest.param(k, id=k.name) for k in KINDS if k.state_family == "row_store"]
 OTHER_KINDS = [k for k in KINDS if k.state_family != "row_store"]
@@ -202,3 +203,18 @@ def test_moved_collection_keeps_its_members_as_views():
     train(fused, 2, label_aware=True)
     train(single, 2, label_aware=True)
     assert_same_state(fused, single)
+
+
+@pytest.mark.parametrize("kind", ROW_STORE_KINDS)
+@pytest.mark.parametrize("fused", [True, False], ids=["fused", "per_table"])
+def test_torch_ops_path_trains_as_the_numpy_path(kind, fused):
+    """The bookkeeping CUDA tensors get (torch ops: dedupe, slot resolution, rounding bits, labels, decode),
+    run on the CPU, trains exactly as the numpy path."""
+    host = collection(configs(kind, PoolingType.MEAN), "rowwise_adagrad", fused, weighted=True)
+    with torch_ops_only():
+        device = collection(configs(kind, PoolingType.MEAN), "rowwise_adagrad", fused, weighted=True)
+        out_d, grad_d = train(device, 4, True, kind.label_aware)
+    out_h, grad_h = train(host, 4, True, kind.label_aware)
+    for a, b in zip(out_h + grad_h, out_d + grad_d):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+    assert_same_state(host, device)

@@ -25,6 +25,7 @@ import torch
 
 from torchrec_shark.modules.base import TableInputError, all_finite
 from torchrec_shark.modules.fused_store import FusedRowStore
+from torchrec_shark.modules.kernels.host import numpy_path
 from torchrec_shark.modules.kernels.lookup import bag_of_ids
 from torchrec_shark.modules.mixed_precision import _PRIORITY_NOISE_SALT, MixedPrecisionTable, _round_to_bf16
 from torchrec_shark.modules.quantization import CounterNoise
@@ -81,17 +82,17 @@ class FusedMixedPrecisionStore(FusedRowStore):
         n = ids.numel()
         if n == 0:
             return
-        members = self.id_members(feature_members, feature_ids, ids.device)
+        members = self.id_members(feature_members, feature_ids, ids)
         self.check_ids(ids, members)
         batch = labels.numel()
         bag = bag_of_ids(offsets.long(), n)  # feature f's bags follow feature f - 1's: sample = bag mod batch
-        if ids.device.type == "cpu":
+        if numpy_path(ids):
             g = ids.numpy().astype(np.int64, copy=False) + self.row_base[members]
             key = _sorted_unique((bag.numpy() % batch) * self.total_rows + g)
             rows, sample = torch.from_numpy(key % self.total_rows), torch.from_numpy(key // self.total_rows)
             owner = np.searchsorted(self.row_base, key % self.total_rows, side="right") - 1
         else:
-            base = torch.from_numpy(self.row_base).to(ids.device)
+            base = self._on("row_base", ids.device)
             g = ids.long() + base.index_select(0, members)
             key = torch.unique((bag % batch) * self.total_rows + g)
             rows, sample = key % self.total_rows, key // self.total_rows
@@ -106,22 +107,23 @@ class FusedMixedPrecisionStore(FusedRowStore):
 
     @staticmethod
     def _per_member(values: np.ndarray, owner, device) -> torch.Tensor:
+        """``values[owner]`` as fp32 (``owner``: a numpy array, or a tensor on ``device``)."""
         v = torch.from_numpy(values.astype(np.float32))
         if isinstance(owner, np.ndarray):
             return v.index_select(0, torch.from_numpy(owner))
         return v.to(device).index_select(0, owner)
 
     def _owners(self, rows: torch.Tensor):
-        if rows.device.type == "cpu":
+        if numpy_path(rows):
             return np.searchsorted(self.row_base, rows.numpy(), side="right") - 1
-        return torch.searchsorted(torch.from_numpy(self.row_base).to(rows.device), rows, right=True) - 1
+        return torch.searchsorted(self._on("row_base", rows.device), rows, right=True) - 1
 
     # ------------------------------------------------------------------ step end
     def _add_priority(self, rows: torch.Tensor, contrib: torch.Tensor) -> None:
         """``priority[rows] += contrib`` over every member (rows may repeat), each touched row rounded once,
         stochastically, with its own table's bits (seed, step, global row id)."""
         priority = self.buffers["priority"]
-        if rows.device.type == "cpu":
+        if numpy_path(rows):
             uniq, inverse = np.unique(rows.numpy(), return_inverse=True)
             uniq, inverse = torch.from_numpy(uniq), torch.from_numpy(inverse.reshape(-1))
         else:
@@ -129,14 +131,8 @@ class FusedMixedPrecisionStore(FusedRowStore):
         total = torch.zeros(uniq.numel(), device=rows.device).index_add_(0, inverse, contrib.float())
         total += priority.index_select(0, uniq).float()
         owner = self._owners(uniq)
-        keys = CounterNoise.keys(self.priority_seeds, self.steps)
-        shift = self.row_start - self.row_base[:-1]
-        if isinstance(owner, np.ndarray):
-            noise = CounterNoise.per_row(keys[owner], uniq + torch.from_numpy(shift[owner]))
-        else:
-            dev = uniq.device
-            noise = CounterNoise.per_row(torch.from_numpy(keys.view(np.int64)).to(dev).index_select(0, owner),
-                                         uniq + torch.from_numpy(shift).to(dev).index_select(0, owner))
+        owner = torch.from_numpy(owner) if isinstance(owner, np.ndarray) else owner
+        noise = self._noise(CounterNoise.keys(self.priority_seeds, self.steps), owner, uniq)
         priority.index_copy_(0, uniq, _round_to_bf16(total, noise.int16((uniq.numel(), 1)).reshape(-1)))
 
     def _scaled(self, rows: torch.Tensor, contrib: torch.Tensor) -> torch.Tensor:
@@ -164,8 +160,9 @@ class FusedMixedPrecisionStore(FusedRowStore):
         for i in np.flatnonzero(~self.lazy):  # eager decay (a decay outside the lazy range): before the counts
             self.members[i].priority.mul_(float(self.decay[i]))
         if pending:
-            rows = torch.cat([r for r, _ in pending])
-            self._add_priority(rows, self._scaled(rows, torch.cat([c for _, c in pending])))
+            rows = pending[0][0] if len(pending) == 1 else torch.cat([r for r, _ in pending])
+            contrib = pending[0][1] if len(pending) == 1 else torch.cat([c for _, c in pending])
+            self._add_priority(rows, self._scaled(rows, contrib))
         self.age[self.lazy] += 1
         self.buffers["priority_age"].copy_(torch.from_numpy(self.age))
         limit = MixedPrecisionTable._RESCALE_LIMIT

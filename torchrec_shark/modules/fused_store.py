@@ -48,6 +48,7 @@ from torchrec.modules.embedding_configs import PoolingType
 
 from torchrec_shark.modules.base import TableInputError, all_finite
 from torchrec_shark.modules.buffer_source import buffers_from
+from torchrec_shark.modules.kernels.host import numpy_path
 from torchrec_shark.modules.kernels.lookup import pooled_lookup, unique_index
 from torchrec_shark.modules.kernels.sparse_optimizer import RowOptimizer
 from torchrec_shark.modules.quantization import CODECS, CounterNoise, Fp32Codec
@@ -228,12 +229,24 @@ class FusedRowStore:
         for i, t in enumerate(tables):
             t._fused, t._member = self, i
         self.row_start = np.array([t.row_start for t in tables], dtype=np.int64)
+        self.noise_shift = self.row_start - self.row_base[:-1]  # store row -> the table's global row id
         self.seeds = np.array([t.seed for t in tables], dtype=np.uint64)
         self.mean = np.array([t.pooling == PoolingType.MEAN for t in tables])
         opt = tables[0].optim
         self.optim = RowOptimizer.over(opt.spec, opt.lr, {name: self.buffers[name] for name in opt.state()})
-        if self.slotted and self.device.type == "cpu":
-            self._row_slot_np = self.buffers["row_slot"].numpy()
+        self._device_tables: Dict[str, torch.Tensor] = {}
+        self._row_slot_np = self.buffers["row_slot"].numpy() if self.slotted and self.device.type == "cpu" else None
+
+    def _on(self, name: str, device: torch.device) -> torch.Tensor:
+        """The per-member (or per-precision) table ``name`` (a numpy array attribute) as a tensor on ``device``,
+        copied there once."""
+        key = f"{name}@{device}"
+        t = self._device_tables.get(key)
+        if t is None:
+            value = getattr(self, name)
+            t = self._device_tables[key] = torch.from_numpy(value.view(np.int64) if value.dtype == np.uint64
+                                                            else value).to(device)
+        return t
 
     def owns(self, table: nn.Module) -> bool:
         return getattr(table, "_fused", None) is self
@@ -258,8 +271,8 @@ class FusedRowStore:
                         module._buffers[name] = self._views[i][name]
         opt = self.optim
         self.optim = RowOptimizer.over(opt.spec, opt.lr, {name: self.buffers[name] for name in opt.state()})
-        self._row_slot_np = (self.buffers["row_slot"].numpy()
-                             if self.slotted and self.device.type == "cpu" else None)
+        self._row_slot_np = self.buffers["row_slot"].numpy() if self.slotted and self.device.type == "cpu" else None
+        self._device_tables = {}
 
     # ------------------------------------------------------------------ ids -> rows
     def _ids_np(self, ids: torch.Tensor, members: np.ndarray):
@@ -274,39 +287,39 @@ class FusedRowStore:
         return g, s + self._delta[key], key
 
     def _ids_torch(self, ids: torch.Tensor, members: torch.Tensor):
+        """As :meth:`_ids_np`, in torch ops on ``ids``' device."""
         dev = ids.device
-        base = torch.from_numpy(self.row_base).to(dev)
-        delta = torch.from_numpy(self._delta).to(dev)
-        g = ids.long() + base.index_select(0, members)
+        delta = self._on("_delta", dev)
+        g = ids.long() + self._on("row_base", dev).index_select(0, members)
         if not self.slotted:
             return g, ids.long() + delta.index_select(0, members * self.max_tiers), None
         s = self.buffers["row_slot"].index_select(0, g).long()
-        starts = torch.from_numpy(self._tier_starts).to(dev)
+        starts = self._on("_tier_starts", dev)
         tier = (s.unsqueeze(1) >= starts.index_select(0, members)).sum(1) if self.max_tiers > 1 else torch.zeros_like(s)
         key = members * self.max_tiers + tier
         return g, s + delta.index_select(0, key), key
 
     def index(self, ids: torch.Tensor, members) -> FusedIndex:
         """Distinct rows of ``ids`` (``members[i]``: the member of ``ids[i]``), sorted by fused slot."""
-        if ids.device.type == "cpu":
+        if numpy_path(ids):
             g, fs, keys = self._ids_np(ids, members)
             g, fs = torch.from_numpy(g), torch.from_numpy(fs)
             keys = None if keys is None else torch.from_numpy(keys)
         else:
             g, fs, keys = self._ids_torch(ids, members)
         slots, rows, inverse, perm, offsets = unique_index(fs, g, self.total_slots)
-        if rows.device.type == "cpu":
+        if numpy_path(rows):
             owner = torch.from_numpy(np.searchsorted(self.row_base, rows.numpy(), side="right") - 1)
             cuts = np.searchsorted(slots.numpy(), self._precision_starts).tolist()
         else:
-            owner = torch.searchsorted(torch.from_numpy(self.row_base).to(rows.device), rows, right=True) - 1
-            cuts = torch.searchsorted(slots, torch.from_numpy(self._precision_starts).to(slots.device)).tolist()
+            owner = torch.searchsorted(self._on("row_base", rows.device), rows, right=True) - 1
+            cuts = torch.searchsorted(slots, self._on("_precision_starts", slots.device)).tolist()
         return FusedIndex(slots, rows, owner, inverse, perm, offsets, [0, *cuts, slots.numel()], keys)
 
     def index_rows(self, rows: torch.Tensor, members: torch.Tensor) -> FusedIndex:
         """A :class:`FusedIndex` for distinct store ``rows`` of ``members``."""
-        local = rows - (torch.from_numpy(self.row_base).to(rows.device).index_select(0, members))
-        return self.index(local, members.numpy() if rows.device.type == "cpu" else members)
+        local = rows - self._on("row_base", rows.device).index_select(0, members)
+        return self.index(local, members.numpy() if numpy_path(rows) else members)
 
     def _runs(self, index: FusedIndex):
         """``(precision, first, last, slots in its pool)`` per non-empty precision run of ``index``."""
@@ -337,17 +350,18 @@ class FusedRowStore:
             if rounding == "stochastic" and codec is not Fp32Codec:
                 if keys is None:
                     keys = CounterNoise.keys(self.seeds, self.updates)
-                members = index.members[a:b]
-                shift = self.row_start - self.row_base[:-1]
-                if members.device.type == "cpu":
-                    m = members.numpy()
-                    noise = CounterNoise.per_row(keys[m], index.rows[a:b] + torch.from_numpy(shift[m]))
-                else:
-                    dev = members.device
-                    k = torch.from_numpy(keys.view(np.int64)).to(dev).index_select(0, members)
-                    noise = CounterNoise.per_row(k, index.rows[a:b] + torch.from_numpy(shift).to(dev).index_select(0, members))
+                noise = self._noise(keys, index.members[a:b], index.rows[a:b])
             q.pool.index_copy_(0, local, codec.encode(values[a:b], rounding, noise))
         self.version += 1
+
+    def _noise(self, keys: np.ndarray, members: torch.Tensor, rows: torch.Tensor) -> CounterNoise:
+        """Rounding noise of store ``rows`` (of ``members``): each row's own table's key and global row id."""
+        if numpy_path(members):
+            m = members.numpy()
+            return CounterNoise.per_row(keys[m], rows + torch.from_numpy(self.noise_shift[m]))
+        dev = members.device
+        k = torch.from_numpy(keys.view(np.int64)).to(dev).index_select(0, members)
+        return CounterNoise.per_row(k, rows + self._on("noise_shift", dev).index_select(0, members))
 
     @torch.no_grad()
     def apply_gradients(self, index: FusedIndex, grad: torch.Tensor, values: Optional[torch.Tensor] = None) -> None:
@@ -360,7 +374,10 @@ class FusedRowStore:
                                   f"{names}; the tables were not updated")
         if index.hit_keys is not None:  # lookups (ids, repeats included) served by each member's tiers
             hits = self.buffers["tier_hits"].view(-1)
-            hits += torch.bincount(index.hit_keys, minlength=hits.numel()).to(hits)
+            if numpy_path(index.hit_keys):
+                hits += torch.from_numpy(np.bincount(index.hit_keys.numpy(), minlength=hits.numel()))
+            else:
+                hits += torch.bincount(index.hit_keys, minlength=hits.numel())
         if values is None:  # written since the lookup (e.g. re-tiered): locate the rows afresh
             fresh = self.index_rows(index.rows, index.members)
             grad = grad.index_select(0, fresh.perm)
@@ -376,13 +393,13 @@ class FusedRowStore:
         self._scatter(index, new, self.rounding)
 
     # ------------------------------------------------------------------ the lookup
-    def id_members(self, feature_members: Sequence[int], feature_ids: Sequence[int], device: torch.device):
-        """The member of every id of a lookup whose features (ids ``feature_ids[f]`` each) read
-        ``feature_members[f]`` (numpy for CPU ids, a tensor elsewhere)."""
-        if device.type == "cpu":
+    def id_members(self, feature_members: Sequence[int], feature_ids: Sequence[int], ids: torch.Tensor):
+        """The member of every one of ``ids``, a lookup's whose features (ids ``feature_ids[f]`` each) read
+        ``feature_members[f]`` (a numpy array for ids on the numpy path, a tensor on ``ids``' device otherwise)."""
+        if numpy_path(ids):
             return np.repeat(np.asarray(feature_members, dtype=np.int64), np.asarray(feature_ids, dtype=np.int64))
-        counts = torch.tensor(list(feature_ids), device=device)
-        return torch.repeat_interleave(torch.tensor(list(feature_members), device=device), counts,
+        counts = torch.tensor(list(feature_ids), device=ids.device)
+        return torch.repeat_interleave(torch.tensor(list(feature_members), device=ids.device), counts,
                                        output_size=int(sum(feature_ids)))
 
     def check_ids(self, ids: torch.Tensor, members) -> None:
@@ -391,7 +408,7 @@ class FusedRowStore:
             raise TableInputError(f"table {self.names[0]!r}: ids must be integers, got {ids.dtype}")
         if ids.numel() == 0:
             return
-        if ids.device.type == "cpu":
+        if numpy_path(ids):
             v = ids.numpy()
             bad = (v < 0) | (v >= self.rows[members])
             if not bad.any():
@@ -399,7 +416,7 @@ class FusedRowStore:
             m = int(members[int(np.argmax(bad))])
             mine = v[members == m]
         else:
-            limit = torch.from_numpy(self.rows).to(ids.device).index_select(0, members)
+            limit = self._on("rows", ids.device).index_select(0, members)
             bad = (ids < 0) | (ids >= limit)
             if not bool(bad.any()):
                 return
@@ -420,7 +437,7 @@ class FusedRowStore:
         ids = ids.reshape(-1)
         if ids.device.type == "meta" or self.device.type == "meta":
             return torch.empty(offsets.numel() - 1, self.dim, device="meta")
-        members = self.id_members(feature_members, feature_ids, ids.device)
+        members = self.id_members(feature_members, feature_ids, ids)
         self.check_ids(ids, members)
         if offsets.numel() < 1 or int(offsets[-1]) != ids.numel():
             raise TableInputError(f"tables {self.names}: offsets must have bags + 1 entries ending at "
@@ -445,8 +462,13 @@ class FusedRowStore:
             return None
         offsets = offsets.long()
         lengths = (offsets[1:] - offsets[:-1]).clamp(min=1).float()
-        flags = torch.from_numpy(np.repeat(mean, np.asarray(feature_bags, dtype=np.int64))).to(offsets.device)
-        return torch.where(flags, lengths, torch.ones_like(lengths))
+        ones = torch.ones_like(lengths)
+        if len(set(mean.tolist())) == 1:
+            return lengths
+        bags = torch.tensor(list(feature_bags), device=offsets.device)
+        flags = torch.repeat_interleave(torch.tensor(mean.tolist(), device=offsets.device), bags,
+                                        output_size=lengths.numel())
+        return torch.where(flags, lengths, ones)
 
     # ------------------------------------------------------------------ labels and step end
     def record_labels(self, ids: torch.Tensor, offsets: torch.Tensor, feature_members: Sequence[int],

@@ -29,6 +29,7 @@ from torchrec.modules.embedding_configs import PoolingType
 
 from torchrec_shark.modules.base import SparseOptimizerSpec, TableInputError, all_finite
 from torchrec_shark.modules.buffer_source import allocate
+from torchrec_shark.modules.kernels.host import numpy_path
 from torchrec_shark.modules.kernels.lookup import bag_of_ids
 from torchrec_shark.modules.quantization import ROUNDING_MODES, CounterNoise
 from torchrec_shark.modules.row_store import (
@@ -228,7 +229,7 @@ class MixedPrecisionTable(RowStoreTable):
     def _add_priority(self, rows: torch.Tensor, contrib: torch.Tensor) -> None:
         """``priority[rows] += contrib`` (rows may repeat), each touched row rounded once, stochastically,
         with bits that depend on the row's global id and the step (the same under any sharding)."""
-        if rows.device.type == "cpu":
+        if numpy_path(rows):
             uniq, inverse = np.unique(rows.numpy(), return_inverse=True)
             uniq, inverse = torch.from_numpy(uniq), torch.from_numpy(inverse.reshape(-1))
         else:

@@ -33,6 +33,7 @@ from typing import Optional
 import numpy as np
 import torch
 
+from torchrec_shark.modules.kernels.host import numpy_path
 from torchrec_shark.modules.table_kind import mix64
 
 try:  # FBGEMM's CPU ops (fbgemm-gpu-cpu) or CUDA ops (fbgemm-gpu)
@@ -131,7 +132,7 @@ class CounterNoise:
 
     def _words(self, cols: int):
         """``[len(rows), cols]`` 64-bit hashes (numpy uint64 for CPU rows, torch int64 on other devices)."""
-        if self._rows.device.type != "cpu":
+        if not numpy_path(self._rows):
             return self._words_torch(cols)
         key = self._key
         if isinstance(key, torch.Tensor):
@@ -230,7 +231,7 @@ def round_to_fp16(x: torch.Tensor, rounding: str = "nearest", noise: Optional[Ro
     noise = noise or RoundingNoise()
     flat = y.view(-1)
     r = noise.int32(flat.numel(), y.device).bitwise_and_(_DROPPED_MASK)
-    if y.device.type == "cpu":
+    if numpy_path(y):
         tiny = torch.from_numpy(np.flatnonzero(np.abs(flat.numpy()) < _FP16_MIN_NORMAL))
     else:
         tiny = (flat.abs() < _FP16_MIN_NORMAL).nonzero().squeeze(1)
@@ -248,7 +249,7 @@ def _scale_bias(x: torch.Tensor, levels: int = 255) -> tuple:
     the bias is the row minimum rounded down, the scale ``(max - bias) / levels`` rounded up."""
     lo = x.amin(dim=1).clamp_(-_FP16_MAX, _FP16_MAX)
     hi = x.amax(dim=1).clamp_(-_FP16_MAX, _FP16_MAX)
-    if x.device.type == "cpu":  # [n]-sized work: numpy's per-call cost is a fraction of torch's
+    if numpy_path(x):  # [n]-sized work: numpy's per-call cost is a fraction of torch's
         lo_np, hi_np = lo.numpy(), hi.numpy()
         bias = lo_np.astype(np.float16)
         down = bias.astype(np.float32) > lo_np
@@ -401,7 +402,7 @@ class NBitCodec:
         dim = self.dim_of(q)
         if q.shape[0] == 0:
             return torch.empty(0, dim, device=q.device)
-        if _HAS_FBGEMM and q.device.type == "cpu":
+        if _HAS_FBGEMM and numpy_path(q):  # FBGEMM's CPU decoder
             return torch.ops.fbgemm.FusedNBitRowwiseQuantizedSBHalfToFloat(q, self.bits)
         sb = self.scale_bias(q)
         return torch.addcmul(sb[:, 1:2], self.codes(q).float(), sb[:, 0:1])

@@ -29,6 +29,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from torchrec_shark.modules.kernels.host import numpy_path
+
 
 class RowIndex(NamedTuple):
     """How the ids of one lookup map onto their distinct rows.
@@ -55,7 +57,7 @@ def unique_index(keys: torch.Tensor, ids: torch.Tensor, num_keys: int) -> tuple:
     """
     n = keys.numel()
     pos_bits = max(1, (max(n, 1) - 1).bit_length())
-    if keys.device.type == "cpu" and max(num_keys, 1).bit_length() + pos_bits <= 62:
+    if numpy_path(keys) and max(num_keys, 1).bit_length() + pos_bits <= 62:
         k = keys.numpy().astype(np.int64, copy=False)
         packed = (k << pos_bits) | np.arange(n, dtype=np.int64)
         packed.sort()
@@ -96,7 +98,7 @@ def row_index(store, ids: torch.Tensor) -> RowIndex:
 
 def bag_of_ids(offsets: torch.Tensor, n: int) -> torch.Tensor:
     """Bag index of each id, ``[n]`` int64, from ``B + 1`` offsets."""
-    if offsets.device.type == "cpu":
+    if numpy_path(offsets):
         o = offsets.numpy()
         return torch.from_numpy(np.repeat(np.arange(o.size - 1, dtype=np.int64), np.diff(o)))
     lengths = offsets[1:] - offsets[:-1]
