@@ -218,3 +218,20 @@ def test_torch_ops_path_trains_as_the_numpy_path(kind, fused):
     for a, b in zip(out_h + grad_h, out_d + grad_d):
         torch.testing.assert_close(a, b, rtol=0, atol=0)
     assert_same_state(host, device)
+
+
+@pytest.mark.parametrize("kind", ROW_STORE_KINDS)
+@pytest.mark.parametrize("weighted", [False, True], ids=["unweighted", "weighted"])
+def test_one_store_of_every_feature_pools_sample_major_as_per_table(kind, weighted):
+    """Features in table order, one store: bags are pooled sample after sample straight into the output."""
+    cfgs = [CompressedEmbeddingBagConfig(name=f"t{i}", num_embeddings=23 + 7 * i, embedding_dim=DIM,
+                                         feature_names=[KEYS[i]], pooling=PoolingType.MEAN if i == 1 else PoolingType.SUM,
+                                         compression=kind.example_spec()) for i in range(len(KEYS))]
+    fused, single = (collection(cfgs, "adagrad", f, weighted) for f in (True, False))
+    plan = fused._plan(tuple(KEYS))
+    assert plan.whole
+    out_f, grad_f = train(fused, 3, weighted, kind.label_aware)
+    out_s, grad_s = train(single, 3, weighted, kind.label_aware)
+    for a, b in zip(out_f + grad_f, out_s + grad_s):
+        assert torch.equal(a, b)
+    assert_same_state(fused, single)

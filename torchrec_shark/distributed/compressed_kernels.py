@@ -256,8 +256,8 @@ class CompressedEmbeddingBagKernel(BaseEmbedding):
         if self._whole and isinstance(segments[0].source, FusedRowStore):  # one store reads every feature
             seg = segments[0]
             offsets = torch.ops.fbgemm.asynchronous_complete_cumsum(lengths.reshape(-1))
-            pooled = seg.source.lookup(values, offsets, seg.members, counts, [batch] * nf, weights, labels)
-            return pooled.view(nf, batch, -1).transpose(0, 1).reshape(batch, -1)
+            return seg.source.lookup(values, offsets, seg.members, counts, [batch] * nf, weights, labels,
+                                     sample_major=True)
         starts = [0]
         for c in counts:
             starts.append(starts[-1] + c)

@@ -244,7 +244,8 @@ class CompressedEmbeddingBagCollection(EmbeddingBagCollectionInterface, FusedOpt
                     segments.append(_Segment(table, runs[i], [0] * (self._table_features[i][1] -
                                                                    self._table_features[i][0]),
                                              list(range(*self._table_features[i])), i))
-            whole = (len(segments) == 1 and segments[0].runs == [(0, len(keys))]
+            whole = (len(segments) == 1 and isinstance(segments[0].source, FusedRowStore)
+                     and segments[0].runs == [(0, len(keys))]
                      and segments[0].features == list(range(len(self._feature_order))))
             plan = self._plan_cache[keys] = _LookupPlan(segments, whole)
         return plan
@@ -295,14 +296,14 @@ class CompressedEmbeddingBagCollection(EmbeddingBagCollectionInterface, FusedOpt
         pooled: List[Optional[torch.Tensor]] = [None] * len(self._feature_order)
         for seg in plan.segments:
             ids, offs, weights, bags, counts = self._inputs(features, seg.runs)
+            if plan.whole and not features.variable_stride_per_key():  # every feature from one store, in order
+                out = seg.source.lookup(ids, offs, seg.members, counts, bags, weights, sample_major=True)
+                return KeyedTensor(keys=self._embedding_names, length_per_key=self._length_per_key, values=out,
+                                   key_dim=1)
             if isinstance(seg.source, FusedRowStore):
                 out = seg.source.lookup(ids, offs, seg.members, counts, bags, weights)
             else:
                 out = seg.source(ids, offs, weights)
-            if plan.whole and not features.variable_stride_per_key():  # every feature from one store, in order
-                nf, batch = len(bags), bags[0]
-                return KeyedTensor(keys=self._embedding_names, length_per_key=self._length_per_key,
-                                   values=out.view(nf, batch, -1).transpose(0, 1).reshape(batch, -1), key_dim=1)
             for f, part in zip(seg.features, out.split(bags) if len(bags) > 1 else [out]):
                 pooled[f] = part
         if features.variable_stride_per_key():

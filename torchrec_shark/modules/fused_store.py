@@ -428,15 +428,23 @@ class FusedRowStore:
     def lookup(self, ids: torch.Tensor, offsets: torch.Tensor, feature_members: Sequence[int],
                feature_ids: Sequence[int], feature_bags: Sequence[int],
                per_sample_weights: Optional[torch.Tensor] = None,
-               labels: Optional[torch.Tensor] = None) -> torch.Tensor:
-        """Pooled rows ``[bags, D]`` of every feature's bags, one after another: feature ``f`` reads member
-        ``feature_members[f]`` and has ``feature_ids[f]`` ids in ``feature_bags[f]`` bags (``offsets``:
-        every bag's, ``bags + 1`` entries). Each member pools as its table does (SUM or MEAN). ``labels``
-        (training, label-aware stores): each bag's sample's label, recorded as the members'
+               labels: Optional[torch.Tensor] = None, sample_major: bool = False) -> torch.Tensor:
+        """Pooled rows of every feature's bags: feature ``f`` reads member ``feature_members[f]`` and has
+        ``feature_ids[f]`` ids in ``feature_bags[f]`` bags (``offsets``: every bag's, feature after feature,
+        ``bags + 1`` entries). Each member pools as its table does (SUM or MEAN).
+
+        Returns ``[bags, D]`` with the features' bags one after another, or with ``sample_major`` (every
+        feature ``B`` bags) ``[B, F * D]``: sample ``b``'s pooled row of every feature, side by side (the
+        bags are pooled in that order, so the output needs no transposing copy, nor its gradient).
+        ``labels`` (training, label-aware stores): each sample's label, recorded as the members'
         ``record_labels`` would (bags of feature ``f`` are samples ``0 .. feature_bags[f] - 1``)."""
         ids = ids.reshape(-1)
+        nf = len(feature_bags)
+        if sample_major and len(set(feature_bags)) > 1:
+            raise ValueError(f"sample_major pooling needs the same number of bags per feature, got {feature_bags}")
         if ids.device.type == "meta" or self.device.type == "meta":
-            return torch.empty(offsets.numel() - 1, self.dim, device="meta")
+            out = torch.empty(offsets.numel() - 1, self.dim, device="meta")
+            return out.view(-1, nf * self.dim) if sample_major else out
         members = self.id_members(feature_members, feature_ids, ids)
         self.check_ids(ids, members)
         if offsets.numel() < 1 or int(offsets[-1]) != ids.numel():
@@ -450,25 +458,35 @@ class FusedRowStore:
                 raise TableInputError(f"tables {self.names}: per-id weights contain NaN or inf")
         if labels is not None and self.label_aware:
             self.record_labels(ids, offsets, feature_members, feature_ids, feature_bags, labels)
+        if sample_major and nf > 1:
+            order, offsets = _sample_major(offsets.long(), nf, feature_bags[0])
+            ids = ids.index_select(0, order)
+            members = members[order.numpy()] if isinstance(members, np.ndarray) else members.index_select(0, order)
+            if per_sample_weights is not None:
+                per_sample_weights = per_sample_weights.index_select(0, order)
         index = self.index(ids, members)
-        divisor = self._divisor(offsets, feature_members, feature_bags)
+        divisor = self._divisor(offsets, feature_members, feature_bags, sample_major)
         anchor = self._anchor if torch.is_grad_enabled() else self._anchor.detach()
-        return pooled_lookup(self, index, offsets, per_sample_weights, divisor, anchor)
+        out = pooled_lookup(self, index, offsets, per_sample_weights, divisor, anchor)
+        return out.view(-1, nf * self.dim) if sample_major else out
 
-    def _divisor(self, offsets: torch.Tensor, feature_members: Sequence[int], feature_bags: Sequence[int]):
+    def _divisor(self, offsets: torch.Tensor, feature_members: Sequence[int], feature_bags: Sequence[int],
+                 sample_major: bool = False):
         """Per bag: its length for members pooling by MEAN, 1 for SUM (None: every member sums)."""
         mean = self.mean[np.asarray(feature_members, dtype=np.int64)]
         if not mean.any():
             return None
         offsets = offsets.long()
         lengths = (offsets[1:] - offsets[:-1]).clamp(min=1).float()
-        ones = torch.ones_like(lengths)
-        if len(set(mean.tolist())) == 1:
+        if mean.all():
             return lengths
-        bags = torch.tensor(list(feature_bags), device=offsets.device)
-        flags = torch.repeat_interleave(torch.tensor(mean.tolist(), device=offsets.device), bags,
-                                        output_size=lengths.numel())
-        return torch.where(flags, lengths, ones)
+        flags_f = torch.tensor(mean.tolist(), device=offsets.device)
+        if sample_major:  # bag b * F + f is feature f's
+            flags = flags_f.repeat(lengths.numel() // len(feature_bags))
+        else:
+            bags = torch.tensor(list(feature_bags), device=offsets.device)
+            flags = torch.repeat_interleave(flags_f, bags, output_size=lengths.numel())
+        return torch.where(flags, lengths, torch.ones_like(lengths))
 
     # ------------------------------------------------------------------ labels and step end
     def record_labels(self, ids: torch.Tensor, offsets: torch.Tensor, feature_members: Sequence[int],
@@ -477,6 +495,32 @@ class FusedRowStore:
 
     def step_end(self) -> None:
         """Close a training step of every member (label-aware stores override)."""
+
+
+def _sample_major(offsets: torch.Tensor, features: int, batch: int) -> Tuple[torch.Tensor, torch.Tensor]:
+    """``(order, offsets)`` of the same bags in sample-major order (bag ``b * F + f`` is feature ``f``'s bag of
+    sample ``b``) from feature-major ``offsets`` (bag ``f * B + b``): ``order[j]`` is the old position of the id
+    at new position ``j``."""
+    n = int(offsets[-1]) if offsets.numel() else 0
+    if numpy_path(offsets):
+        o = offsets.numpy()
+        lengths = np.diff(o)
+        new_offsets = np.zeros(lengths.size + 1, dtype=np.int64)
+        np.cumsum(lengths.reshape(features, batch).T.reshape(-1), out=new_offsets[1:])
+        bag = np.repeat(np.arange(lengths.size, dtype=np.int64), lengths)
+        new_bag = (bag % batch) * features + bag // batch
+        order = np.empty(n, dtype=np.int64)
+        order[new_offsets[new_bag] + np.arange(n, dtype=np.int64) - o[bag]] = np.arange(n, dtype=np.int64)
+        return torch.from_numpy(order), torch.from_numpy(new_offsets)
+    lengths = offsets[1:] - offsets[:-1]
+    new_offsets = torch.zeros_like(offsets)
+    torch.cumsum(lengths.view(features, batch).t().reshape(-1), 0, out=new_offsets[1:])
+    bag = torch.repeat_interleave(torch.arange(lengths.numel(), device=offsets.device), lengths, output_size=n)
+    new_bag = (bag % batch) * features + torch.div(bag, batch, rounding_mode="floor")
+    position = new_offsets.index_select(0, new_bag) + torch.arange(n, device=offsets.device) - offsets.index_select(0, bag)
+    order = torch.empty(n, dtype=torch.int64, device=offsets.device)
+    order[position] = torch.arange(n, device=offsets.device)
+    return order, new_offsets
 
 
 def _meta_device(device) -> bool:
