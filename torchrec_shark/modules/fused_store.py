@@ -84,7 +84,8 @@ class _Server:
 
     def take(self, name, shape, dtype, device, role) -> torch.Tensor:
         view = self.views.get(name)
-        if view is None or tuple(view.shape) != tuple(shape) or view.dtype != dtype or view.device != device:
+        same_device = view is not None and view.device.type == device.type and device.index in (None, view.device.index)
+        if view is None or tuple(view.shape) != tuple(shape) or view.dtype != dtype or not same_device:
             raise RuntimeError(f"fused store: buffer {name!r} {shape} {dtype} on {device} was not planned "
                                f"(planned: {None if view is None else (tuple(view.shape), view.dtype, view.device)})")
         self.served.append(name)

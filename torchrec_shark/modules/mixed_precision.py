@@ -325,7 +325,8 @@ class MixedPrecisionKind(RowStoreKind):
         table._pending = []
         order = table.priority_order()
         if ranks is not None:
-            order = order.index_select(0, torch.sort(ranks.to(torch.int64).index_select(0, order), stable=True).indices)
+            ranks = ranks.to(order.device, torch.int64)
+            order = order.index_select(0, torch.sort(ranks.index_select(0, order), stable=True).indices)
         table.assign_tiers(order)
 
 

@@ -218,7 +218,8 @@ class RowStoreTable(CompressedTable):
         """``[0, end of tier 0, ..., len]``: the run of each tier in ascending ``sorted_slots``."""
         if not self._bounds:
             return [0, sorted_slots.numel()]
-        cuts = torch.searchsorted(sorted_slots, torch.tensor(self._bounds, dtype=sorted_slots.dtype)).tolist()
+        bounds = torch.tensor(self._bounds, dtype=sorted_slots.dtype, device=sorted_slots.device)
+        cuts = torch.searchsorted(sorted_slots, bounds).tolist()
         return [0, *cuts, sorted_slots.numel()]
 
     def _runs(self, index: RowIndex):
@@ -700,7 +701,9 @@ class RowStoreKind(TableKind):
         self.load_layout(table, reader, row_start)
         cols = None if columns is None else torch.as_tensor(list(columns), dtype=torch.long)
         precision_of_tier = [p for p, _, _ in table._tiers]
+        device = table._pool(0).device
         for rows, precision, enc in source_row_batches(reader, row_start, n):
+            rows, enc = rows.to(device), enc.to(device)  # saved rows come to the table's device a chunk at a time
             index = table.index_rows(rows)
             enc = enc.index_select(0, index.perm)
             same = [precision_of_tier[k] == precision for k, *_ in table._runs(index)]
@@ -731,7 +734,7 @@ class RowStoreKind(TableKind):
             return
         ranks = source_precision_ranks(reader, row_start, table.num_embeddings)
         if ranks is not None:
-            table.assign_tiers(torch.sort(ranks.to(torch.int64), stable=True).indices)
+            table.assign_tiers(torch.sort(ranks.to(table.row_slot.device, torch.int64), stable=True).indices)
 
     def cost_factor(self, config) -> float:
         dim = int(config.embedding_dim)
