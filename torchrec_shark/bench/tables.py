@@ -322,7 +322,7 @@ def _registered_kinds() -> List[Kind]:
         return []
 
     # the default selection: the row stores (tensor train's factorised tables are benchmarked on request)
-    out = [Kind("fp32" if k.stock else k.name, _compressed(_kind_spec(k)), default=k.state_family == "row_store")
+    out = [Kind(k.display_name, _compressed(_kind_spec(k)), default=k.state_family == "row_store")
            for k in TABLE_KINDS]
     out += [Kind(f"{k.name}_cache", _compressed(_kind_spec(k, {"cache_fraction": 0.001})), default=False)
             for k in TABLE_KINDS  # kinds with a hot-row cache, with one

@@ -16,7 +16,7 @@ from __future__ import annotations
 import collections
 import dataclasses
 import logging
-from typing import Dict, List, Optional, Tuple
+from typing import Callable, Dict, List, NamedTuple, Optional, Sequence, Tuple
 
 import torch
 import torch.distributed as dist
@@ -29,6 +29,7 @@ from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
 from torchrec_shark.distributed.state_readers import DictStateReader
 from torchrec_shark.modules.base import CompressedTable
+from torchrec_shark.modules.fused_store import FusedRowStore
 from torchrec_shark.modules.kinds import kind_of
 
 logger = logging.getLogger(__name__)
@@ -61,17 +62,24 @@ def shard_row_range(table: ShardedEmbeddingTable) -> Tuple[int, int]:
 
 def allocated_bytes(table: nn.Module) -> int:
     """Bytes really allocated by a table shard: the storages of all its tensors (buffers, parameters and
-    tensors held as plain attributes, e.g. pending replica gradients), each storage counted once."""
+    tensors held as plain attributes, e.g. pending replica gradients), each storage counted once. A member
+    of a fused store counts its own views of the store's tensors (its share), not the whole store."""
     tensors = list(table.buffers()) + list(table.parameters())
     for m in table.modules():
         tensors += [v for v in vars(m).values() if isinstance(v, torch.Tensor)]
+    store = getattr(table, "_fused", None)
+    shared = store.storage_ptrs() if store is not None else set()
     seen, total = set(), 0
     for t in tensors:
         storage = t.untyped_storage()
-        if storage.nbytes() == 0 or storage.data_ptr() in seen:
+        if storage.data_ptr() in shared:
+            key, nbytes = (t.data_ptr(), t.numel() * t.element_size()), t.numel() * t.element_size()
+        else:
+            key, nbytes = storage.data_ptr(), storage.nbytes()
+        if nbytes == 0 or key in seen:
             continue
-        seen.add(storage.data_ptr())
-        total += storage.nbytes()
+        seen.add(key)
+        total += nbytes
     return total
 
 
@@ -90,7 +98,26 @@ class TableShard:
     label_aware: bool = False  # its kind reads training labels
 
 
-@torch.no_grad()
+def shard_builder(config, optimizer, seed: int, sharding_type: str, row_start: int, rows: int,
+                  source: Optional[nn.Module] = None) -> Callable[[torch.device], CompressedTable]:
+    """What builds this rank's shard of a table (rows ``[row_start, row_start + rows)``) on a device: only the
+    owned rows are allocated and initialised. ``source``: an unsharded table with real storage whose state
+    the shard takes (a chunk at a time) instead of its own initial values."""
+    if sharding_type not in (ShardingType.TABLE_WISE.value, ShardingType.ROW_WISE.value):
+        raise ValueError(f"table {config.name!r}: compressed tables shard table_wise or row_wise, not {sharding_type}")
+    kind = kind_of(config)
+    row_wise = sharding_type == ShardingType.ROW_WISE.value
+
+    @torch.no_grad()
+    def build(device: torch.device) -> CompressedTable:
+        table = kind.build(config, optimizer, row_start, rows, device, seed, row_wise=row_wise)
+        if source is not None and not _is_meta(source) and not _is_meta(table):
+            kind.load_state(table, DictStateReader(kind.local_state(source)), row_start)
+        return table
+
+    return build
+
+
 def build_table_shard(
     name: str,
     config,
@@ -103,18 +130,17 @@ def build_table_shard(
     pg: Optional[dist.ProcessGroup],
     source: Optional[nn.Module] = None,
 ) -> TableShard:
-    """Build this rank's shard of table ``name`` (rows ``[row_start, row_start + rows)``) from its config:
-    only the owned rows are allocated and initialised. ``source``: an unsharded table with real storage
-    whose state the shard takes (a chunk at a time) instead of its own initial values."""
-    if sharding_type not in (ShardingType.TABLE_WISE.value, ShardingType.ROW_WISE.value):
-        raise ValueError(f"table {name!r}: compressed tables shard table_wise or row_wise, not {sharding_type}")
-    kind = kind_of(config)
+    """This rank's shard of table ``name`` on its own (see :func:`shard_builder`; a kernel builds its shards
+    together, in fused stores)."""
+    table = shard_builder(config, optimizer, seed, sharding_type, row_start, rows, source)(device)
+    return table_shard(name, config, table, sharding_type, row_start, rows, pg)
+
+
+def table_shard(name: str, config, table: CompressedTable, sharding_type: str, row_start: int, rows: int,
+                pg: Optional[dist.ProcessGroup]) -> TableShard:
     row_wise = sharding_type == ShardingType.ROW_WISE.value
-    table = kind.build(config, optimizer, row_start, rows, device, seed, row_wise=row_wise)
-    if source is not None and not _is_meta(source):
-        kind.load_state(table, DictStateReader(kind.local_state(source)), row_start)
     return TableShard(name, config, table, sharding_type, row_start, rows, pg if row_wise else None,
-                      kind.label_aware)
+                      kind_of(config).label_aware)
 
 
 def _is_meta(table: nn.Module) -> bool:
@@ -162,17 +188,44 @@ def _sample_bags(kjt_values: List[torch.Tensor], kjt_lengths: List[torch.Tensor]
     return ids.index_select(0, order), torch.ops.fbgemm.asynchronous_complete_cumsum(lengths)
 
 
-class CompressedEmbeddingBagKernel(BaseEmbedding):
-    """TorchRec embedding kernel over local :class:`TableShard` s (one lookup per table and step)."""
+class _Segment(NamedTuple):
+    """One call of a kernel's lookup: a fused store over several shards (``members``: the member each feature
+    reads) or one shard, and the features it reads (positions in the kernel's features)."""
 
-    def __init__(self, config: GroupedEmbeddingConfig, shards: List[TableShard], labels: LabelBox) -> None:
+    source: object
+    features: List[int]
+    members: List[int]
+    shard: Optional[TableShard]
+
+
+class CompressedEmbeddingBagKernel(BaseEmbedding):
+    """TorchRec embedding kernel over local :class:`TableShard` s: one lookup per fused store of shards
+    (:mod:`~torchrec_shark.modules.fused_store`) and one per shard outside any store."""
+
+    def __init__(self, config: GroupedEmbeddingConfig, shards: List[TableShard], labels: LabelBox,
+                 stores: Sequence[FusedRowStore] = ()) -> None:
         super().__init__()
         self._config = config
         # plain attributes: not submodules (see the module docstring)
         self.__dict__["_shards"] = shards
         self.__dict__["_labels"] = labels
+        self.__dict__["_stores"] = list(stores)
         self._features_per_table = [t.num_features() for t in config.embedding_tables]
         self._dims = [t.local_cols for t in config.embedding_tables]
+        first = [sum(self._features_per_table[:i]) for i in range(len(shards))]
+        features_of = [list(range(f, f + n)) for f, n in zip(first, self._features_per_table)]
+        position = {id(s.table): i for i, s in enumerate(shards)}
+        segments, fused = [], set()
+        for store in stores:
+            tables = [position[id(t)] for t in store.members]
+            fused.update(tables)
+            segments.append(_Segment(store, [f for i in tables for f in features_of[i]],
+                                     [j for j, i in enumerate(tables) for _ in features_of[i]], None))
+        for i, shard in enumerate(shards):
+            if i not in fused:
+                segments.append(_Segment(shard.table, features_of[i], [0] * len(features_of[i]), shard))
+        self.__dict__["_segments"] = segments
+        self._whole = len(segments) == 1 and segments[0].features == list(range(sum(self._features_per_table)))
 
     @property
     def config(self) -> GroupedEmbeddingConfig:
@@ -182,43 +235,67 @@ class CompressedEmbeddingBagKernel(BaseEmbedding):
     def shards(self) -> List[TableShard]:
         return self.__dict__["_shards"]
 
+    @property
+    def stores(self) -> List[FusedRowStore]:
+        """The fused stores over this kernel's shards."""
+        return self.__dict__["_stores"]
+
     def forward(self, features: KeyedJaggedTensor) -> torch.Tensor:
         batch = features.stride()
+        nf = len(features.keys())
         lengths = features.lengths().view(-1, batch) if features.lengths().numel() else features.lengths().new_zeros(
-            len(features.keys()), batch
+            nf, batch
         )
         values = features.values()
         weights = features.weights_or_none()
         counts = lengths.sum(1).tolist()
-        vals = list(values.split(counts))
-        wts = list(weights.split(counts)) if weights is not None else [None] * len(counts)
-        labels = self.__dict__["_labels"].labels
-        out: List[torch.Tensor] = []
-        f = 0
-        for shard, nf in zip(self.shards, self._features_per_table):
-            table = shard.table
-            if table.training != self.training:
-                table.train(self.training)
-            fv, fl, fw = vals[f : f + nf], [lengths[i] for i in range(f, f + nf)], wts[f : f + nf]
-            f += nf
-            if self.training and labels is not None and shard.label_aware:
-                if labels.numel() != batch:
-                    raise RuntimeError(
-                        f"table {shard.name!r}: {labels.numel()} gathered labels for a global batch of {batch}"
-                    )
-                ids_s, off_s = _sample_bags(fv, fl, batch)
-                table.record_labels(ids_s, off_s, labels)
-            # one lookup per table: the features' bags one after another (F * B bags)
-            ids = torch.cat(fv) if nf > 1 else fv[0]
-            offsets = torch.ops.fbgemm.asynchronous_complete_cumsum(torch.cat(fl) if nf > 1 else fl[0])
-            psw = None
-            if fw[0] is not None:
-                psw = torch.cat(fw) if nf > 1 else fw[0]
-            pooled = table(ids, offsets, psw)  # [F * B, D]
-            out.extend(pooled.split(batch) if nf > 1 else [pooled])
+        labels = self.__dict__["_labels"].labels if self.training else None
+        if labels is not None and labels.numel() != batch:
+            raise RuntimeError(f"{labels.numel()} gathered labels for a global batch of {batch}")
+        segments = self.__dict__["_segments"]
+        if self._whole and isinstance(segments[0].source, FusedRowStore):  # one store reads every feature
+            seg = segments[0]
+            offsets = torch.ops.fbgemm.asynchronous_complete_cumsum(lengths.reshape(-1))
+            return seg.source.lookup(values, offsets, seg.members, counts, [batch] * nf, weights, labels,
+                                     sample_major=True)
+        starts = [0]
+        for c in counts:
+            starts.append(starts[-1] + c)
+        out: List[Optional[torch.Tensor]] = [None] * nf
+        for seg in segments:
+            fs = seg.features
+            if fs == list(range(fs[0], fs[-1] + 1)):  # contiguous features: slices
+                ids = values[starts[fs[0]] : starts[fs[-1] + 1]]
+                seg_lengths = lengths[fs[0] : fs[-1] + 1]
+                psw = None if weights is None else weights[starts[fs[0]] : starts[fs[-1] + 1]]
+            else:
+                ids = torch.cat([values[starts[f] : starts[f + 1]] for f in fs])
+                seg_lengths = lengths[fs]
+                psw = None if weights is None else torch.cat([weights[starts[f] : starts[f + 1]] for f in fs])
+            offsets = torch.ops.fbgemm.asynchronous_complete_cumsum(seg_lengths.reshape(-1))
+            if isinstance(seg.source, FusedRowStore):
+                pooled = seg.source.lookup(ids, offsets, seg.members, [counts[f] for f in fs], [batch] * len(fs), psw,
+                                           labels)
+            else:
+                pooled = self._shard_lookup(seg.shard, ids, offsets, psw, seg_lengths, labels, batch)
+            for f, part in zip(fs, pooled.split(batch) if len(fs) > 1 else [pooled]):
+                out[f] = part
         if not out:
             return values.new_zeros(batch, 0, dtype=torch.float32)
-        return torch.cat(out, dim=1)
+        return torch.cat(out, dim=1)  # type: ignore[arg-type]
+
+    def _shard_lookup(self, shard: TableShard, ids, offsets, psw, lengths, labels, batch: int) -> torch.Tensor:
+        """One shard's lookup of its features' bags (``F * B`` bags), recording labels for label-aware kinds."""
+        table = shard.table
+        if table.training != self.training:
+            table.train(self.training)
+        if labels is not None and shard.label_aware:
+            nf = lengths.shape[0]
+            fl = [lengths[i] for i in range(nf)]
+            fv = list(ids.split(lengths.sum(1).tolist())) if nf > 1 else [ids]
+            ids_s, off_s = _sample_bags(fv, fl, batch)
+            table.record_labels(ids_s, off_s, labels)
+        return table(ids, offsets, psw)  # [F * B, D]
 
     # TorchRec's lookup walks these; the kernel exposes no parameters and no state of its own.
     def state_dict(self, destination=None, prefix: str = "", keep_vars: bool = False):  # type: ignore[override]

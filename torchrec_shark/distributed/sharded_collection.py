@@ -65,10 +65,12 @@ from torchrec_shark.distributed.compressed_kernels import (
     LabelBox,
     TableShard,
     allocated_bytes,
-    build_table_shard,
+    shard_builder,
     shard_row_range,
     table_kind_key,
+    table_shard,
 )
+from torchrec_shark.modules.fused_store import FusedRowStore, build_fused
 from torchrec_shark.modules.kinds import kind_of
 from torchrec_shark.distributed.fused_params import optimizer_spec_from_fused_params
 from torchrec_shark.distributed.state_readers import DictStateReader
@@ -98,17 +100,29 @@ class _Context:
         self.device = device if device is not None else torch.device("cpu")
         self.labels = LabelBox()
         self.shards: Dict[str, TableShard] = {}
+        self.stores: List[FusedRowStore] = []  # fused stores over this rank's shards (one per kernel and layout)
         self.lr = float(self.optimizer.lr)
+        self.fused = bool(getattr(module, "fused", True))
 
-    def build(self, table, sharding_type: str, pg) -> TableShard:
-        r0, n = shard_row_range(table)
-        name = table.name
-        shard = build_table_shard(name, self.configs[name], self.optimizer, table_seed(self.init_seed, name),
-                                  sharding_type, r0, n, self.device, pg, self.sources.get(name))
-        if table.name in self.shards:
-            raise ValueError(f"table {table.name!r}: more than one shard on one rank is not supported")
-        self.shards[table.name] = shard
-        return shard
+    def build(self, tables, sharding_type: str, pg) -> Tuple[List[TableShard], List[FusedRowStore]]:
+        """This rank's shards of a kernel's ``tables``; row stores of one layout share a fused store."""
+        builders, ranges = [], []
+        for table in tables:
+            if table.name in self.shards:
+                raise ValueError(f"table {table.name!r}: more than one shard on one rank is not supported")
+            r0, n = shard_row_range(table)
+            ranges.append((r0, n))
+            builders.append(shard_builder(self.configs[table.name], self.optimizer,
+                                          table_seed(self.init_seed, table.name), sharding_type, r0, n,
+                                          self.sources.get(table.name)))
+        built, stores = build_fused(builders, self.device) if self.fused else ([b(self.device) for b in builders], [])
+        shards = []
+        for table, (r0, n), t in zip(tables, ranges, built):
+            shard = table_shard(table.name, self.configs[table.name], t, sharding_type, r0, n, pg)
+            self.shards[table.name] = shard
+            shards.append(shard)
+        self.stores.extend(stores)
+        return shards, stores
 
 
 class _CompressedLookup(GroupedPooledEmbeddingsLookup):
@@ -124,8 +138,8 @@ class _CompressedLookup(GroupedPooledEmbeddingsLookup):
                 f"{config.table_names()}"
             )
         ctx: _Context = self.__dict__["_shark_ctx"]
-        shards = [ctx.build(t, self.__dict__["_shark_type"], pg) for t in config.embedding_tables]
-        return CompressedEmbeddingBagKernel(config, shards, ctx.labels)
+        shards, stores = ctx.build(config.embedding_tables, self.__dict__["_shark_type"], pg)
+        return CompressedEmbeddingBagKernel(config, shards, ctx.labels, stores)
 
 
 class CompressedTwSharding(TwPooledEmbeddingSharding):
@@ -202,18 +216,31 @@ class _TableState:
         return out
 
     def aliases(self, shard: TableShard, values: Dict[str, Any]) -> bool:
-        """``values`` are this shard's own live tensors (an in-place load, e.g. DCP into ``state_dict()``)."""
+        """``values`` are this shard's own live tensors (an in-place load, e.g. DCP into ``state_dict()``): each
+        value (or each local piece of a ``ShardedTensor``) lies within the shard's tensor of its key."""
         local = self.kind.local_state(shard.table, sync=False)
         for key, value in values.items():
             if key not in local:
                 return False
-            ptr = local[key].untyped_storage().data_ptr()
+            own = local[key]
             if isinstance(value, ShardedTensor):
-                if any(s.tensor.untyped_storage().data_ptr() != ptr for s in value.local_shards()):
-                    return False
-            elif not isinstance(value, torch.Tensor) or value.untyped_storage().data_ptr() != ptr:
+                pieces = [s.tensor for s in value.local_shards()]
+            elif isinstance(value, torch.Tensor):
+                pieces = [value]
+            else:
+                return False
+            if not all(_within(p, own) for p in pieces):
                 return False
         return True
+
+
+def _within(piece: torch.Tensor, own: torch.Tensor) -> bool:
+    """``piece``'s bytes lie inside ``own``'s (a view of it; members of a fused store share one storage, so
+    the storage alone does not say whose tensor a piece is)."""
+    if piece.untyped_storage().data_ptr() != own.untyped_storage().data_ptr():
+        return False
+    lo, hi = own.data_ptr(), own.data_ptr() + own.numel() * own.element_size()
+    return lo <= piece.data_ptr() and piece.data_ptr() + piece.numel() * piece.element_size() <= hi
 
 
 class ShardedCompressedEmbeddingBagCollection(ShardedEmbeddingBagCollection):
@@ -486,8 +513,12 @@ class ShardedCompressedOptimizer(KeyedOptimizer):
     def step(self, closure: Any = None) -> None:  # type: ignore[override]
         self._push_lr()
         self.sync_replicated()
+        for store in self._ctx.stores:
+            store.step_end()
         for name in sorted(self._ctx.shards):
-            self._ctx.shards[name].table.step_end()
+            table = self._ctx.shards[name].table
+            if getattr(table, "_fused", None) is None:
+                table.step_end()
 
     def zero_grad(self, set_to_none: bool = False) -> None:
         self._push_lr()

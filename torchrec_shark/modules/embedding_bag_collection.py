@@ -26,8 +26,9 @@ Example::
 from __future__ import annotations
 
 import dataclasses
+import functools
 import itertools
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any, Dict, List, NamedTuple, Optional, Tuple
 
 import torch
 from torch import nn
@@ -37,6 +38,7 @@ from torchrec.optim.fused import FusedOptimizer, FusedOptimizerModule
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor, KeyedTensor
 
 from torchrec_shark.modules.base import CompressedTable, SparseOptimizerSpec, TableInputError
+from torchrec_shark.modules.fused_store import FusedRowStore, build_fused
 from torchrec_shark.modules.kernels.lookup import bag_of_ids
 from torchrec_shark.modules.kinds import build_table, kind_of
 from torchrec_shark.modules.specs import CompressedEmbeddingBagConfig
@@ -94,6 +96,9 @@ class CompressedEmbeddingBagCollection(EmbeddingBagCollectionInterface, FusedOpt
             builds on ``meta``); ``meta`` allocates no table storage at all (the sharder then builds each
             rank's shards directly, as TorchRec does for ``EmbeddingBagCollection``).
         optimizer: the fused sparse optimizer every table applies in backward.
+        fused: row-store tables of one layout share one fused store (:mod:`~torchrec_shark.modules.fused_store`):
+            one batched lookup and update for all of them per step. ``False``: one lookup per table (the
+            same results, slower with many tables).
     """
 
     def __init__(
@@ -102,6 +107,7 @@ class CompressedEmbeddingBagCollection(EmbeddingBagCollectionInterface, FusedOpt
         is_weighted: bool = False,
         device: Optional[torch.device] = None,
         optimizer: SparseOptimizerSpec = SparseOptimizerSpec(),
+        fused: bool = True,
     ) -> None:
         super().__init__()
         torch._C._log_api_usage_once(f"torchrec_shark.modules.{self.__class__.__name__}")
@@ -109,6 +115,7 @@ class CompressedEmbeddingBagCollection(EmbeddingBagCollectionInterface, FusedOpt
         self._device = device
         self._is_weighted = is_weighted
         self._optimizer_spec = optimizer
+        self.fused = fused  # the sharded collection fuses its shards likewise
         self._embedding_bag_configs = list(tables)
         self.embedding_bags = nn.ModuleDict()
         self._feature_order: List[str] = []
@@ -119,13 +126,20 @@ class CompressedEmbeddingBagCollection(EmbeddingBagCollectionInterface, FusedOpt
         # a sharder building the shards later (from ``meta``) produces the same values on any sharding.
         self.init_seed = torch.initial_seed()
         for i, cfg in enumerate(self._embedding_bag_configs):
-            if cfg.name in self.embedding_bags:
-                raise ValueError(f"Duplicate table name {cfg.name}")
             if not cfg.feature_names:
                 cfg.feature_names = [cfg.name]
             if not hasattr(cfg, "compression"):
                 cfg = self._embedding_bag_configs[i] = _with_compression(cfg)
-            self.embedding_bags[cfg.name] = build_table(cfg, optimizer, device, table_seed(self.init_seed, cfg.name))
+        names = [cfg.name for cfg in self._embedding_bag_configs]
+        duplicate = next((n for n in names if names.count(n) > 1), None)
+        if duplicate is not None:
+            raise ValueError(f"Duplicate table name {duplicate}")
+        # Row stores of one layout share a fused store (one batched lookup and update for all of them).
+        builders = [functools.partial(_build, cfg, optimizer, table_seed(self.init_seed, cfg.name))
+                    for cfg in self._embedding_bag_configs]
+        tables, self._stores = build_fused(builders, device) if fused else ([b(device) for b in builders], [])
+        for cfg, table in zip(self._embedding_bag_configs, tables):
+            self.embedding_bags[cfg.name] = table
             first = len(self._feature_order)
             self._feature_order.extend(cfg.feature_names)
             self._table_features.append((first, len(self._feature_order)))
@@ -137,6 +151,7 @@ class CompressedEmbeddingBagCollection(EmbeddingBagCollectionInterface, FusedOpt
             cfg.embedding_dim for cfg in self._embedding_bag_configs for _ in cfg.feature_names
         ]
         self._slice_cache: Dict[Tuple[str, ...], List[List[Tuple[int, int]]]] = {}
+        self._plan_cache: Dict[Tuple[str, ...], _LookupPlan] = {}
         self._fused_optimizer: Optional[CompressedTablesOptimizer] = None
         self._register_load_state_dict_pre_hook(self._load_other_layouts, with_module=True)
 
@@ -178,6 +193,8 @@ class CompressedEmbeddingBagCollection(EmbeddingBagCollectionInterface, FusedOpt
 
     def _apply(self, fn, *args, **kwargs):
         self._fused_optimizer = None  # buffers may have been replaced (.to(), .cuda())
+        for store in self._stores:  # first the fused tensors: the members' buffers stay views of them
+            store.apply(fn)
         return super()._apply(fn, *args, **kwargs)
 
     # ------------------------------------------------------------------ input slicing
@@ -207,39 +224,63 @@ class CompressedEmbeddingBagCollection(EmbeddingBagCollectionInterface, FusedOpt
             self._slice_cache[keys] = runs
         return runs
 
-    def _table_inputs(self, kjt: KeyedJaggedTensor):
-        """Per table: ``(table, ids, offsets, weights or None, bags per feature)`` with the bags of
-        its features concatenated (feature-major, in the table's feature order).
+    def _plan(self, keys: Tuple[str, ...]) -> "_LookupPlan":
+        """How a KJT with ``keys`` is looked up: one segment per fused store (its members' features) and one
+        per table outside any store, each with its features' runs of key positions (cached per keys)."""
+        plan = self._plan_cache.get(keys)
+        if plan is None:
+            runs = self._key_runs(keys)
+            position = {name: i for i, name in enumerate(self.embedding_bags)}
+            fused = set()
+            segments = []
+            for store in self._stores:
+                tables = [position[t.name] for t in store.members]
+                fused.update(tables)
+                members = [j for j, i in enumerate(tables) for _ in range(*self._table_features[i])]
+                segments.append(_Segment(store, _merge_runs([r for i in tables for r in runs[i]]), members,
+                                         [f for i in tables for f in range(*self._table_features[i])], None))
+            for i, table in enumerate(self.embedding_bags.values()):
+                if i not in fused:
+                    segments.append(_Segment(table, runs[i], [0] * (self._table_features[i][1] -
+                                                                   self._table_features[i][0]),
+                                             list(range(*self._table_features[i])), i))
+            whole = (len(segments) == 1 and isinstance(segments[0].source, FusedRowStore)
+                     and segments[0].runs == [(0, len(keys))]
+                     and segments[0].features == list(range(len(self._feature_order))))
+            plan = self._plan_cache[keys] = _LookupPlan(segments, whole)
+        return plan
 
-        Bags per feature is the batch size of each of the table's features (they differ only for a
-        variable-batch KJT)."""
-        runs = self._key_runs(tuple(kjt.keys()))
+    def _inputs(self, kjt: KeyedJaggedTensor, runs: List[Tuple[int, int]]):
+        """``(ids, offsets, weights or None, bags per feature, ids per feature)`` of the features in ``runs``
+        (positions in the KJT's keys), their bags concatenated feature after feature.
+
+        Bags per feature is the batch size of each feature (they differ only for a variable-batch KJT)."""
         strides = kjt.stride_per_key()
-        bag_start = [0]
-        for s in strides:
-            bag_start.append(bag_start[-1] + s)
+        starts = kjt.offset_per_key()
         values, offsets = kjt.values(), kjt.offsets()
         weights = kjt.weights() if self._is_weighted else None
-        starts = kjt.offset_per_key()
-        for table, table_runs in zip(self.embedding_bags.values(), runs):
-            pieces = []
-            for k0, k1 in table_runs:
-                b0, b1 = bag_start[k0], bag_start[k1]
-                offs = offsets[b0 : b1 + 1]
-                a, b = starts[k0], starts[k1]
-                pieces.append((values[a:b], offs - a if a else offs, None if weights is None else weights[a:b]))
-            bags = [strides[k] for k0, k1 in table_runs for k in range(k0, k1)]
-            if len(pieces) == 1:
-                ids, offs, w = pieces[0]
-            else:
-                ids = torch.cat([p[0] for p in pieces])
-                shift, parts = 0, [pieces[0][1][:1]]
-                for p in pieces:
-                    parts.append(p[1][1:] + shift)
-                    shift += p[0].numel()
-                offs = torch.cat(parts)
-                w = None if weights is None else torch.cat([p[2] for p in pieces])
-            yield table, ids, offs, w, bags
+        bag_start = [0]
+        for st in strides:
+            bag_start.append(bag_start[-1] + st)
+        pieces = []
+        for k0, k1 in runs:
+            b0, b1 = bag_start[k0], bag_start[k1]
+            offs = offsets[b0 : b1 + 1]
+            a, b = starts[k0], starts[k1]
+            pieces.append((values[a:b], offs - a if a else offs, None if weights is None else weights[a:b]))
+        bags = [strides[k] for k0, k1 in runs for k in range(k0, k1)]
+        counts = [starts[k + 1] - starts[k] for k0, k1 in runs for k in range(k0, k1)]
+        if len(pieces) == 1:
+            ids, offs, w = pieces[0]
+        else:
+            ids = torch.cat([p[0] for p in pieces])
+            shift, parts = 0, [pieces[0][1][:1]]
+            for p in pieces:
+                parts.append(p[1][1:] + shift)
+                shift += p[0].numel()
+            offs = torch.cat(parts)
+            w = None if weights is None else torch.cat([p[2] for p in pieces])
+        return ids, offs, w, bags, counts
 
     # ------------------------------------------------------------------ forward
     def forward(self, features: KeyedJaggedTensor) -> KeyedTensor:
@@ -251,10 +292,20 @@ class CompressedEmbeddingBagCollection(EmbeddingBagCollectionInterface, FusedOpt
                 # call_module node; the tables' input checks and fused updates cannot be traced).
                 return tracer.create_proxy("call_module", path, (features,), {})
             return self._traced_forward(features, tracer)  # the root of the trace
-        pooled: List[torch.Tensor] = []
-        for table, ids, offs, weights, bags in self._table_inputs(features):
-            out = table(ids, offs, weights)
-            pooled.extend([out] if len(bags) == 1 else out.split(bags))
+        plan = self._plan(tuple(features.keys()))
+        pooled: List[Optional[torch.Tensor]] = [None] * len(self._feature_order)
+        for seg in plan.segments:
+            ids, offs, weights, bags, counts = self._inputs(features, seg.runs)
+            if plan.whole and not features.variable_stride_per_key():  # every feature from one store, in order
+                out = seg.source.lookup(ids, offs, seg.members, counts, bags, weights, sample_major=True)
+                return KeyedTensor(keys=self._embedding_names, length_per_key=self._length_per_key, values=out,
+                                   key_dim=1)
+            if isinstance(seg.source, FusedRowStore):
+                out = seg.source.lookup(ids, offs, seg.members, counts, bags, weights)
+            else:
+                out = seg.source(ids, offs, weights)
+            for f, part in zip(seg.features, out.split(bags) if len(bags) > 1 else [out]):
+                pooled[f] = part
         if features.variable_stride_per_key():
             pooled = self._expand_variable_batch(features, pooled)
         return KeyedTensor(
@@ -324,9 +375,16 @@ class CompressedEmbeddingBagCollection(EmbeddingBagCollectionInterface, FusedOpt
         labels = labels.reshape(-1)
         if labels.numel() != batch:
             raise TableInputError(f"record_labels: {labels.numel()} labels for a batch of {batch}")
-        for aware, (table, ids, offs, _, bags) in zip(self._label_aware, self._table_inputs(features)):
-            if not aware:
+        for seg in self._plan(tuple(features.keys())).segments:
+            if isinstance(seg.source, FusedRowStore):
+                if seg.source.label_aware:
+                    ids, offs, _, bags, counts = self._inputs(features, seg.runs)
+                    seg.source.record_labels(ids, offs, seg.members, counts, bags, labels)
                 continue
+            if not self._label_aware[seg.table]:
+                continue
+            table = seg.source
+            ids, offs, _, bags, _ = self._inputs(features, seg.runs)
             if len(bags) > 1:  # one bag per sample: the sample's ids from every feature of the table
                 sample = bag_of_ids(offs.long(), ids.numel()) % batch
                 order = torch.sort(sample, stable=True).indices
@@ -341,9 +399,13 @@ class CompressedEmbeddingBagCollection(EmbeddingBagCollectionInterface, FusedOpt
         return any(self._label_aware)
 
     def step_end(self) -> None:
-        """Close a training step (after ``optimizer.step()``): every table's :meth:`step_end`."""
+        """Close a training step (after ``optimizer.step()``): every fused store's and every other table's
+        :meth:`step_end`."""
+        for store in self._stores:
+            store.step_end()
         for table in self.embedding_bags.values():
-            table.step_end()
+            if getattr(table, "_fused", None) is None:
+                table.step_end()
 
     # ------------------------------------------------------------------ accounting
     def table_memory_bytes(self, name: str) -> Dict[str, int]:
@@ -359,9 +421,39 @@ class CompressedEmbeddingBagCollection(EmbeddingBagCollectionInterface, FusedOpt
         return sum(t.fp32_bytes() for t in self.embedding_bags.values())
 
 
+class _Segment(NamedTuple):
+    """What one call looks up: a fused store (``members``: the member each feature reads) or one table
+    (``table``: its position), the features' runs of KJT key positions, and their positions in the output."""
+
+    source: Any
+    runs: List[Tuple[int, int]]
+    members: List[int]
+    features: List[int]
+    table: Optional[int]
+
+
+class _LookupPlan(NamedTuple):
+    segments: List[_Segment]
+    whole: bool  # one segment reads every feature in output order: its pooled rows are the output
+
+
+def _merge_runs(runs: List[Tuple[int, int]]) -> List[Tuple[int, int]]:
+    out: List[Tuple[int, int]] = []
+    for a, b in runs:
+        if out and out[-1][1] == a:
+            out[-1] = (out[-1][0], b)
+        else:
+            out.append((a, b))
+    return out
+
+
 @torch.fx.wrap
 def _keyed_tensor(keys: List[str], length_per_key: List[int], values: torch.Tensor) -> KeyedTensor:
     return KeyedTensor(keys=keys, length_per_key=length_per_key, values=values, key_dim=1)
+
+
+def _build(cfg, optimizer: SparseOptimizerSpec, seed: int, device: Optional[torch.device]) -> CompressedTable:
+    return build_table(cfg, optimizer, device, seed)
 
 
 def _with_compression(cfg: EmbeddingBagConfig):

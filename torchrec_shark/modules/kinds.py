@@ -26,6 +26,7 @@ from torchrec_shark.modules.uniform import UniformKind
 
 KINDS: List[TableKind] = [
     StockKind(),
+    StockKind("fp16"),
     UniformKind("fp16"),
     UniformKind("int8"),
     UniformKind("int4"),

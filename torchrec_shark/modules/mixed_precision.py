@@ -28,6 +28,8 @@ import torch
 from torchrec.modules.embedding_configs import PoolingType
 
 from torchrec_shark.modules.base import SparseOptimizerSpec, TableInputError, all_finite
+from torchrec_shark.modules.buffer_source import allocate
+from torchrec_shark.modules.kernels.host import numpy_path
 from torchrec_shark.modules.kernels.lookup import bag_of_ids
 from torchrec_shark.modules.quantization import ROUNDING_MODES, CounterNoise
 from torchrec_shark.modules.row_store import (
@@ -149,13 +151,42 @@ class MixedPrecisionTable(RowStoreTable):
                          row_start, seed_or_default(config, seed), pooling)
         device = self._pool(0).device
         self.spec = spec
-        self.register_buffer("priority", torch.zeros(n, dtype=PRIORITY_DTYPE, device=device))
-        self.register_buffer("priority_age", torch.zeros((), dtype=torch.int64, device=device))
-        self.register_buffer("step", torch.zeros((), dtype=torch.int64, device=device))
-        self._age = self._step = 0  # mirrors of the two buffers (no tensor reads per step)
+        self.register_buffer("priority", allocate("priority", (n,), PRIORITY_DTYPE, device, ("rows",)))
+        self.register_buffer("priority_age", allocate("priority_age", (), torch.int64, device, ("scalar",)))
+        self.register_buffer("step", allocate("step", (), torch.int64, device, ("scalar",)))
+        self._own_age = self._own_step = 0  # mirrors of the two buffers (no tensor reads per step)
         self._lazy = 1.0 / self._RESCALE_LIMIT <= spec.decay <= 1.0
         self._pending: List[Tuple[torch.Tensor, torch.Tensor]] = []
         self.init_rows(config)
+
+    # The mirrors live in the fused store when the table is a member of one (it steps them all at once).
+    @property
+    def _age(self) -> int:
+        return self._own_age if self._fused is None else int(self._fused.age[self._member])
+
+    @_age.setter
+    def _age(self, value: int) -> None:
+        if self._fused is None:
+            self._own_age = int(value)
+        else:
+            self._fused.age[self._member] = value
+
+    @property
+    def _step(self) -> int:
+        return self._own_step if self._fused is None else int(self._fused.steps[self._member])
+
+    @_step.setter
+    def _step(self, value: int) -> None:
+        if self._fused is None:
+            self._own_step = int(value)
+        else:
+            self._fused.steps[self._member] = value
+
+    @classmethod
+    def fused_store_type(cls):
+        from torchrec_shark.modules.fused_priorities import FusedMixedPrecisionStore
+
+        return FusedMixedPrecisionStore
 
     def loader(self) -> "MixedPrecisionKind":
         return MixedPrecisionKind()
@@ -212,7 +243,7 @@ class MixedPrecisionTable(RowStoreTable):
     def _add_priority(self, rows: torch.Tensor, contrib: torch.Tensor) -> None:
         """``priority[rows] += contrib`` (rows may repeat), each touched row rounded once, stochastically,
         with bits that depend on the row's global id and the step (the same under any sharding)."""
-        if rows.device.type == "cpu":
+        if numpy_path(rows):
             uniq, inverse = np.unique(rows.numpy(), return_inverse=True)
             uniq, inverse = torch.from_numpy(uniq), torch.from_numpy(inverse.reshape(-1))
         else:
@@ -308,7 +339,8 @@ class MixedPrecisionKind(RowStoreKind):
         table._pending = []
         order = table.priority_order()
         if ranks is not None:
-            order = order.index_select(0, torch.sort(ranks.to(torch.int64).index_select(0, order), stable=True).indices)
+            ranks = ranks.to(order.device, torch.int64)
+            order = order.index_select(0, torch.sort(ranks.index_select(0, order), stable=True).indices)
         table.assign_tiers(order)
 
 

@@ -33,6 +33,7 @@ from typing import Optional
 import numpy as np
 import torch
 
+from torchrec_shark.modules.kernels.host import numpy_path
 from torchrec_shark.modules.table_kind import mix64
 
 try:  # FBGEMM's CPU ops (fbgemm-gpu-cpu) or CUDA ops (fbgemm-gpu)
@@ -97,6 +98,10 @@ class CounterNoise:
     32-bit draws. ``int16``/``int32``/``uniform`` follow :class:`RoundingNoise`'s interface for
     the ``[len(rows), D]`` values being encoded (row-major).
 
+    Rows of several tables at once (a fused store's update): :meth:`per_row` with each row's key
+    (:meth:`keys` of its table's seed and step) gives every row the bits its own table would.
+    CPU rows hash in numpy; rows on another device hash there with torch's int64 ops (the same bits).
+
     Example::
 
         noise = CounterNoise(seed=7, step=12, rows=torch.tensor([3, 900]))
@@ -106,16 +111,37 @@ class CounterNoise:
     _GOLDEN = 0x9E3779B97F4A7C15
     _M1, _M2, _M3 = 0xBF58476D1CE4E5B9, 0x94D049BB133111EB, 0xD6E8FEB86659FD93
 
-    def __init__(self, seed: int, step: int, rows: torch.Tensor) -> None:
-        key = (int(seed) * self._GOLDEN + int(step) * self._M3 + 1) & ((1 << 64) - 1)
-        self._key = mix64(key)
+    def __init__(self, seed: int, step: int, rows: torch.Tensor, key=None) -> None:
+        if key is None:
+            key = mix64((int(seed) * self._GOLDEN + int(step) * self._M3 + 1) & ((1 << 64) - 1))
+        self._key = key  # an int, or one key per row (uint64 numpy on CPU, int64 torch elsewhere)
         self._rows = rows.reshape(-1)
 
-    def _words(self, cols: int) -> np.ndarray:
-        """``[len(rows), cols]`` uint64 hashes."""
+    @classmethod
+    def per_row(cls, keys, rows: torch.Tensor) -> "CounterNoise":
+        """Noise for ``rows`` whose keys differ (``keys[i]`` from :meth:`keys`, one per row)."""
+        return cls(0, 0, rows, key=keys)
+
+    @classmethod
+    def keys(cls, seeds: np.ndarray, steps: np.ndarray) -> np.ndarray:
+        """The key of each ``(seed, step)`` pair (uint64): what ``CounterNoise(seed, step, ...)`` hashes rows with."""
         with np.errstate(over="ignore"):
-            r = self._rows.cpu().numpy().astype(np.uint64)
-            h = _splitmix_np(r * np.uint64(self._GOLDEN) + np.uint64(self._key))
+            x = (seeds.astype(np.uint64) * np.uint64(cls._GOLDEN) + steps.astype(np.uint64) * np.uint64(cls._M3)
+                 + np.uint64(1))
+            return _splitmix_np(x)
+
+    def _words(self, cols: int):
+        """``[len(rows), cols]`` 64-bit hashes (numpy uint64 for CPU rows, torch int64 on other devices)."""
+        if not numpy_path(self._rows):
+            return self._words_torch(cols)
+        key = self._key
+        if isinstance(key, torch.Tensor):
+            key = key.cpu().numpy().astype(np.uint64)
+        elif not isinstance(key, np.ndarray):
+            key = np.uint64(key)
+        with np.errstate(over="ignore"):
+            r = self._rows.numpy().astype(np.uint64)
+            h = _splitmix_np(r * np.uint64(self._GOLDEN) + key)
             x = h[:, None] ^ (np.arange(1, cols + 1, dtype=np.uint64) * np.uint64(self._M3))[None, :]
             x *= np.uint64(self._M1)
             x ^= x >> np.uint64(31)
@@ -123,22 +149,63 @@ class CounterNoise:
             x ^= x >> np.uint64(29)
         return x
 
+    def _words_torch(self, cols: int) -> torch.Tensor:
+        # int64 arithmetic wraps as uint64 does; right shifts are masked to make them logical.
+        device = self._rows.device
+        key = self._key
+        if isinstance(key, np.ndarray):
+            key = torch.from_numpy(key.view(np.int64)).to(device)
+        elif not isinstance(key, torch.Tensor):
+            key = _signed(int(key))
+        r = self._rows.to(torch.int64)
+        h = _splitmix_torch(r * _signed(self._GOLDEN) + key)
+        cols_t = torch.arange(1, cols + 1, dtype=torch.int64, device=device) * _signed(self._M3)
+        x = h.unsqueeze(1) ^ cols_t.unsqueeze(0)
+        x = x * _signed(self._M1)
+        x = x ^ _shift_right(x, 31)
+        x = x * _signed(self._M2)
+        return x ^ _shift_right(x, 29)
+
     def int16(self, shape, device=None) -> torch.Tensor:
         n, d = shape
-        words = self._words((d + 3) // 4).view(np.int16)[:, :d]
-        out = torch.from_numpy(np.ascontiguousarray(words))
-        return out if device is None or torch.device(device).type == "cpu" else out.to(device)
+        words = self._words((d + 3) // 4)
+        if isinstance(words, torch.Tensor):
+            out = words.view(torch.int16)[:, :d].contiguous()
+        else:
+            out = torch.from_numpy(np.ascontiguousarray(words.view(np.int16)[:, :d]))
+        return out if device is None or torch.device(device) == out.device else out.to(device)
 
     def int32(self, n: int, device=None) -> torch.Tensor:
         rows = self._rows.numel()
         d = n // max(rows, 1)
-        words = self._words((d + 1) // 2).view(np.int32)[:, :d]
-        out = torch.from_numpy(np.ascontiguousarray(words)).reshape(-1)
-        return out if device is None or torch.device(device).type == "cpu" else out.to(device)
+        words = self._words((d + 1) // 2)
+        if isinstance(words, torch.Tensor):
+            out = words.view(torch.int32)[:, :d].reshape(-1)
+        else:
+            out = torch.from_numpy(np.ascontiguousarray(words.view(np.int32)[:, :d])).reshape(-1)
+        return out if device is None or torch.device(device) == out.device else out.to(device)
 
     def uniform(self, shape, device=None) -> torch.Tensor:
         r = self.int16(shape, device).bitwise_and_(0x7FFF).float()
         return r.mul_(2.0**-15).add_(2.0**-16)
+
+
+def _signed(x: int) -> int:
+    """A uint64 constant as the int64 with the same bits."""
+    return x - (1 << 64) if x >= 1 << 63 else x
+
+
+def _shift_right(x: torch.Tensor, k: int) -> torch.Tensor:
+    """Logical right shift of int64 bit patterns."""
+    return (x >> k) & ((1 << (64 - k)) - 1)
+
+
+def _splitmix_torch(x: torch.Tensor) -> torch.Tensor:
+    x = x ^ _shift_right(x, 30)
+    x = x * _signed(0xBF58476D1CE4E5B9)
+    x = x ^ _shift_right(x, 27)
+    x = x * _signed(0x94D049BB133111EB)
+    return x ^ _shift_right(x, 31)
 
 
 def _splitmix_np(x: np.ndarray) -> np.ndarray:
@@ -164,7 +231,7 @@ def round_to_fp16(x: torch.Tensor, rounding: str = "nearest", noise: Optional[Ro
     noise = noise or RoundingNoise()
     flat = y.view(-1)
     r = noise.int32(flat.numel(), y.device).bitwise_and_(_DROPPED_MASK)
-    if y.device.type == "cpu":
+    if numpy_path(y):
         tiny = torch.from_numpy(np.flatnonzero(np.abs(flat.numpy()) < _FP16_MIN_NORMAL))
     else:
         tiny = (flat.abs() < _FP16_MIN_NORMAL).nonzero().squeeze(1)
@@ -182,7 +249,7 @@ def _scale_bias(x: torch.Tensor, levels: int = 255) -> tuple:
     the bias is the row minimum rounded down, the scale ``(max - bias) / levels`` rounded up."""
     lo = x.amin(dim=1).clamp_(-_FP16_MAX, _FP16_MAX)
     hi = x.amax(dim=1).clamp_(-_FP16_MAX, _FP16_MAX)
-    if x.device.type == "cpu":  # [n]-sized work: numpy's per-call cost is a fraction of torch's
+    if numpy_path(x):  # [n]-sized work: numpy's per-call cost is a fraction of torch's
         lo_np, hi_np = lo.numpy(), hi.numpy()
         bias = lo_np.astype(np.float16)
         down = bias.astype(np.float32) > lo_np
@@ -335,7 +402,7 @@ class NBitCodec:
         dim = self.dim_of(q)
         if q.shape[0] == 0:
             return torch.empty(0, dim, device=q.device)
-        if _HAS_FBGEMM and q.device.type == "cpu":
+        if _HAS_FBGEMM and numpy_path(q):  # FBGEMM's CPU decoder
             return torch.ops.fbgemm.FusedNBitRowwiseQuantizedSBHalfToFloat(q, self.bits)
         sb = self.scale_bias(q)
         return torch.addcmul(sb[:, 1:2], self.codes(q).float(), sb[:, 0:1])

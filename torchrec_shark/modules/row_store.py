@@ -34,7 +34,8 @@ import torch
 from torchrec.modules.embedding_configs import PoolingType
 
 from torchrec_shark.modules.base import CompressedTable, SparseOptimizerSpec, TableInputError, all_finite
-from torchrec_shark.modules.kernels.lookup import RowIndex, pooled_lookup, row_index
+from torchrec_shark.modules.buffer_source import allocate
+from torchrec_shark.modules.kernels.lookup import RowIndex, mean_divisor, pooled_lookup, row_index
 from torchrec_shark.modules.kernels.sparse_optimizer import RowOptimizer
 from torchrec_shark.modules.quantization import CODECS, ROUNDING_MODES, CounterNoise, Fp32Codec
 from torchrec_shark.modules.table_kind import (
@@ -118,8 +119,12 @@ class RowStoreTable(CompressedTable):
         self.pooling = pooling
         self.rounding = rounding
         self.seed = int(seed)
-        self.version = 0  # bumped on every write; a lookup's cached rows are reused only if unchanged
-        self.updates = 0  # optimizer updates applied: the step of the stochastic-rounding noise
+        # A member of a fused store (modules.fused_store) keeps its per-step counters there: the store
+        # steps every member at once, and the table's own methods read and write the same counters.
+        self._fused = None
+        self._member = 0
+        self._version = 0  # bumped on every write; a lookup's cached rows are reused only if unchanged
+        self._updates = 0  # optimizer updates applied: the step of the stochastic-rounding noise
         # Puts lookups in the autograd graph; its gradient is never computed (not a parameter).
         self._anchor = torch.empty(0, requires_grad=True)
         self._tiers: List[Tuple[str, int, int]] = []  # (precision, first global slot, rows)
@@ -127,22 +132,54 @@ class RowStoreTable(CompressedTable):
         start = 0
         for (precision, count), pool in zip(tiers, self._pool_names):
             codec = CODECS[precision]
-            self.register_buffer(
-                pool, torch.zeros(count, codec.width(self.embedding_dim), dtype=codec.dtype, device=device)
-            )
+            self.register_buffer(pool, allocate(pool, (count, codec.width(self.embedding_dim)), codec.dtype, device,
+                                                ("pool", precision)))
             self._tiers.append((precision, start, count))
             start += count
         self._bounds = [s for _, s, _ in self._tiers[1:]]
         if self.slotted:
             slot_dtype = torch.int32 if self.num_embeddings < 2**31 else torch.int64
-            self.register_buffer("row_slot", torch.arange(self.num_embeddings, dtype=slot_dtype, device=device))
+            row_slot = allocate("row_slot", (self.num_embeddings,), slot_dtype, device, ("rows",))
+            self.register_buffer("row_slot", row_slot.copy_(torch.arange(self.num_embeddings, dtype=slot_dtype,
+                                                                         device=device)))
         if not stock_pool:
-            self.register_buffer("update_count", torch.zeros((), dtype=torch.int64, device=device))
+            self.register_buffer("update_count", allocate("update_count", (), torch.int64, device, ("scalar",)))
         if self.slotted:  # lookups served per tier since the last tier_activity(reset=True): a statistic, not state
-            self.register_buffer("tier_hits", torch.zeros(len(self._tiers), dtype=torch.int64, device=device),
-                                 persistent=False)
+            self.register_buffer("tier_hits", allocate("tier_hits", (len(self._tiers),), torch.int64, device,
+                                                       ("hits",)), persistent=False)
         self.optim = RowOptimizer(optimizer, self.num_embeddings, self.embedding_dim, device)
         self._moves = 0
+
+    @property
+    def version(self) -> int:
+        """Bumped on every write of the table (a fused store's members share the store's)."""
+        return self._version if self._fused is None else self._fused.version
+
+    @version.setter
+    def version(self, value: int) -> None:
+        if self._fused is None:
+            self._version = value
+        else:
+            self._fused.version = value
+
+    @property
+    def updates(self) -> int:
+        """Optimizer updates applied: the step of the stochastic-rounding noise."""
+        return self._updates if self._fused is None else int(self._fused.updates[self._member])
+
+    @updates.setter
+    def updates(self, value: int) -> None:
+        if self._fused is None:
+            self._updates = int(value)
+        else:
+            self._fused.updates[self._member] = value
+
+    @classmethod
+    def fused_store_type(cls):
+        """The fused store that batches tables of this class (:mod:`~torchrec_shark.modules.fused_store`)."""
+        from torchrec_shark.modules.fused_store import FusedRowStore
+
+        return FusedRowStore
 
     @property
     def slotted(self) -> bool:
@@ -181,7 +218,8 @@ class RowStoreTable(CompressedTable):
         """``[0, end of tier 0, ..., len]``: the run of each tier in ascending ``sorted_slots``."""
         if not self._bounds:
             return [0, sorted_slots.numel()]
-        cuts = torch.searchsorted(sorted_slots, torch.tensor(self._bounds, dtype=sorted_slots.dtype)).tolist()
+        bounds = torch.tensor(self._bounds, dtype=sorted_slots.dtype, device=sorted_slots.device)
+        cuts = torch.searchsorted(sorted_slots, bounds).tolist()
         return [0, *cuts, sorted_slots.numel()]
 
     def _runs(self, index: RowIndex):
@@ -273,7 +311,8 @@ class RowStoreTable(CompressedTable):
         if self.is_meta or ids.device.type == "meta":  # shape propagation, as stock tables on meta
             return torch.empty(offsets.numel() - 1, self.embedding_dim, device="meta")
         self.check_lookup(ids, offsets, per_sample_weights)
-        return pooled_lookup(self, ids, offsets, per_sample_weights, self.pooling == PoolingType.MEAN, self._anchor)
+        divisor = mean_divisor(offsets) if self.pooling == PoolingType.MEAN else None
+        return pooled_lookup(self, row_index(self, ids), offsets, per_sample_weights, divisor, self._anchor)
 
     # ------------------------------------------------------------------ contract
     def full_weight(self) -> torch.Tensor:
@@ -662,7 +701,9 @@ class RowStoreKind(TableKind):
         self.load_layout(table, reader, row_start)
         cols = None if columns is None else torch.as_tensor(list(columns), dtype=torch.long)
         precision_of_tier = [p for p, _, _ in table._tiers]
+        device = table._pool(0).device
         for rows, precision, enc in source_row_batches(reader, row_start, n):
+            rows, enc = rows.to(device), enc.to(device)  # saved rows come to the table's device a chunk at a time
             index = table.index_rows(rows)
             enc = enc.index_select(0, index.perm)
             same = [precision_of_tier[k] == precision for k, *_ in table._runs(index)]
@@ -693,7 +734,7 @@ class RowStoreKind(TableKind):
             return
         ranks = source_precision_ranks(reader, row_start, table.num_embeddings)
         if ranks is not None:
-            table.assign_tiers(torch.sort(ranks.to(torch.int64), stable=True).indices)
+            table.assign_tiers(torch.sort(ranks.to(table.row_slot.device, torch.int64), stable=True).indices)
 
     def cost_factor(self, config) -> float:
         dim = int(config.embedding_dim)

@@ -229,6 +229,11 @@ class TableKind(abc.ABC):
     def name(self) -> str:
         return self.names[0]
 
+    @property
+    def display_name(self) -> str:
+        """What reports and benchmarks call it (its config name unless that says little, e.g. ``none``)."""
+        return self.name
+
     def owns(self, spec) -> bool:
         """Whether ``spec`` (a config's ``compression``) is one of this kind's."""
         return type(spec) is self.spec_type

@@ -17,6 +17,7 @@ import torch.distributed as dist
 from torch import nn
 
 from torchrec_shark.distributed.compressed_kernels import allocated_bytes
+from torchrec_shark.distributed.device_check import collective_device
 from torchrec_shark.modules.kinds import kind_of
 
 _TABLE_KEY = ".embedding_bags."
@@ -65,6 +66,7 @@ def embedding_storage(collection: nn.Module, configs: Sequence, sharded: bool, m
 def _sum_over_ranks(names: Sequence[str], per_rank: Dict[str, int]) -> Dict[str, int]:
     counts = torch.tensor([per_rank.get(n, 0) for n in names], dtype=torch.float64)
     if dist.is_initialized() and dist.get_world_size() > 1:
+        counts = counts.to(collective_device())  # NCCL reduces CUDA tensors
         dist.all_reduce(counts)
     return {n: int(v) for n, v in zip(names, counts.tolist())}
 

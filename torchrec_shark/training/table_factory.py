@@ -103,6 +103,7 @@ def stock_configs(configs: Sequence[CompressedEmbeddingBagConfig]) -> List[Embed
             embedding_dim=c.embedding_dim,
             feature_names=list(c.feature_names),
             pooling=c.pooling,
+            data_type=kind_of(c).data_type,  # the weight type FBGEMM's TBE trains (fp32, fp16)
         )
         for c in configs
     ]

@@ -17,7 +17,8 @@ per-call overhead and sorts are several times cheaper than torch's at these size
 
 Example::
 
-    out = pooled_lookup(store, ids, offsets, per_sample_weights=None, mean=False, anchor=anchor)  # [B, D]
+    out = pooled_lookup(store, row_index(store, ids), offsets, per_sample_weights=None, divisor=None,
+                        anchor=anchor)  # [B, D]
 """
 
 from __future__ import annotations
@@ -27,6 +28,8 @@ from typing import List, NamedTuple, Optional
 import numpy as np
 import torch
 import torch.nn.functional as F
+
+from torchrec_shark.modules.kernels.host import numpy_path
 
 
 class RowIndex(NamedTuple):
@@ -54,7 +57,7 @@ def unique_index(keys: torch.Tensor, ids: torch.Tensor, num_keys: int) -> tuple:
     """
     n = keys.numel()
     pos_bits = max(1, (max(n, 1) - 1).bit_length())
-    if keys.device.type == "cpu" and max(num_keys, 1).bit_length() + pos_bits <= 62:
+    if numpy_path(keys) and max(num_keys, 1).bit_length() + pos_bits <= 62:
         k = keys.numpy().astype(np.int64, copy=False)
         packed = (k << pos_bits) | np.arange(n, dtype=np.int64)
         packed.sort()
@@ -95,7 +98,7 @@ def row_index(store, ids: torch.Tensor) -> RowIndex:
 
 def bag_of_ids(offsets: torch.Tensor, n: int) -> torch.Tensor:
     """Bag index of each id, ``[n]`` int64, from ``B + 1`` offsets."""
-    if offsets.device.type == "cpu":
+    if numpy_path(offsets):
         o = offsets.numpy()
         return torch.from_numpy(np.repeat(np.arange(o.size - 1, dtype=np.int64), np.diff(o)))
     lengths = offsets[1:] - offsets[:-1]
@@ -104,30 +107,26 @@ def bag_of_ids(offsets: torch.Tensor, n: int) -> torch.Tensor:
 
 class _PooledLookup(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, anchor, per_sample_weights, store, index: RowIndex, offsets, mean: bool):  # type: ignore[override]
+    def forward(ctx, anchor, per_sample_weights, store, index, offsets, divisor):  # type: ignore[override]
         values = store.gather(index)
         psw = per_sample_weights
-        if psw is not None and mean:
-            out = F.embedding_bag(index.inverse, values, offsets, mode="sum", per_sample_weights=psw, include_last_offset=True)
-            out = out / (offsets[1:] - offsets[:-1]).clamp(min=1).unsqueeze(1).to(out.dtype)
-        else:
-            out = F.embedding_bag(
-                index.inverse, values, offsets, mode="mean" if mean else "sum", per_sample_weights=psw, include_last_offset=True
-            )
-        ctx.store, ctx.index, ctx.mean, ctx.version = store, index, mean, store.version
-        ctx.save_for_backward(values, offsets, psw)
+        out = F.embedding_bag(index.inverse, values, offsets, mode="sum", per_sample_weights=psw,
+                              include_last_offset=True)
+        if divisor is not None:
+            out = out / divisor.unsqueeze(1).to(out.dtype)
+        ctx.store, ctx.index, ctx.version = store, index, store.version
+        ctx.save_for_backward(values, offsets, psw, divisor)
         return out
 
     @staticmethod
     def backward(ctx, grad_out):  # type: ignore[override]
-        values, offsets, psw = ctx.saved_tensors
-        store, index, mean = ctx.store, ctx.index, ctx.mean
+        values, offsets, psw, divisor = ctx.saved_tensors
+        store, index = ctx.store, ctx.index
         grad_out = grad_out.contiguous()
         bag = bag_of_ids(offsets, index.inverse.numel())
         scale = psw
-        if mean:
-            inv_len = 1.0 / (offsets[1:] - offsets[:-1]).clamp(min=1).to(grad_out.dtype)
-            per_id = inv_len.index_select(0, bag)
+        if divisor is not None:
+            per_id = (1.0 / divisor.to(grad_out.dtype)).index_select(0, bag)
             scale = per_id if scale is None else scale * per_id
         grad_rows = F.embedding_bag(
             bag.index_select(0, index.perm),
@@ -140,29 +139,35 @@ class _PooledLookup(torch.autograd.Function):
         grad_psw = None
         if ctx.needs_input_grad[1]:
             grad_psw = (grad_out.index_select(0, bag) * values.index_select(0, index.inverse)).sum(1)
-            if mean:
+            if divisor is not None:
                 grad_psw = grad_psw * per_id
         store.apply_gradients(index, grad_rows, values if store.version == ctx.version else None)
         return None, grad_psw, None, None, None, None
 
 
+def mean_divisor(offsets: torch.Tensor) -> torch.Tensor:
+    """Each bag's length (at least 1): what MEAN pooling divides its sum by."""
+    offsets = offsets.long()
+    return (offsets[1:] - offsets[:-1]).clamp(min=1).float()
+
+
 def pooled_lookup(
     store,
-    ids: torch.Tensor,
+    index,
     offsets: torch.Tensor,
     per_sample_weights: Optional[torch.Tensor],
-    mean: bool,
+    divisor: Optional[torch.Tensor],
     anchor: torch.Tensor,
 ) -> torch.Tensor:
-    """Pool bags ``ids[offsets[b]:offsets[b+1]]`` of ``store``'s rows: ``[B, D]`` fp32.
+    """Pool bags ``offsets[b]:offsets[b+1]`` of the ids ``index`` resolved (their rows in ``store``):
+    ``[B, D]`` fp32, each bag's (weighted) sum divided by ``divisor[b]`` when given (MEAN: its length).
 
     ``anchor`` is a zero-size tensor with ``requires_grad=True`` that puts the lookup in the
     autograd graph; its gradient is never computed (the store updates itself instead).
     """
     offsets = offsets.long()
-    index = row_index(store, ids)
     if per_sample_weights is not None:
         per_sample_weights = per_sample_weights.float()
     if not torch.is_grad_enabled():
         anchor = anchor.detach()
-    return _PooledLookup.apply(anchor, per_sample_weights, store, index, offsets, mean)
+    return _PooledLookup.apply(anchor, per_sample_weights, store, index, offsets, divisor)

@@ -16,12 +16,13 @@ Example::
 from __future__ import annotations
 
 import math
-from typing import Dict, Optional
+from typing import Dict, Optional, Union
 
 import torch
 from torch import nn
 
 from torchrec_shark.modules.base import SparseOptimizerSpec
+from torchrec_shark.modules.buffer_source import allocate
 
 OPTIMIZERS = ("sgd", "adagrad", "rowwise_adagrad", "adam")
 
@@ -42,7 +43,18 @@ class RowOptimizer(nn.Module):
         # Not persistent: optimizer state belongs to the fused optimizer's state dict (as with TBE),
         # not to the module's, so a table's state dict has the same keys whatever the optimizer.
         for name, (shape, dtype) in self.state_shapes(spec, num_rows, dim).items():
-            self.register_buffer(name, torch.zeros(shape, dtype=dtype, device=device), persistent=False)
+            role = ("rows",) if shape else ("scalar",)
+            self.register_buffer(name, allocate(name, shape, dtype, device, role), persistent=False)
+
+    @classmethod
+    def over(cls, spec: SparseOptimizerSpec, lr: float, state: Dict[str, torch.Tensor]) -> "RowOptimizer":
+        """An optimizer whose state is the given tensors (e.g. a fused store's, every member's rows at once)."""
+        self = cls.__new__(cls)
+        nn.Module.__init__(self)
+        self.spec, self.lr = spec, float(lr)
+        for name, value in state.items():
+            self.register_buffer(name, value, persistent=False)
+        return self
 
     @staticmethod
     def state_shapes(spec: SparseOptimizerSpec, num_rows: int, dim: int) -> Dict[str, tuple]:
@@ -76,6 +88,17 @@ class RowOptimizer(nn.Module):
     @torch.no_grad()
     def update(self, rows: torch.Tensor, w: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
         """New values of ``rows`` (unique) given their values ``w`` and summed gradients ``g``."""
+        t = None
+        if self.spec.name == "adam":
+            self.iter += 1
+            t = int(self.iter)
+        return self.rule(rows, w, g, t)
+
+    @torch.no_grad()
+    def rule(self, rows: torch.Tensor, w: torch.Tensor, g: torch.Tensor,
+             t: Union[int, torch.Tensor, None] = None) -> torch.Tensor:
+        """The update rule on ``rows`` (updating their state); ``t``: Adam's step, an int or one per row
+        (``[U]``: rows of tables at different steps, as a fused store's members may be)."""
         spec, lr = self.spec, self.lr
         wd = spec.weight_decay
         if spec.name == "sgd":
@@ -95,14 +118,18 @@ class RowOptimizer(nn.Module):
             self.momentum1.index_copy_(0, rows, m)
             return torch.addcdiv(w, g, m.sqrt_().add_(spec.eps), value=-lr)
         # adam (FBGEMM's: bias-corrected moments, decoupled weight decay)
-        self.iter += 1
-        t = int(self.iter)
         m1 = self.exp_avg.index_select(0, rows).lerp_(g, 1 - spec.beta1)
         m2 = self.exp_avg_sq.index_select(0, rows).mul_(spec.beta2).addcmul_(g, g, value=1 - spec.beta2)
         self.exp_avg.index_copy_(0, rows, m1)
         self.exp_avg_sq.index_copy_(0, rows, m2)
-        denom = (m2 / (1 - spec.beta2**t)).sqrt_().add_(spec.eps)
-        upd = (m1 / (1 - spec.beta1**t)).div_(denom)
+        if isinstance(t, torch.Tensor):
+            t = t.to(torch.float64)
+            c1 = (1 - torch.pow(spec.beta1, t)).to(m1.dtype).unsqueeze(1)
+            c2 = (1 - torch.pow(spec.beta2, t)).to(m2.dtype).unsqueeze(1)
+        else:
+            c1, c2 = 1 - spec.beta1**t, 1 - spec.beta2**t
+        denom = (m2 / c2).sqrt_().add_(spec.eps)
+        upd = (m1 / c1).div_(denom)
         if wd:
             upd = upd + wd * w
         return w - lr * upd

@@ -1,0 +1,174 @@
+"""Label bookkeeping of a fused store of mixed-precision tables: every member's priorities in one pass.
+
+:class:`FusedMixedPrecisionStore` is the :class:`~torchrec_shark.modules.fused_store.FusedRowStore` of
+mixed-precision tables. A step's labels are recorded once for all members (one dedupe of the
+``(sample, row)`` pairs over the store's rows), and :meth:`FusedMixedPrecisionStore.step_end` folds them
+into the fused ``priority`` tensor with one stochastically rounded update, steps every member's counters
+at once, and re-tiers the members that are due (each as its own
+:meth:`~torchrec_shark.modules.mixed_precision.MixedPrecisionTable.step_end` would: the same priorities,
+bit for bit, and the same rounding bits from each member's seed and step).
+
+Only label-aware stores do any of this: other stores' ``record_labels`` and ``step_end`` do nothing.
+
+Example::
+
+    store.record_labels(ids, offsets, feature_members, feature_ids, feature_bags, labels)  # before backward
+    store.step_end()                                          # after the step: priorities, re-tiering
+"""
+
+from __future__ import annotations
+
+from typing import List, Optional, Sequence, Tuple
+
+import numpy as np
+import torch
+
+from torchrec_shark.modules.base import TableInputError, all_finite
+from torchrec_shark.modules.fused_store import FusedRowStore
+from torchrec_shark.modules.kernels.host import numpy_path
+from torchrec_shark.modules.kernels.lookup import bag_of_ids
+from torchrec_shark.modules.mixed_precision import _PRIORITY_NOISE_SALT, MixedPrecisionTable, _round_to_bf16
+from torchrec_shark.modules.quantization import CounterNoise
+
+
+def _sorted_unique(x: np.ndarray) -> np.ndarray:
+    """``np.unique(x)`` by a sort (numpy's default hashes, which is several times slower at these sizes)."""
+    x = np.sort(x)
+    keep = np.empty(x.size, dtype=bool)
+    keep[:1] = True
+    np.not_equal(x[1:], x[:-1], out=keep[1:])
+    return x[keep]
+
+
+def _same(values: np.ndarray) -> bool:
+    return bool((values == values[0]).all())
+
+
+class FusedMixedPrecisionStore(FusedRowStore):
+    """A fused store of :class:`~torchrec_shark.modules.mixed_precision.MixedPrecisionTable` members,
+    label-aware: see the module doc."""
+
+    label_aware = True
+
+    def bind(self, tables: Sequence[MixedPrecisionTable]) -> None:
+        self.age = np.array([t._age for t in tables], dtype=np.int64)
+        self.steps = np.array([t._step for t in tables], dtype=np.int64)
+        super().bind(tables)
+        specs = [t.spec for t in tables]
+        self.decay = np.array([s.decay for s in specs], dtype=np.float64)
+        self.pos = np.array([s.pos_weight for s in specs], dtype=np.float64)
+        self.neg = np.array([s.neg_weight for s in specs], dtype=np.float64)
+        self.retier_every = np.array([s.retier_every for s in specs], dtype=np.int64)
+        self.lazy = np.array([t._lazy for t in tables])
+        self.priority_seeds = np.array([t.seed ^ _PRIORITY_NOISE_SALT for t in tables], dtype=np.uint64)
+        self._pending: List[Tuple[torch.Tensor, torch.Tensor]] = []
+
+    # ------------------------------------------------------------------ labels
+    def record_labels(self, ids: torch.Tensor, offsets: torch.Tensor, feature_members: Sequence[int],
+                      feature_ids: Sequence[int], feature_bags: Sequence[int], labels: torch.Tensor) -> None:
+        """Count this step's positive/negative samples per row of every member (applied at :meth:`step_end`).
+
+        Bags as in :meth:`~torchrec_shark.modules.fused_store.FusedRowStore.lookup`; bag ``b`` of a feature
+        is sample ``b``, labelled ``labels[b]``. A row counts once per sample, however many of the sample's
+        bags (of one feature or of several feeding the same table) hold it: what each member's
+        ``record_labels`` counts given the sample's ids from all its features."""
+        ids = ids.reshape(-1)
+        labels = labels.reshape(-1).float()
+        bad = [b for b in feature_bags if b != labels.numel()]
+        if bad:
+            raise TableInputError(f"tables {self.names}: {labels.numel()} labels for {bad[0]} bags per feature")
+        if not all_finite(labels):
+            raise TableInputError(f"tables {self.names}: labels contain NaN or inf")
+        n = ids.numel()
+        if n == 0:
+            return
+        members = self.id_members(feature_members, feature_ids, ids)
+        self.check_ids(ids, members)
+        batch = labels.numel()
+        bag = bag_of_ids(offsets.long(), n)  # feature f's bags follow feature f - 1's: sample = bag mod batch
+        if numpy_path(ids):
+            g = ids.numpy().astype(np.int64, copy=False) + self.row_base[members]
+            key = _sorted_unique((bag.numpy() % batch) * self.total_rows + g)
+            rows, sample = torch.from_numpy(key % self.total_rows), torch.from_numpy(key // self.total_rows)
+            owner = np.searchsorted(self.row_base, key % self.total_rows, side="right") - 1
+        else:
+            base = self._on("row_base", ids.device)
+            g = ids.long() + base.index_select(0, members)
+            key = torch.unique((bag % batch) * self.total_rows + g)
+            rows, sample = key % self.total_rows, key // self.total_rows
+            owner = torch.searchsorted(base, rows, right=True) - 1
+        per_sample = labels.index_select(0, sample)
+        if _same(self.pos) and _same(self.neg):  # scalars: the same arithmetic as a member's own count
+            contrib = per_sample * (float(self.pos[0]) - float(self.neg[0])) + float(self.neg[0])
+        else:
+            slope = self._per_member(self.pos - self.neg, owner, labels.device)
+            contrib = per_sample * slope + self._per_member(self.neg, owner, labels.device)
+        self._pending.append((rows, contrib))
+
+    @staticmethod
+    def _per_member(values: np.ndarray, owner, device) -> torch.Tensor:
+        """``values[owner]`` as fp32 (``owner``: a numpy array, or a tensor on ``device``)."""
+        v = torch.from_numpy(values.astype(np.float32))
+        if isinstance(owner, np.ndarray):
+            return v.index_select(0, torch.from_numpy(owner))
+        return v.to(device).index_select(0, owner)
+
+    def _owners(self, rows: torch.Tensor):
+        if numpy_path(rows):
+            return np.searchsorted(self.row_base, rows.numpy(), side="right") - 1
+        return torch.searchsorted(self._on("row_base", rows.device), rows, right=True) - 1
+
+    # ------------------------------------------------------------------ step end
+    def _add_priority(self, rows: torch.Tensor, contrib: torch.Tensor) -> None:
+        """``priority[rows] += contrib`` over every member (rows may repeat), each touched row rounded once,
+        stochastically, with its own table's bits (seed, step, global row id)."""
+        priority = self.buffers["priority"]
+        if numpy_path(rows):
+            uniq, inverse = np.unique(rows.numpy(), return_inverse=True)
+            uniq, inverse = torch.from_numpy(uniq), torch.from_numpy(inverse.reshape(-1))
+        else:
+            uniq, inverse = torch.unique(rows, return_inverse=True)
+        total = torch.zeros(uniq.numel(), device=rows.device).index_add_(0, inverse, contrib.float())
+        total += priority.index_select(0, uniq).float()
+        owner = self._owners(uniq)
+        owner = torch.from_numpy(owner) if isinstance(owner, np.ndarray) else owner
+        noise = self._noise(CounterNoise.keys(self.priority_seeds, self.steps), owner, uniq)
+        priority.index_copy_(0, uniq, _round_to_bf16(total, noise.int16((uniq.numel(), 1)).reshape(-1)))
+
+    def _scaled(self, rows: torch.Tensor, contrib: torch.Tensor) -> torch.Tensor:
+        """Lazy members' counts scaled by ``decay ** -(age + 1)`` (see ``MixedPrecisionTable``); eager ones as they are."""
+        factor = np.where(self.lazy, self._growth(), 1.0)
+        if _same(factor):
+            return contrib * float(factor[0])
+        return contrib * self._per_member(factor, self._owners(rows), rows.device)
+
+    def _growth(self) -> np.ndarray:
+        """``decay ** -(age + 1)`` per member (inf where the decay is 0: those members are not lazy)."""
+        with np.errstate(divide="ignore", over="ignore"):
+            return self.decay ** -(self.age + 1).astype(np.float64)
+
+    @torch.no_grad()
+    def step_end(self) -> None:
+        """Close a training step of every member: fold in its label counts, decay, re-tier those that are due."""
+        pending = self._pending
+        self._pending = []
+        for t in self.members:  # labels a member recorded itself
+            if t._pending:
+                base = int(self.row_base[t._member])
+                pending += [(r + base, c) for r, c in t._pending]
+                t._pending = []
+        for i in np.flatnonzero(~self.lazy):  # eager decay (a decay outside the lazy range): before the counts
+            self.members[i].priority.mul_(float(self.decay[i]))
+        if pending:
+            rows = pending[0][0] if len(pending) == 1 else torch.cat([r for r, _ in pending])
+            contrib = pending[0][1] if len(pending) == 1 else torch.cat([c for _, c in pending])
+            self._add_priority(rows, self._scaled(rows, contrib))
+        self.age[self.lazy] += 1
+        self.buffers["priority_age"].copy_(torch.from_numpy(self.age))
+        limit = MixedPrecisionTable._RESCALE_LIMIT
+        for i in np.flatnonzero(self.lazy & (self._growth() > limit)):
+            self.members[i]._rescale()
+        self.steps += 1
+        self.buffers["step"].copy_(torch.from_numpy(self.steps))
+        for i in np.flatnonzero(self.steps % self.retier_every == 0):
+            self.members[i].retier()
