@@ -4,7 +4,7 @@ works everywhere (collection, sharder, planner, checkpoints, warm start).
 Each kind provides its example spec (:meth:`TableKind.example_spec`); stock tables have none. Checked
 here on one process: construction on ``meta``, forward == ``embedding_bag`` over its dequantised rows,
 backward with one update per optimizer, state dict round trip, loading its own and compatible kinds'
-state, bytes; on two gloo ranks (``tests/distributed/test_kind_contract_sharded.py``): table-wise and
+state, bytes, and its serving representation computing what the table computes; on two gloo ranks (``tests/distributed/test_kind_contract_sharded.py``): table-wise and
 row-wise sharding, loading an unsharded state into shards and a sharded checkpoint into one process.
 """
 
@@ -25,7 +25,8 @@ from torchrec_shark.modules import (
     build_table,
     kind_of,
 )
-from torchrec_shark.modules.table_kind import DictStateReader
+from torchrec_shark.modules.table_kind import DictStateReader, MemorySink, ServingOptions
+from torchrec_shark.serving.build import MemorySource, build_lookups
 
 ROWS, DIM = 64, 8
 OPTIMIZERS = ["sgd", "adagrad", "rowwise_adagrad", "adam"]
@@ -218,3 +219,44 @@ def test_a_model_holding_the_collection_traces_it_as_one_call():
 
     traced = torch.fx.symbolic_trace(Model())
     assert [n.target for n in traced.graph.nodes if n.op == "call_module"] == ["ebc"]
+
+
+def _serving_entry(kind, table, cfg, options=ServingOptions()):
+    sink = MemorySink()
+    description = kind.export_serving(cfg, DictStateReader(kind.local_state(table)), sink, options)
+    entry = {"name": cfg.name, "features": list(cfg.feature_names), "num_embeddings": cfg.num_embeddings,
+             "embedding_dim": cfg.embedding_dim, "pooling": "sum", **description}
+    return entry, sink.tensors
+
+
+@pytest.mark.parametrize("kind", KIND_PARAMS)
+@pytest.mark.parametrize("materialize", [False, True], ids=["as_stored", "materialized"])
+def test_serving_representation_computes_what_the_table_computes(kind, materialize):
+    """Every kind exports its trained table for serving (a kind without it cannot be registered: the method is
+    abstract), with no training state, and the served lookup pools what the table pools: exactly, up to the
+    order of additions (rows are read as stored, nothing is re-quantised)."""
+    table = _trained(kind)
+    cfg = kind_config(kind)
+    options = ServingOptions(materialize_max_rows=ROWS if materialize else 0)
+    entry, tensors = _serving_entry(kind, table, cfg, options)
+    training_state = {"priority", "update_count", "step", "priority_age", "shards", "frequency", "steps"}
+    assert not training_state & set(tensors) and not any(k.startswith("optim.") for k in tensors)
+    (lookup,), features = build_lookups([entry], MemorySource({cfg.name: tensors}))
+    assert features == [["f"]]
+    ids, offsets = bags(batch=12, seed=4)
+    psw = torch.rand(ids.numel())
+    for weights in (None, psw):
+        (got,) = lookup(ids, offsets[1:] - offsets[:-1], offsets, weights, 12)
+        torch.testing.assert_close(got, table(ids, offsets, weights).detach(), rtol=1e-6, atol=1e-6)
+    stored = sum(t.numel() * t.element_size() for t in tensors.values())
+    assert stored <= table.memory_bytes()["total"] or materialize  # no more than the table holds
+
+
+def test_a_kind_without_a_serving_representation_cannot_be_built():
+    from torchrec_shark.modules.table_kind import TableKind
+
+    class NoServing(type(KINDS[0])):
+        export_serving = TableKind.export_serving  # what a new kind that omits it inherits
+
+    with pytest.raises(TypeError, match="export_serving"):
+        NoServing()

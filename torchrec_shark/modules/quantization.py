@@ -417,3 +417,26 @@ Int4Codec = NBitCodec(4)
 Int2Codec = NBitCodec(2)
 
 CODECS = {"fp32": Fp32Codec, "fp16": Fp16Codec, "int8": Int8Codec, "int4": Int4Codec, "int2": Int2Codec}
+
+
+def inference_rows(precision: str, q: torch.Tensor) -> torch.Tensor:
+    """Encoded rows of ``precision`` in the row layout of FBGEMM's inference TBE
+    (``IntNBitTableBatchedEmbeddingBagsCodegen``): float rows as they are; integer rows with their fp16 scale
+    and bias moved *before* the codes (a byte permutation of the same row, nothing re-quantised).
+
+    Example::
+
+        fbgemm_rows = inference_rows("int4", Int4Codec.encode(x))   # [n, 4 + D / 2] uint8
+    """
+    sb = getattr(CODECS[precision], "SCALE_BIAS_BYTES", 0)
+    if not sb:
+        return q
+    return torch.cat([q[:, -sb:], q[:, :-sb]], dim=1)
+
+
+def training_rows(precision: str, q: torch.Tensor) -> torch.Tensor:
+    """The inverse of :func:`inference_rows`: rows in the inference layout back in this package's layout."""
+    sb = getattr(CODECS[precision], "SCALE_BIAS_BYTES", 0)
+    if not sb:
+        return q
+    return torch.cat([q[:, sb:], q[:, :sb]], dim=1)

@@ -727,6 +727,13 @@ class RowStoreKind(TableKind):
                     buf[a - row_start : a - row_start + v.shape[0]].copy_(v)
         table.loaded()
 
+    def export_serving(self, config, reader: StateReader, sink, options=None) -> Dict:
+        """Its pools as trained, in a canonical order, with their slot map (see
+        :mod:`~torchrec_shark.modules.row_store_export`)."""
+        from torchrec_shark.modules.row_store_export import export_row_store
+
+        return export_row_store(config, reader, sink)
+
     def load_layout(self, table, reader: StateReader, row_start: int) -> None:
         """Per-row layout before the rows: a tiered table keeps each row's saved precision rank where its tier
         sizes allow (more precise first, then row id)."""

@@ -195,6 +195,48 @@ class DictStateReader(StateReader):
         return value.detach().narrow(dim, offset, length)
 
 
+@dataclass(frozen=True)
+class ServingOptions:
+    """How an export may store a table for serving; the values and their precision are never changed.
+
+    ``materialize_max_rows``: a table kept in another form than rows (tensor-train cores) with at most this
+    many rows is written as fp32 rows instead (a lookup then reads a row instead of multiplying cores).
+    """
+
+    materialize_max_rows: int = 0
+
+
+class ServingSink(abc.ABC):
+    """Where :meth:`TableKind.export_serving` writes the tensors of a table's serving representation.
+
+    An export maps each tensor onto its file, so a kind that fills it a chunk at a time never holds the
+    table in memory; :class:`MemorySink` keeps them in memory (tests).
+    """
+
+    @abc.abstractmethod
+    def tensor(self, name: str, shape: Sequence[int], dtype: torch.dtype) -> torch.Tensor:
+        """A zeroed, writable tensor that becomes the representation's tensor ``name``."""
+
+
+class MemorySink(ServingSink):
+    """Serving tensors in memory: ``sink.tensors[name]``.
+
+    Example::
+
+        sink = MemorySink()
+        description = kind.export_serving(config, DictStateReader(kind.local_state(table)), sink)
+    """
+
+    def __init__(self) -> None:
+        self.tensors: Dict[str, torch.Tensor] = {}
+
+    def tensor(self, name: str, shape: Sequence[int], dtype: torch.dtype) -> torch.Tensor:
+        if name in self.tensors:
+            raise ValueError(f"serving tensor {name!r} written twice")
+        self.tensors[name] = torch.zeros(tuple(int(n) for n in shape), dtype=dtype)
+        return self.tensors[name]
+
+
 class TableKind(abc.ABC):
     """A kind of table: what it is called, what it can do, and its layout, bytes, alignment, shard
     construction and sharded state (see the module doc).
@@ -304,6 +346,14 @@ class TableKind(abc.ABC):
         """Fill ``table`` (the shard at ``row_start``) from ``reader``, a chunk at a time. Tensors of
         other kinds of the same :attr:`state_family` are accepted where they carry the rows (e.g. a stock
         ``weight`` into any row store); ``columns``: the saved columns this (narrower) table keeps, in order."""
+
+    @abc.abstractmethod
+    def export_serving(self, config, reader: StateReader, sink: ServingSink,
+                       options: ServingOptions = ServingOptions()) -> Dict[str, Any]:
+        """Write the table's serving representation into ``sink`` from its saved state in ``reader`` (any
+        sharding), a chunk at a time: the trained values as they are stored (no re-quantisation) and nothing
+        of training (optimizer state, priorities, counters). Returns its description, JSON, in one of the
+        formats :mod:`torchrec_shark.serving` reads (``format`` and the names of the tensors written)."""
 
     def unloadable(self, config, reader: StateReader, columns: Optional[Sequence[int]] = None) -> Optional[str]:
         """Why :meth:`load_state` could not take ``reader``'s state (None: it can). The same answer on every

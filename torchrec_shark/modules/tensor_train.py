@@ -28,7 +28,14 @@ from torchrec_shark.modules.base import CompressedTable, SparseOptimizerSpec, Ta
 from torchrec_shark.modules.kernels.lookup import bag_of_ids
 from torchrec_shark.modules.kernels.sparse_optimizer import RowOptimizer
 from torchrec_shark.modules.kernels.tt_chain import chain_backward, chain_forward, materialize
-from torchrec_shark.modules.table_kind import PieceSpec, StateReader, TableKind, block_seed, table_seed
+from torchrec_shark.modules.table_kind import (
+    PieceSpec,
+    ServingOptions,
+    StateReader,
+    TableKind,
+    block_seed,
+    table_seed,
+)
 from torchrec_shark.modules.tt_factorization import TTLayout, resolve_layout, split_ids
 
 TT_INITS = ("sampled_gaussian", "naive")
@@ -748,6 +755,13 @@ class TensorTrainKind(TableKind):
 
     def unloadable(self, config, reader: StateReader, columns=None) -> Optional[str]:
         return self._unloadable(self.layout(config), reader, columns)
+
+    def export_serving(self, config, reader: StateReader, sink, options=None) -> Dict:
+        """Its cores and cached rows, or its rows when small (see
+        :mod:`~torchrec_shark.modules.tensor_train_export`)."""
+        from torchrec_shark.modules.tensor_train_export import export_tensor_train
+
+        return export_tensor_train(config, self.layout(config), reader, sink, options or ServingOptions())
 
     @staticmethod
     def _unloadable(lay: TTLayout, reader: StateReader, columns) -> Optional[str]:

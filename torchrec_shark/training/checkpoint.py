@@ -300,7 +300,7 @@ def require_checkpoint(run_dir: str) -> str:
     directory (one already resolved, e.g. by :func:`~torchrec_shark.training.run_ref.resolve_run`)
     is returned as it is.
     """
-    if _meta_problem(run_dir) is None:
+    if os.path.isdir(run_dir) and _meta_problem(run_dir) is None:  # a checkpoint directory itself
         return run_dir
     run_dir, want_best = split_run_spec(run_dir)
     if not os.path.isdir(run_dir):
