@@ -12,7 +12,7 @@ from typing import Dict, List, Sequence
 
 import torch
 from omegaconf import OmegaConf
-from torchrec.modules.embedding_configs import EmbeddingBagConfig, PoolingType
+from torchrec.modules.embedding_configs import DataType, EmbeddingBagConfig, PoolingType
 from torchrec.modules.embedding_modules import EmbeddingBagCollection
 
 from torchrec_shark.config import ConfigError, TableConfig, TablesConfig
@@ -103,10 +103,16 @@ def stock_configs(configs: Sequence[CompressedEmbeddingBagConfig]) -> List[Embed
             embedding_dim=c.embedding_dim,
             feature_names=list(c.feature_names),
             pooling=c.pooling,
-            data_type=kind_of(c).data_type,  # the weight type FBGEMM's TBE trains (fp32, fp16)
+            data_type=_stock_data_type(c),
         )
         for c in configs
     ]
+
+
+def _stock_data_type(config: CompressedEmbeddingBagConfig) -> DataType:
+    """The weight type FBGEMM's TBE trains: a stock kind's own (fp32, fp16), fp32 for a compressed table."""
+    kind = kind_of(config)
+    return kind.data_type if kind.stock else DataType.FP32
 
 
 def build_collection(
