@@ -243,7 +243,7 @@ class TensorTrainRows(nn.Module):
             core = self._core(k)  # [p, R_{k-1}, q_k * R_k]
             digit = digits[k]
             order = torch.argsort(digit)
-            counts = torch.bincount(digit, minlength=core.shape[0]).tolist()
+            counts: List[int] = torch.bincount(digit, minlength=core.shape[0]).tolist()
             xs = x.index_select(0, order)
             out = xs.new_empty(n, xs.shape[1], core.shape[2])
             start = 0
