@@ -24,6 +24,7 @@ SMALL = [
 ]
 
 
+@pytest.mark.slow  # ten train.py stages: make test-slow
 def test_tiny_pipeline_report_matches_the_runs(tmp_path):
     out = tmp_path / "pipe"
     train = "[" + ",".join(f"'{o}'" for o in SMALL) + "]"

@@ -41,7 +41,7 @@ def _model_state(checkpoint):
     return state
 
 
-@pytest.mark.parametrize("nproc", [1, 2])
+@pytest.mark.parametrize("nproc", [1, pytest.param(2, marks=pytest.mark.slow)])  # 2 ranks: make test-slow
 def test_sigterm_saves_a_checkpoint_and_the_resume_is_exact(tmp_path, nproc):
     run = tmp_path / "run"
     # Its own session, signalled as a whole as a scheduler does (torchrun also forwards it to its workers).

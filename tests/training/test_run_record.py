@@ -74,6 +74,7 @@ def snapshot(run_dir):
     return out
 
 
+@pytest.mark.slow  # eight jobs one after the other: make test-slow
 def test_refused_and_failed_jobs_leave_the_run_dir_as_it_was(tmp_path):
     run = tmp_path / "run"
     every = ["trainer.eval_every=5", "trainer.checkpoint_every=5"]

@@ -82,6 +82,7 @@ def _meta(run_dir):
         return json.load(f)
 
 
+@pytest.mark.slow  # four jobs: make test-slow
 def test_resume_under_another_batch_size_continues_at_the_next_sample_or_refuses(tmp_path):
     run = tmp_path / "run"
     every = ["trainer.checkpoint_every=4", "trainer.eval_every=4"]
