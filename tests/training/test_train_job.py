@@ -80,6 +80,8 @@ def test_resume_reaches_the_uninterrupted_state(tmp_path, tables):
     train(tmp_path / "split", "trainer.max_steps=15", *common)
     resumed, out = train(tmp_path / "split", "trainer.max_steps=30", "trainer.resume=true", *common)
     assert "resumed from" in out
+    # what metrics.json reports is what the shards hold (rows, scales, slot map, priorities, shard record)
+    assert full["embedding_bytes_allocated"] == full["embedding_bytes"] == resumed["embedding_bytes_allocated"]
     assert resumed["val_logloss"] == pytest.approx(full["val_logloss"], abs=1e-6)
     # metrics.json tells the whole run, not only the part after the resume
     assert [h["step"] for h in resumed["history"]] == [h["step"] for h in full["history"]] == [15, 30]
