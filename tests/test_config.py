@@ -57,7 +57,7 @@ def test_wrong_type_in_structured_merge():
         (["data=criteo_tsv", "data.path=null"], "data.path is required"),
         (["planner.sharding_types=[diagonal]"], "planner.sharding_types='diagonal'"),
         (["tables.embedding_dim=30"], "tables.embedding_dim=30"),
-        (["tables=shark", "tables.compression.mixed_precision.tiers.1.fraction=0.5"],
+        (["tables=shark_3tier", "tables.compression.mixed_precision.tiers.1.fraction=0.5"],
          "tables.compression.mixed_precision: MixedPrecision.tiers fractions [0.1, 0.5, 0.6] must be >= 0 and sum to 1"),
         (["tables=shark", "tables.compression.mixed_precision.tiers=[{precision:int8,fraction:0.5},"
                           "{precision:fp32,fraction:0.5}]"], "most precise first"),

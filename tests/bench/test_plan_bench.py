@@ -33,14 +33,14 @@ def totals():
 
 @pytest.fixture(scope="module")
 def one_small_gpu(totals):
-    # Usable after the planner's 15% reserve: 0.51x the fp32 tables (fp32 cannot fit, shark at ~0.43x can).
+    # Usable after the planner's 15% reserve: 0.51x the fp32 tables (fp32 cannot fit, the compressed kinds can).
     return bp.SimTopology("small1", "cuda", 1, 0.6 * totals["fp32"] / bp.GIB)
 
 
 def test_kind_totals_order_and_fp32_total_is_rows_times_dim(totals):
     fp32_tables = sum(ROWS) * 128 * 4
     assert totals["fp32"] == fp32_tables + sum(ROWS) * bp.MOMENTUM_BYTES_PER_ROW
-    assert totals["tt"] < totals["int8"] < totals["shark"] < totals["fp16"] < totals["fp32"]
+    assert totals["tt"] < totals["shark"] < totals["int8"] < totals["fp16"] < totals["fp32"]  # shark: int4 bulk
     assert totals["fp16"] == pytest.approx(totals["fp32"] / 2, rel=0.02)
 
 

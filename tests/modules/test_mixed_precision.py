@@ -439,3 +439,6 @@ def test_hot_rows_keep_small_tables_in_the_first_tier(rows, want):
     table = _table(n=rows, dim=4, spec=spec) if rows <= 10_000 else None
     if table is not None:
         assert list(table.tier_counts().values()) == want
+    # row-wise shards hold their share of the hot rows: the shards of a table add up to the table's tiers
+    shards = [spec.sizes(rows // 4 + (1 if k < rows % 4 else 0), rows) for k in range(4)]
+    assert [sum(t) for t in zip(*shards)] == pytest.approx(want, abs=4)

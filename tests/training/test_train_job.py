@@ -49,7 +49,7 @@ def test_two_ranks_train_and_write_metrics(tmp_path, sharding_type):
     if sharding_type == "row_wise":
         # Mixed-precision tables warm-start from these stock ones: rows re-encoded by tier, the model's
         # quality kept (a fresh start would be near chance), optimizer state continued.
-        warm, _ = train(tmp_path / "shark", "tables=shark", "trainer.max_steps=1", "trainer.eval_every=1",
+        warm, _ = train(tmp_path / "shark", "tables=shark_3tier", "trainer.max_steps=1", "trainer.eval_every=1",
                         f"trainer.init_from={tmp_path / 'run'}", f"planner.sharding_types=[{sharding_type}]")
         with open(tmp_path / "shark" / "warm_start.json") as f:
             report = json.load(f)
@@ -72,7 +72,7 @@ def _model_state(run_dir):
     [],
     # stochastic rounding, re-tiering before and after the checkpoint: the noise is a function of
     # (seed, step, row), so it continues exactly
-    ["tables=shark", "tables.compression.mixed_precision.retier_every=10"],
+    ["tables=shark_3tier", "tables.compression.mixed_precision.retier_every=10"],
 ])
 def test_resume_reaches_the_uninterrupted_state(tmp_path, tables):
     common = ["trainer.eval_every=15", "trainer.checkpoint_every=15", "planner.sharding_types=[row_wise]", *tables]
@@ -80,6 +80,8 @@ def test_resume_reaches_the_uninterrupted_state(tmp_path, tables):
     train(tmp_path / "split", "trainer.max_steps=15", *common)
     resumed, out = train(tmp_path / "split", "trainer.max_steps=30", "trainer.resume=true", *common)
     assert "resumed from" in out
+    # what metrics.json reports is what the shards hold (rows, scales, slot map, priorities, shard record)
+    assert full["embedding_bytes_allocated"] == full["embedding_bytes"] == resumed["embedding_bytes_allocated"]
     assert resumed["val_logloss"] == pytest.approx(full["val_logloss"], abs=1e-6)
     # metrics.json tells the whole run, not only the part after the resume
     assert [h["step"] for h in resumed["history"]] == [h["step"] for h in full["history"]] == [15, 30]

@@ -66,8 +66,8 @@ class MixedPrecision:
     neg_weight: float = 0.25
     retier_every: int = 100
     rounding: str = "stochastic"  # stochastic | nearest
-    # The first tier holds at least this many rows of every table (shard), all of a smaller one: a small
-    # table's rows are all hot, and a fraction of it would leave hot rows in the coarse tiers.
+    # The first tier holds at least this many rows of every table, all of a smaller one: a small table's rows
+    # are all hot, and a fraction of it would leave hot rows in the coarse tiers. A shard holds its share.
     hot_rows: int = 0
 
     def __post_init__(self) -> None:
@@ -96,12 +96,14 @@ class MixedPrecision:
     def precisions(self) -> Tuple[str, ...]:
         return tuple(t.precision for t in self.tiers)
 
-    def sizes(self, rows: int) -> List[int]:
-        """Rows per tier of a table (or shard) of ``rows`` rows: the fractions, with at least ``hot_rows`` in the
-        first tier (the other tiers share the rest in proportion to their fractions)."""
+    def sizes(self, rows: int, table_rows: Optional[int] = None) -> List[int]:
+        """Rows per tier of a table (or of a shard of ``rows`` of its ``table_rows`` rows): the fractions, with at
+        least ``hot_rows`` (a shard: its share of them) in the first tier; the other tiers share the rest in
+        proportion to their fractions. The shards of a table add up to about the table's sizes."""
         fractions = [t.fraction for t in self.tiers]
         sizes = tier_sizes(fractions, rows)
-        first = min(rows, self.hot_rows)
+        table_rows = rows if table_rows is None else table_rows
+        first = min(rows, int(round(self.hot_rows * rows / table_rows)) if table_rows > 0 else 0)
         if sizes[0] >= first:
             return sizes
         rest = fractions[1:]
@@ -147,7 +149,8 @@ class MixedPrecisionTable(RowStoreTable):
                  pooling: Optional[PoolingType] = None) -> None:
         spec: MixedPrecision = config.compression
         n = int(config.num_embeddings) if rows is None else int(rows)
-        super().__init__(config, optimizer, device, list(zip(spec.precisions, spec.sizes(n))), spec.rounding,
+        super().__init__(config, optimizer, device, list(zip(spec.precisions, spec.sizes(n, config.num_embeddings))),
+                         spec.rounding,
                          row_start, seed_or_default(config, seed), pooling)
         device = self._pool(0).device
         self.spec = spec
@@ -317,7 +320,7 @@ class MixedPrecisionKind(RowStoreKind):
 
     def tier_list(self, config, rows: int) -> List[Tuple[str, int]]:
         spec: MixedPrecision = config.compression
-        return list(zip(spec.precisions, spec.sizes(rows)))
+        return list(zip(spec.precisions, spec.sizes(rows, config.num_embeddings)))
 
     def example_spec(self):
         every = tuple(Tier(p, 1.0 / len(PRECISIONS)) for p in PRECISIONS[:-1])

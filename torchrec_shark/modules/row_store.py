@@ -127,6 +127,7 @@ class RowStoreTable(CompressedTable):
         self._updates = 0  # optimizer updates applied: the step of the stochastic-rounding noise
         # Puts lookups in the autograd graph; its gradient is never computed (not a parameter).
         self._anchor = torch.empty(0, requires_grad=True)
+        self._shard_record: Optional[torch.Tensor] = None  # made when the layout is first saved or sharded
         self._tiers: List[Tuple[str, int, int]] = []  # (precision, first global slot, rows)
         self._pool_names: List[str] = ["weight"] if stock_pool else [pool_name(p) for p, _ in tiers]
         start = 0
@@ -344,6 +345,8 @@ class RowStoreTable(CompressedTable):
                     parts[f"{precision}_rows"] = parts.get(f"{precision}_rows", 0) + nbytes
             else:
                 parts[name] = parts.get(name, 0) + nbytes
+        if self._shard_record is not None:  # held for the table's life once made: counted as allocated
+            parts["shards"] = self._shard_record.numel() * self._shard_record.element_size()
         parts["total"] = sum(parts.values())
         return parts
 
@@ -389,7 +392,7 @@ class RowStoreTable(CompressedTable):
     def shard_record(self) -> torch.Tensor:
         """``[[row_start, rows, n_0, ..., n_{T-1}]]``: where this table's rows and tier pools sit in the whole
         table (one tensor for the table's life, so an in-place load into its export is recognised as such)."""
-        if getattr(self, "_shard_record", None) is None:
+        if self._shard_record is None:
             sizes = [n for _, _, n in self._tiers]
             self._shard_record = torch.tensor([[self.row_start, self.num_embeddings, *sizes]], dtype=torch.int64)
         return self._shard_record
