@@ -52,11 +52,16 @@ SMALL: Dict[str, List[str]] = {
     "torchrec_shark.bench.tabular_transforms": ["--rows", "3000", "--steps", "2"],
     "torchrec_shark.bench.tables": ["--small", "--tables", "4"],
     "torchrec_shark.data.samples": [],
+    "torchrec_shark.export": [],
+    "torchrec_shark.score": [],
+    "torchrec_shark.bench.presets": ["--dims", "16", "--seeds", "0", "--steps", "2", "--eval-batches", "1",
+                                     "--presets", "baseline,shark", "--train", *TRAIN_SMALL],
     "make data": [],
     "make train": [],  # ARGS gets TRAIN_SMALL
 }
 # Entry points that start many jobs of their own: minutes even at small sizes.
-SLOW = {"torchrec_shark.pipeline", "torchrec_shark.passes.prune_loop", "torchrec_shark.bench.tabular_transforms"}
+SLOW = {"torchrec_shark.pipeline", "torchrec_shark.passes.prune_loop", "torchrec_shark.bench.tabular_transforms",
+        "torchrec_shark.bench.presets"}
 # Links that make the scratch directory look like a checkout.
 CHECKOUT = ("train.py", "conf", "torchrec_shark", "Makefile", "pyproject.toml", "requirements")
 

@@ -295,8 +295,12 @@ def _types(counts: Dict[str, int]) -> str:
     return ", ".join(f"{t} {n}" for t, n in sorted(counts.items(), key=lambda kv: -kv[1]))
 
 
+def _kind_width() -> int:
+    return max(6, *(len(k) for k in KINDS))
+
+
 def _plan_row(r: PlanResult) -> str:
-    head = f"  {r.kind:<6} {r.topology.name:<8}"
+    head = f"  {r.kind:<{_kind_width()}} {r.topology.name:<8}"
     if not r.fits:
         return f"{head} {'no':<4} {'':>5} {'':>9} {'':>9} {'':>10} {'':>8}  PlannerError: {r.error}"
     used = [p for p, t in zip(r.plan_bytes, r.table_bytes) if t > 0]
@@ -345,14 +349,15 @@ def main(argv: Optional[Sequence[str]] = None) -> List[PlanResult]:
     for kind in args.kinds:
         totals[kind] = kind_total_bytes(table_configs(kind))
     ref = totals.get("fp32") or kind_total_bytes(table_configs("fp32"))
-    print(f"  {'kind':<6} {'total GB':>9} {'vs fp32':>8}")
+    w = _kind_width()
+    print(f"  {'kind':<{w}} {'total GB':>9} {'vs fp32':>8}")
     for kind in args.kinds:
-        print(f"  {kind:<6} {_gb(totals[kind]):>9} {totals[kind] / ref:>7.3f}x")
+        print(f"  {kind:<{w}} {_gb(totals[kind]):>9} {totals[kind] / ref:>7.3f}x")
     print()
     print("Plans (GB per rank; plan = the planner's estimate: tables, optimizer state, lookup I/O buffers;")
     print("min over the ranks holding a shard; tables = table + optimizer bytes of the shards on the rank;")
     print("sum = tables over all ranks, to check against the totals above):")
-    header = (f"  {'kind':<6} {'topology':<8} {'fits':<4} {'ranks':>5} {'plan max':>9} {'plan min':>9} "
+    header = (f"  {'kind':<{w}} {'topology':<8} {'fits':<4} {'ranks':>5} {'plan max':>9} {'plan min':>9} "
               f"{'tables max':>10} {'sum':>8}  sharding types")
     print(header)
     results: List[PlanResult] = []
@@ -371,7 +376,7 @@ def main(argv: Optional[Sequence[str]] = None) -> List[PlanResult]:
                 continue
             t = smallest_fit(results, kind, device)
             parts.append(f"{label}: {t.name} ({t.describe()})" if t else f"{label}: none of those planned")
-        print(f"  {kind:<6} " + "; ".join(parts))
+        print(f"  {kind:<{w}} " + "; ".join(parts))
     print()
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
     print(f"planning time {sum(r.seconds for r in results):.1f} s; peak RSS {peak:.0f} MiB "
