@@ -37,6 +37,18 @@ def test_a_per_row_preset_beats_a_uniform_one_only_beyond_the_noise(tmp_path):
     assert checks[0]["margin"] == pytest.approx(0.010) and checks[0]["noise"] == pytest.approx((2e-6 / 3) ** 0.5)
     path = bp.write_report(str(tmp_path), rows, checks, "python -m torchrec_shark.bench.presets ...")
     text = open(path).read()
-    assert "| shark | 32 | 300 (0.300) | 0.8610 ± 0.0010 |" in text and "| shark | int8 | 32 | +0.0100 |" in text
+    assert "| shark | 32 | 300 (0.300) | 0,1,2 | 0.8610 ± 0.0010 |" in text and "| shark | int8 | 32 | +0.0100 |" in text
     assert json.load(open(os.path.join(tmp_path, "presets.json")))["dominance"] == checks
     assert bp.plot(str(tmp_path), rows, "test") == ["bytes_vs_auc_d32.png"]
+
+
+def test_report_only_summarises_the_runs_that_finished(tmp_path):
+    for name, auc in ((bp.run_name("shark", 32, 0), 0.86), (bp.run_name("shark", 32, 2), 0.87),
+                      (bp.run_name("int4", 32, 1), 0.82)):
+        os.makedirs(tmp_path / "runs" / name)
+        (tmp_path / "runs" / name / "metrics.json").write_text(json.dumps(_metrics(auc, 200)))
+    os.makedirs(tmp_path / "runs" / bp.run_name("int8", 32, 0))  # started, not finished: no metrics.json
+    metrics = bp.finished_runs(["shark", "int4", "int8"], [32, 64], [0, 1, 2], str(tmp_path))
+    rows = bp.summarise(metrics, ["shark", "int4", "int8"], [32, 64], [0, 1, 2])
+    assert [(r["preset"], r["dim"], r["seeds"]) for r in rows] == [("shark", 32, [0, 2]), ("int4", 32, [1])]
+    assert rows[0]["val_auc"] == pytest.approx(0.865)

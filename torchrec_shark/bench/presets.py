@@ -50,6 +50,18 @@ def run_name(preset: str, dim: int, seed: int) -> str:
     return f"{preset}_d{dim}_s{seed}"
 
 
+def finished_runs(presets: Sequence[str], dims: Sequence[int], seeds: Sequence[int], out: str) -> Dict[str, dict]:
+    """``{run name: metrics.json}`` of the runs under ``out`` that finished (``--report-only``)."""
+    metrics = {}
+    for dim in dims:
+        for preset in presets:
+            for seed in seeds:
+                path = os.path.join(out, "runs", run_name(preset, dim, seed), "metrics.json")
+                if os.path.isfile(path):
+                    metrics[run_name(preset, dim, seed)] = read_json(path)
+    return metrics
+
+
 def run_all(presets: Sequence[str], dims: Sequence[int], seeds: Sequence[int], steps: int, eval_batches: int,
             train: Sequence[str], out: str) -> Dict[str, dict]:
     """Train every (preset, dim, seed) not yet done; ``{run name: metrics.json}``."""
@@ -72,16 +84,19 @@ def _mean_sd(values: Sequence[float]):
 
 
 def summarise(metrics: Dict[str, dict], presets: Sequence[str], dims: Sequence[int], seeds: Sequence[int]) -> List[Dict]:
-    """One row per (preset, dim): bytes and the seeds' AUC / log loss."""
+    """One row per (preset, dim) with at least one run: bytes and the seeds' AUC / log loss."""
     rows = []
     for dim in dims:
         for preset in presets:
-            runs = [metrics[run_name(preset, dim, s)] for s in seeds]
+            done = [s for s in seeds if run_name(preset, dim, s) in metrics]
+            if not done:
+                continue
+            runs = [metrics[run_name(preset, dim, s)] for s in done]
             auc, auc_sd = _mean_sd([m["val_auc"] for m in runs])
             loss, loss_sd = _mean_sd([m["val_logloss"] for m in runs])
             m0 = runs[0]
             rows.append({
-                "preset": preset, "dim": dim, "role": preset_role(preset), "seeds": list(seeds),
+                "preset": preset, "dim": dim, "role": preset_role(preset), "seeds": done,
                 "embedding_bytes": m0["embedding_bytes"], "embedding_bytes_fp32": m0["embedding_bytes_fp32"],
                 "embedding_bytes_allocated": m0.get("embedding_bytes_allocated"),
                 "bytes_vs_fp32": m0["embedding_bytes"] / m0["embedding_bytes_fp32"],
@@ -114,11 +129,11 @@ def write_report(out: str, rows: Sequence[Dict], checks: Sequence[Dict], command
     with open(os.path.join(out, "presets.json"), "w") as f:
         json.dump({"command": command, "rows": list(rows), "dominance": list(checks)}, f, indent=2)
     lines = [f"Command: `{command}`", "",
-             "| preset | dim | bytes (vs fp32) | val AUC (mean ± sd over seeds) | log loss | samples/s |",
-             "|---|---:|---:|---:|---:|---:|"]
+             "| preset | dim | bytes (vs fp32) | seeds | val AUC (mean ± sd over seeds) | log loss | samples/s |",
+             "|---|---:|---:|---:|---:|---:|---:|"]
     for r in rows:
         lines.append(f"| {r['preset']} | {r['dim']} | {r['embedding_bytes']:,} ({r['bytes_vs_fp32']:.3f}) | "
-                     f"{r['val_auc']:.4f} ± {r['val_auc_sd']:.4f} | {r['val_logloss']:.4f} | "
+                     f"{','.join(map(str, r['seeds']))} | {r['val_auc']:.4f} ± {r['val_auc_sd']:.4f} | {r['val_logloss']:.4f} | "
                      f"{r['train_samples_per_s']:,.0f} |")
     if checks:
         lines += ["", "Per-row presets against uniform kinds of no more bytes (margin: AUC difference of the means; "
@@ -151,7 +166,7 @@ def plot(out: str, rows: Sequence[Dict], title: str) -> List[str]:
                         fontsize=8)
         ax.set_xscale("log")
         ax.set_xlabel("embedding bytes / fp32 bytes (log)")
-        ax.set_ylabel(f"val AUC (mean ± sd over {len(sel[0]['seeds'])} seeds)")
+        ax.set_ylabel("val AUC (mean ± sd over the seeds run)")
         ax.set_title(f"{title}, dim {dim} (red: per-row precision, blue: one precision)", fontsize=9)
         ax.grid(alpha=0.3)
         name = f"bytes_vs_auc_d{dim}.png"
@@ -172,6 +187,7 @@ def main(argv: Optional[Sequence[str]] = None) -> List[Dict]:
     ap.add_argument("--train", nargs="*", default=[], help="train.py overrides for every run (data, model...)")
     ap.add_argument("--title", default="default synthetic data")
     ap.add_argument("--out", default="outputs/presets")
+    ap.add_argument("--report-only", action="store_true", help="train nothing: report the runs under --out that finished")
     args = ap.parse_args(argv)
     presets = args.presets.split(",") if args.presets else default_presets()
     unknown = sorted(set(presets) - set(table_presets()))
@@ -180,7 +196,10 @@ def main(argv: Optional[Sequence[str]] = None) -> List[Dict]:
     dims = [int(d) for d in args.dims.split(",")]
     seeds = [int(s) for s in args.seeds.split(",")]
     os.makedirs(args.out, exist_ok=True)
-    metrics = run_all(presets, dims, seeds, args.steps, args.eval_batches, args.train, args.out)
+    if args.report_only:
+        metrics = finished_runs(presets, dims, seeds, args.out)
+    else:
+        metrics = run_all(presets, dims, seeds, args.steps, args.eval_batches, args.train, args.out)
     rows = summarise(metrics, presets, dims, seeds)
     checks = dominance(rows)
     command = "python -m torchrec_shark.bench.presets " + " ".join(
