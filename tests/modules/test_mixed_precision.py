@@ -241,6 +241,47 @@ def test_retier_exact_sizes_and_preserves_values_and_state(n):
         assert moved_down.any() and (tier < tier_before).any()
 
 
+FIVE = (("fp32", 0.1), ("fp16", 0.15), ("int8", 0.2), ("int4", 0.25), ("int2", 0.3))
+
+
+@pytest.mark.parametrize("n", [23, 200])
+def test_retier_across_five_tiers_keeps_sizes_order_values_and_state(n):
+    """Five tiers: exact sizes, rows cut by priority, optimizer state with its row, and every moved row within
+    half a quantisation step of its new tier (fp32: exact)."""
+    spec = MixedPrecision(tiers=FIVE, retier_every=1, rounding="nearest")
+    table = _table(n=n, dim=8, spec=spec, opt=SparseOptimizerSpec("rowwise_adagrad", lr=0.1))
+    sizes = spec.sizes(n)
+    assert list(table.tier_counts().values()) == sizes and sum(sizes) == n
+    g = torch.Generator().manual_seed(3)
+    table.optim.momentum1.copy_(torch.rand(n, generator=g))
+    momentum = table.optim.momentum1.clone()
+    w_before, tier_before = table.full_weight(), table.tier_of_rows().long()
+    order = torch.randperm(n, generator=g)
+    table.priority.copy_(torch.linspace(1.0, 0.0, n)[torch.argsort(order)].to(table.priority.dtype))
+    table.retier()
+    tier = table.tier_of_rows().long()
+    cuts = torch.repeat_interleave(torch.arange(5), torch.tensor(sizes))
+    assert torch.equal(tier[order], cuts)  # the highest priorities in the most precise tier
+    assert torch.equal(torch.sort(table.row_slot.long()).values, torch.arange(n))
+    assert torch.equal(table.optim.momentum1, momentum)
+    w = table.full_weight()
+    moved = tier != tier_before
+    assert moved.any()
+    exact = ~moved | (tier == 0)
+    assert torch.equal(w[exact], w_before[exact])
+    for k, (precision, _) in enumerate(FIVE[1:], start=1):
+        rows = (moved & (tier == k)).nonzero().squeeze(1)
+        if rows.numel() == 0:
+            continue
+        err = (w[rows] - w_before[rows]).abs()
+        if precision == "fp16":
+            bound = 0.5 * _fp16_ulp(w_before[rows])
+        else:
+            q = table._pool(k).index_select(0, table.row_slot[rows].long() - table._bounds[k - 1])
+            bound = 0.5 * CODECS[precision].step(q).unsqueeze(1)
+        assert bool((err <= bound * (1 + 1e-5) + 1e-7).all()), precision
+
+
 @pytest.mark.parametrize("dtype", ["fp16", "int8", "int4", "int2"])
 def test_stochastic_rounding_of_updates_is_unbiased(dtype):
     """Many rows of one precision get the same update, a tenth of their quantisation step: the mean
