@@ -2,6 +2,7 @@
 fit where stock fp32 does not, the plan's shards add up to each kind's total, TT is the smallest, the
 kinds mirror the ``tables=`` config groups, and the real-scale command plans on meta."""
 
+import re
 from pathlib import Path
 
 import pytest
@@ -124,11 +125,11 @@ def test_real_scale_command_plans_on_meta(capsys):
     results = bp.main(["--kinds", "fp32,shark", "--topologies", "gpu1"])
     out = capsys.readouterr().out
     by_kind = {r.kind: r for r in results}
-    # 104.5 GB of fp32 tables cannot fit one 80 GiB GPU; shark's 44.8 GB can.
+    # 104.5 GB of fp32 tables cannot fit one 80 GiB GPU; shark's 18.8 GB can.
     assert not by_kind["fp32"].fits and by_kind["shark"].fits
     assert "stock fp32 tables 104.54 GB" in out
     assert "PlannerError: insufficient_storage" in out
-    assert "shark  GPU: gpu1" in out and "fp32   GPU: none of those planned" in out
+    assert re.search(r"shark +GPU: gpu1", out) and re.search(r"fp32 +GPU: none of those planned", out)
     assert "peak RSS" in out
 
 
