@@ -1,4 +1,5 @@
-"""Export a trained run, load it in a fresh process and score with it: the run's own evaluation AUC again;
+"""Export a trained run, load it in a fresh process and score with it: the run's own evaluation AUC again
+(mixed precision: every row-store path, slot map included; tensor train: cores);
 the loaded model scripts; a damaged export fails to load naming the file."""
 
 import json
@@ -21,7 +22,6 @@ TINY = [
 ]
 KINDS = {
     "shark_3tier": ["tables=shark_3tier", "tables.compression.mixed_precision.retier_every=10"],  # three tiers
-    "int4": ["tables=int4"],
     "tt": ["tables=tt", "tables.compression.tensor_train.min_rows=1000"],  # t_f00 as cores, the rest stock
 }
 

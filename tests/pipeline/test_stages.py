@@ -4,6 +4,7 @@ import json
 import os
 import sys
 
+from torchrec_shark.pipeline import stages
 from torchrec_shark.pipeline.stages import STAGE_FILE, StageRunner
 
 WRITE = "import sys, os; open(os.path.join(sys.argv[1], 'done.txt'), 'a').write(sys.argv[2] + '\\n')"
@@ -51,3 +52,12 @@ def test_stage_without_recorded_settings_is_rerun(tmp_path):
     runner = StageRunner(str(tmp_path))
     assert not stage(runner, "base", "steps=20").skipped
     assert runs_of(runner, "base") == ["steps=20"]
+
+
+def test_a_finished_training_stage_with_checkpoints_is_not_run_again():
+    # A stage's dir keeps its checkpoints, so the pipeline adds trainer.resume=true to its command when it runs
+    # again; that flag does not change what the stage computes and must not change its fingerprint.
+    base = ["torchrun", "train.py", "tables=baseline", "hydra.run.dir=/out/runs/baseline"]
+    with_resume = base[:3] + [stages.RESUME] + base[3:]
+    assert stages.stage_fingerprint(with_resume, "/out", {}) == stages.stage_fingerprint(base, "/out", {})
+    assert stages.stage_fingerprint(base + ["tables=shark"], "/out", {}) != stages.stage_fingerprint(base, "/out", {})

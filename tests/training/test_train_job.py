@@ -111,6 +111,7 @@ def train_one(run_dir, *overrides, check=True):
 
 
 @pytest.mark.skipif(not os.path.isfile(AVAZU), reason="shared Avazu sample not present")
+@pytest.mark.slow  # three jobs on the Avazu sample: make test-slow
 def test_finite_file_epochs_early_stopping_and_the_best_checkpoint(tmp_path):
     run = tmp_path / "run"
     # 8,999 training rows, 512 a batch: 2 epochs end at step 36, before max_steps.

@@ -97,21 +97,38 @@ def run_pipeline(cfg: PipelineConfig, out_dir: str) -> str:
     return write_report(out_dir, rows, extras, notes, plot_files)
 
 
-def compressed_tables_config(source_yaml: str, out_dir: str, name: str, preset: str) -> str:
+def compressed_tables_config(source_yaml: str, out_dir: str, name: str, preset: str, narrow: str = "int8") -> str:
     """A copy of a written tables config with every table stored as the ``tables=<preset>`` preset stores
-    its tables (its whole ``compression`` block) and no column selection; returns the folder to put on
-    ``hydra.searchpath``."""
+    its tables (its whole ``compression`` block) and no column selection; a table that the ``narrow`` preset
+    stores in fewer bytes (a narrow one, where per-row scales and metadata outweigh the codes) is stored as
+    that instead. Returns the folder to put on ``hydra.searchpath``."""
     doc = OmegaConf.load(source_yaml)
     compression = OmegaConf.load(os.path.join(TABLES_DIR, f"{preset}.yaml")).get("compression", {"kind": "none"})
+    fallback = OmegaConf.load(os.path.join(TABLES_DIR, f"{narrow}.yaml")).get("compression", {"kind": "none"})
     doc.name = name
     doc.compression = compression
     doc.init_columns = {}
     for table in doc.tables.values():
-        if table.get("compression") is not None:
-            table.compression = compression
+        rows, dim = int(table.num_embeddings), int(table.get("embedding_dim") or doc.embedding_dim)
+        if table.get("compression") is not None or (
+                preset != narrow and _table_bytes(narrow, rows, dim) < _table_bytes(preset, rows, dim)):
+            table.compression = compression if _table_bytes(preset, rows, dim) <= _table_bytes(narrow, rows, dim) \
+                else fallback
     os.makedirs(os.path.join(out_dir, "tables"), exist_ok=True)
     OmegaConf.save(doc, os.path.join(out_dir, "tables", f"{name}.yaml"))
     return out_dir
+
+
+def _table_bytes(preset: str, rows: int, dim: int) -> int:
+    """Bytes of one ``rows`` x ``dim`` table stored as ``tables=<preset>`` stores its tables (no optimizer state)."""
+    from torchrec_shark.modules import CompressedEmbeddingBagConfig, SparseOptimizerSpec, kind_of
+    from torchrec_shark.modules.kinds import spec_from_config
+    from torchrec_shark.pipeline.config import preset_compression
+
+    config = CompressedEmbeddingBagConfig(name="t", num_embeddings=rows, embedding_dim=dim, feature_names=["f"],
+                                          compression=spec_from_config(preset_compression(preset), rows))
+    parts = kind_of(config).storage_bytes(config, SparseOptimizerSpec(), 0, rows)
+    return int(parts["total"] - parts.get("optimizer", 0))
 
 
 def _plots(runner: StageRunner, rows: List[Dict], prune_dir: str) -> List[str]:

@@ -72,10 +72,15 @@ class StageResult:
 STAGE_FILE = "stage.json"
 
 
+RESUME = "trainer.resume=true"
+
+
 def stage_fingerprint(command: Sequence[str], root: str, upstream: Dict[str, str]) -> str:
     """What a stage's output depends on: its command (the pipeline dir and the launcher's own path
-    left out, so a moved pipeline or venv still matches) and its upstream stages' fingerprints."""
-    args = [os.path.basename(command[0]), *(a.replace(root, "<OUT>") for a in command[1:])] if command else []
+    left out, so a moved pipeline or venv still matches; and ``trainer.resume=true``, which a stage that has
+    checkpoints gets and which does not change what it computes) and its upstream stages' fingerprints."""
+    args = [os.path.basename(command[0]), *(a.replace(root, "<OUT>") for a in command[1:] if a != RESUME)] \
+        if command else []
     text = json.dumps({"command": args, "upstream": upstream}, sort_keys=True)
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
@@ -139,7 +144,7 @@ class StageRunner:
         """A crashed training stage continues from its checkpoints (a fresh run refuses a dir that has some)."""
         from torchrec_shark.training.checkpoint import checkpoint_dirs
 
-        return ["trainer.resume=true"] if self.resume and checkpoint_dirs(run_dir) else []
+        return [RESUME] if self.resume and checkpoint_dirs(run_dir) else []
 
     def train(self, name: str, nproc: int, overrides: Sequence[str], after: Sequence[str] = ()) -> StageResult:
         run_dir = self.path("runs", name)
