@@ -37,6 +37,8 @@ class PipelineConfig:
     prune: List[str] = field(default_factory=lambda: ["tolerance=0.03"])
     budget: float = 0.5
     shark_tables: str = "shark"
+    # in the SHARK stage, a table this preset stores in fewer bytes (a narrow or small one) takes it ("none": never)
+    narrow_tables: str = "int8"
     # the same pruned, narrowed tables stored as these presets instead (each warm-started like the shark stage)
     endings: List[str] = field(default_factory=lambda: ["int8"])
     comparisons: List[str] = field(default_factory=lambda: ["tt", "fp16", "int8"])
@@ -56,6 +58,8 @@ def check(cfg: PipelineConfig) -> None:
         unknown = [c for c in getattr(cfg, key) if c not in presets]
         if unknown:
             raise ValueError(f"{key} {unknown} are not tables= presets; choose from {presets}")
+    if cfg.narrow_tables != "none" and cfg.narrow_tables not in presets:
+        raise ValueError(f"narrow_tables={cfg.narrow_tables!r} is not a tables= preset ({presets}) or none")
     if cfg.shark_tables != "none" and cfg.shark_tables not in presets:
         raise ValueError(f"shark_tables={cfg.shark_tables!r} is not a tables= preset ({presets}) or none")
     for o in cfg.train:

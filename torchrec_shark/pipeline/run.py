@@ -54,8 +54,12 @@ def run_pipeline(cfg: PipelineConfig, out_dir: str) -> str:
     endings = [("shark", cfg.shark_tables)] if cfg.shark_tables != "none" else []
     endings += [(f"ending_{preset}", preset) for preset in cfg.endings]
     for name, preset in endings:
-        search_dir = compressed_tables_config(widths["tables_config"], runner.path("passes", f"{name}_tables"),
-                                              SHARK_TABLES, preset)
+        narrow = cfg.narrow_tables if name == "shark" and cfg.narrow_tables != "none" else preset
+        # the folder names the narrow-table preset too: it is on the command line, so a stage built with
+        # another one is not taken for this one
+        folder = f"{name}_tables" if narrow == preset else f"{name}_tables_narrow_{narrow}"
+        search_dir = compressed_tables_config(widths["tables_config"], runner.path("passes", folder),
+                                              SHARK_TABLES, preset, narrow)
         runner.train_from_pass(name, command, [
             *cfg.train, *finetune, f"hydra.searchpath=[{hydra_quote('file://' + search_dir)}]",
             f"tables={SHARK_TABLES}",
