@@ -27,7 +27,12 @@ from torchrec_shark.modules.base import TableInputError, all_finite
 from torchrec_shark.modules.fused_store import FusedRowStore
 from torchrec_shark.modules.kernels.host import numpy_path
 from torchrec_shark.modules.kernels.lookup import bag_of_ids
-from torchrec_shark.modules.mixed_precision import _PRIORITY_NOISE_SALT, MixedPrecisionTable, _round_to_bf16
+from torchrec_shark.modules.mixed_precision import (
+    _PRIORITY_NOISE_SALT,
+    MixedPrecisionTable,
+    _round_to_bf16,
+    added_by_row,
+)
 from torchrec_shark.modules.quantization import CounterNoise
 
 
@@ -123,13 +128,7 @@ class FusedMixedPrecisionStore(FusedRowStore):
         """``priority[rows] += contrib`` over every member (rows may repeat), each touched row rounded once,
         stochastically, with its own table's bits (seed, step, global row id)."""
         priority = self.buffers["priority"]
-        if numpy_path(rows):
-            uniq, inverse = np.unique(rows.numpy(), return_inverse=True)
-            uniq, inverse = torch.from_numpy(uniq), torch.from_numpy(inverse.reshape(-1))
-        else:
-            uniq, inverse = torch.unique(rows, return_inverse=True)
-        total = torch.zeros(uniq.numel(), device=rows.device).index_add_(0, inverse, contrib.float())
-        total += priority.index_select(0, uniq).float()
+        uniq, total = added_by_row(priority, rows, contrib)
         owner = self._owners(uniq)
         owner = torch.from_numpy(owner) if isinstance(owner, np.ndarray) else owner
         noise = self._noise(CounterNoise.keys(self.priority_seeds, self.steps), owner, uniq)

@@ -34,6 +34,7 @@ from torchrec_shark.modules.kernels.lookup import bag_of_ids
 from torchrec_shark.modules.quantization import ROUNDING_MODES, CounterNoise
 from torchrec_shark.modules.row_store import (
     PRECISIONS,
+    MemberCounter,
     RowStoreKind,
     RowStoreTable,
     precision_rank,
@@ -118,6 +119,17 @@ PRIORITY_DTYPE = torch.bfloat16
 _PRIORITY_NOISE_SALT = 0x5851F42D4C957F2D
 
 
+def added_by_row(priority: torch.Tensor, rows: torch.Tensor, contrib: torch.Tensor):
+    """``(uniq, total)``: the distinct ``rows`` and ``priority[uniq]`` plus the sum of each one's ``contrib``, in fp32."""
+    if numpy_path(rows):
+        uniq, inverse = np.unique(rows.numpy(), return_inverse=True)
+        uniq, inverse = torch.from_numpy(uniq), torch.from_numpy(inverse.reshape(-1))
+    else:
+        uniq, inverse = torch.unique(rows, return_inverse=True)
+    total = torch.zeros(uniq.numel(), device=rows.device).index_add_(0, inverse, contrib.float())
+    return uniq, total + priority.index_select(0, uniq).float()
+
+
 def _round_to_bf16(x: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
     """fp32 -> bf16, stochastically: 16 uniform bits added to the fp32 pattern, the low 16 bits dropped."""
     bits = x.float().contiguous().view(torch.int32) + noise.to(torch.int32).bitwise_and_(0xFFFF)
@@ -162,28 +174,8 @@ class MixedPrecisionTable(RowStoreTable):
         self._pending: List[Tuple[torch.Tensor, torch.Tensor]] = []
         self.init_rows(config)
 
-    # The mirrors live in the fused store when the table is a member of one (it steps them all at once).
-    @property
-    def _age(self) -> int:
-        return self._own_age if self._fused is None else int(self._fused.age[self._member])
-
-    @_age.setter
-    def _age(self, value: int) -> None:
-        if self._fused is None:
-            self._own_age = int(value)
-        else:
-            self._fused.age[self._member] = value
-
-    @property
-    def _step(self) -> int:
-        return self._own_step if self._fused is None else int(self._fused.steps[self._member])
-
-    @_step.setter
-    def _step(self, value: int) -> None:
-        if self._fused is None:
-            self._own_step = int(value)
-        else:
-            self._fused.steps[self._member] = value
+    _age = MemberCounter("_own_age", "age")
+    _step = MemberCounter("_own_step", "steps")
 
     @classmethod
     def fused_store_type(cls):
@@ -246,13 +238,7 @@ class MixedPrecisionTable(RowStoreTable):
     def _add_priority(self, rows: torch.Tensor, contrib: torch.Tensor) -> None:
         """``priority[rows] += contrib`` (rows may repeat), each touched row rounded once, stochastically,
         with bits that depend on the row's global id and the step (the same under any sharding)."""
-        if numpy_path(rows):
-            uniq, inverse = np.unique(rows.numpy(), return_inverse=True)
-            uniq, inverse = torch.from_numpy(uniq), torch.from_numpy(inverse.reshape(-1))
-        else:
-            uniq, inverse = torch.unique(rows, return_inverse=True)
-        total = torch.zeros(uniq.numel(), device=rows.device).index_add_(0, inverse, contrib.float())
-        total += self.priority.index_select(0, uniq).float()
+        uniq, total = added_by_row(self.priority, rows, contrib)
         noise = CounterNoise(self.seed ^ _PRIORITY_NOISE_SALT, self._step, uniq + self.row_start)
         self.priority.index_copy_(0, uniq, _round_to_bf16(total, noise.int16((uniq.numel(), 1)).reshape(-1)))
 

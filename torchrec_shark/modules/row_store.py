@@ -76,6 +76,27 @@ def scale_bias_bytes(precision: str) -> int:
     return getattr(CODECS[precision], "SCALE_BIAS_BYTES", 0)
 
 
+class MemberCounter:
+    """A per-table counter kept in the table's own attribute ``own``, or, once the table is a member of a fused
+    store, in the store's per-member array ``fused`` (the store steps them all at once)."""
+
+    def __init__(self, own: str, fused: str) -> None:
+        self.own, self.fused = own, fused
+
+    def __get__(self, table, owner=None):
+        if table is None:
+            return self
+        if table._fused is None:
+            return getattr(table, self.own)
+        return int(getattr(table._fused, self.fused)[table._member])
+
+    def __set__(self, table, value: int) -> None:
+        if table._fused is None:
+            setattr(table, self.own, int(value))
+        else:
+            getattr(table._fused, self.fused)[table._member] = value
+
+
 class RowStoreTable(CompressedTable):
     """Rows in precision tiers with a fused sparse optimizer (see the module doc).
 
@@ -163,17 +184,8 @@ class RowStoreTable(CompressedTable):
         else:
             self._fused.version = value
 
-    @property
-    def updates(self) -> int:
-        """Optimizer updates applied: the step of the stochastic-rounding noise."""
-        return self._updates if self._fused is None else int(self._fused.updates[self._member])
-
-    @updates.setter
-    def updates(self, value: int) -> None:
-        if self._fused is None:
-            self._updates = int(value)
-        else:
-            self._fused.updates[self._member] = value
+    #: Optimizer updates applied: the step of the stochastic-rounding noise.
+    updates = MemberCounter("_updates", "updates")
 
     @classmethod
     def fused_store_type(cls):
