@@ -113,7 +113,10 @@ def build_lookups(tables: List[Dict[str, Any]], source: TensorSource) -> Tuple[L
             if slots.numel() != int(t["num_embeddings"]):
                 raise ExportError(f"table {t['name']!r}: a slot map of {slots.numel()} rows for "
                                   f"{t['num_embeddings']} rows")
-            lookup.table_slots(i).copy_(slots.to(lookup.slot_map.dtype))
+            try:
+                lookup.set_slots(i, slots)
+            except ValueError as e:
+                raise ExportError(str(e)) from e
         lookups.append(lookup)
         features.append([f for t in group for f in t["features"]])
     for t in tt:

@@ -6,12 +6,13 @@ returns one pooled ``[B, D]`` tensor per feature (sums; the model divides MEAN t
 * :class:`DirectRows`: tables whose rows are in one precision each (row ``r`` at row ``r``): one pooled
   ``IntNBitTableBatchedEmbeddingBagsCodegen`` over all of them, the ids passed as they come.
 * :class:`TieredRows`: tables whose rows are in several precision tiers (per-row mixed precision): one
-  FBGEMM inference TBE holding every tier pool of every table as one of its tables. Ids become global slots
-  through the tables' slot maps (one gather over a concatenated int32 map), FBGEMM's
-  ``block_bucketize_sparse_features`` splits them by tier keeping their bags (the tier boundaries of each
-  table are its bucket boundaries), the TBE reads each id's row from its tier pool, dequantised to fp32
-  (``PoolingMode.NONE``: a tier split of a bag would otherwise cost a pooled output per tier), and
-  ``embedding_bag`` pools the rows back into the original bags. FBGEMM's own ``index_remapping`` is not
+  FBGEMM inference TBE with one table per precision, holding that precision's tier of every table one after
+  the other. Ids become global slots through the tables' slot maps (one gather over a concatenated int32
+  map), FBGEMM's ``block_bucketize_sparse_features`` splits them by precision keeping their order (every bag
+  of every feature as one feature: the pools' slot ranges are the bucket boundaries), the TBE reads each
+  id's row from its pool, dequantised to fp32 (``PoolingMode.NONE``: a precision split of a bag would
+  otherwise cost a pooled output per precision), and ``embedding_bag`` pools the rows back into the
+  original bags. The TBE's work per feature is paid once per precision, not once per table and tier. FBGEMM's own ``index_remapping`` is not
   used: it keeps a full-size array per tier (12 bytes a row for three tiers) where the slot map keeps 4.
 * :class:`TensorTrainRows`: one tensor-train table: the distinct ids of a batch are reconstructed from the
   cores (each core's slices applied a slice at a time to the rows that use it), LFU-cached rows taken as
@@ -117,58 +118,89 @@ class TieredTable:
 
 
 class TieredRows(nn.Module):
-    """Tiered tables of one width: one FBGEMM inference TBE over every tier pool, ids mapped to slots through
-    one concatenated slot map (see the module doc)."""
+    """Tiered tables of one width: one FBGEMM inference TBE with one table per precision, holding that tier of
+    every table one after the other, ids mapped to those rows through one concatenated slot map (see the
+    module doc)."""
 
     def __init__(self, tables: List[TieredTable]) -> None:
         super().__init__()
         dims = {t.dim for t in tables}
         if len(dims) != 1:
             raise ValueError(f"tiered tables of one lookup share a width, got {sorted(dims)}")
+        for t in tables:
+            precisions = [precision for precision, _ in t.tiers]
+            if len(set(precisions)) != len(precisions):
+                raise ValueError(f"table {t.name!r}: tiers {precisions} repeat a precision")
         self.dim: int = tables[0].dim
-        self.num_tiers: int = max(len(t.tiers) for t in tables)
         self.num_features: int = sum(t.features for t in tables)
-        # TBE tables tier-major: (tier 0 of every table), (tier 1 of every table that has one), ...
-        self._pools: List[RowTable] = []
-        first: List[List[int]] = [[] for _ in tables]
-        for k in range(self.num_tiers):
-            for i, t in enumerate(tables):
-                if k < len(t.tiers):
-                    precision, rows = t.tiers[k]
-                    first[i].append(len(self._pools))
-                    self._pools.append(RowTable(f"{t.name}.{precision}", int(rows), t.dim, precision))
-        self._table_pools = first
-        # TBE features in block_bucketize's output order, bucket (tier) major: (tier k, feature f). A table
-        # with fewer tiers gets none of its ids in the higher buckets; their features read its last tier.
-        feature_table: List[int] = [i for i, t in enumerate(tables) for _ in range(t.features)]
-        feature_table_map = [first[i][min(k, len(tables[i].tiers) - 1)] for k in range(self.num_tiers)
-                             for i in feature_table]
-        self.tbe = _tbe(self._pools, feature_table_map, PoolingMode.NONE, BoundsCheckMode.NONE)
+        # One TBE table (and one TBE feature) per precision, so that the TBE's per-feature work does not grow
+        # with tables x tiers; a table's tier of that precision is a run of its rows.
+        order = [p for p in SPARSE_TYPES if any(p == precision for t in tables for precision, _ in t.tiers)]
+        order += sorted({precision for t in tables for precision, _ in t.tiers} - set(order))
+        pool_rows = {p: 0 for p in order}
+        # (table, tier) -> its first row in its precision's pool
+        self._tier_rows: List[List[int]] = []
+        for t in tables:
+            firsts = []
+            for precision, rows in t.tiers:
+                firsts.append(pool_rows[precision])
+                pool_rows[precision] += int(rows)
+            self._tier_rows.append(firsts)
+        self._precisions: List[str] = order
+        self._pools: List[RowTable] = [RowTable(p, pool_rows[p], self.dim, p) for p in order]
+        self.num_pools: int = len(order)
+        self.tbe = _tbe(self._pools, list(range(self.num_pools)), PoolingMode.NONE, BoundsCheckMode.NONE)
+        # served slots are global: pool p's rows follow those of the pools before it
+        pool_starts, total_slots = [], 0
+        for p in order:
+            pool_starts.append(total_slots)
+            total_slots += pool_rows[p]
+        self._pool_starts = pool_starts
+        self.register_buffer("pool_bounds", torch.tensor(pool_starts + [total_slots], dtype=torch.int64))
+        self.register_buffer("total_slots", torch.tensor([max(total_slots, 1)], dtype=torch.int64))
         bases, total = [], 0
         for t in tables:
             bases.append(total)
             total += t.rows
-        self.register_buffer("slot_map", torch.zeros(total, dtype=torch.int32 if total < 2**31 else torch.int64))
+        index_dtype = torch.int32 if max(total, total_slots) < 2**31 else torch.int64
+        self.register_buffer("slot_map", torch.zeros(total, dtype=index_dtype))
+        feature_table: List[int] = [i for i, t in enumerate(tables) for _ in range(t.features)]
         self.register_buffer("feature_base", torch.tensor([bases[i] for i in feature_table], dtype=torch.int64))
         self.register_buffer("feature_rows", torch.tensor([tables[i].rows for i in feature_table], dtype=torch.int64))
         self._bases = bases
-        # each feature's tier boundaries in its table's slots: [0, end of tier 0, ..., rows, rows, ...]
-        self.bucket_bounds: List[torch.Tensor] = []
-        for i in feature_table:
-            ends = [0]
-            for _, rows in tables[i].tiers:
-                ends.append(ends[-1] + int(rows))
-            ends += [ends[-1]] * (self.num_tiers + 1 - len(ends))
-            self.bucket_bounds.append(torch.tensor(ends, dtype=torch.int64))
         self._tables = list(tables)
 
     def table_bytes(self, t: int, k: int) -> torch.Tensor:
         """Tier ``k`` of table ``t`` in the TBE's weights (uint8, a view)."""
-        return _table_region(self.tbe, self._pools, self._table_pools[t][k])
+        precision, rows = self._tables[t].tiers[k]
+        pool = self._precisions.index(precision)
+        region = _table_region(self.tbe, self._pools, pool)
+        row_bytes = _row_bytes(precision, self.dim)
+        first = self._tier_rows[t][k]
+        return region[first * row_bytes : (first + int(rows)) * row_bytes]
 
-    def table_slots(self, t: int) -> torch.Tensor:
-        """Table ``t``'s slot map (a view of the concatenated one)."""
-        return self.slot_map[self._bases[t] : self._bases[t] + self._tables[t].rows]
+    @torch.no_grad()
+    def set_slots(self, t: int, slots: torch.Tensor) -> None:
+        """Set table ``t``'s slot map from its exported one (``slots[i]``: the row of id ``i`` among the
+        table's tiers laid end to end, most precise first), as slots of this lookup's pools."""
+        table = self._tables[t]
+        if slots.numel() != table.rows:
+            raise ValueError(f"table {table.name!r}: a slot map of {slots.numel()} rows for {table.rows} rows")
+        ends, shift = [], []
+        first = 0
+        for k, (precision, rows) in enumerate(table.tiers):
+            ends.append(first + int(rows))
+            shift.append(self._pool_starts[self._precisions.index(precision)] + self._tier_rows[t][k] - first)
+            first += int(rows)
+        ends_t, shift_t = torch.tensor(ends, dtype=torch.int64), torch.tensor(shift, dtype=torch.int64)
+        target = self.slot_map[self._bases[t] : self._bases[t] + table.rows]
+        chunk = 1 << 22  # an int64 copy of a few million slots at a time, not of the whole map
+        for start in range(0, table.rows, chunk):
+            part = slots[start : start + chunk].long()
+            if part.numel() and (int(part.min()) < 0 or int(part.max()) >= first):
+                raise ValueError(f"table {table.name!r}: slots outside its {first} tier rows")
+            tier = torch.bucketize(part, ends_t, right=True)
+            target[start : start + part.numel()] = (part + shift_t[tier]).to(target.dtype)
 
     def forward(self, values: torch.Tensor, lengths: torch.Tensor, offsets: torch.Tensor,
                 weights: Optional[torch.Tensor], batch: int) -> List[torch.Tensor]:
@@ -183,11 +215,11 @@ class TieredRows(nn.Module):
                 raise ValueError("id " + str(int(ids[bad])) + " is outside its table's "
                                  + str(int(limit[bad])) + " rows")
         slots = self.slot_map.index_select(0, ids + self.feature_base.index_select(0, feature)).long()
-        new_lengths, tier_ids, _, _, unbucketize = torch.ops.fbgemm.block_bucketize_sparse_features(
-            lengths, slots, False, True, self.feature_rows, self.num_tiers, None, None, -1, self.bucket_bounds)
-        per_tier_feature = new_lengths.view(self.num_tiers * self.num_features, batch).sum(1)
-        tier_offsets = torch.ops.fbgemm.asynchronous_complete_cumsum(per_tier_feature)
-        rows = self.tbe(tier_ids, tier_offsets)
+        # every bag of every feature as one feature of num_features * batch bags, split by pool
+        pool_lengths, pool_ids, _, _, unbucketize = torch.ops.fbgemm.block_bucketize_sparse_features(
+            lengths, slots, False, True, self.total_slots, self.num_pools, None, None, -1, [self.pool_bounds])
+        pool_offsets = torch.ops.fbgemm.asynchronous_complete_cumsum(pool_lengths.view(self.num_pools, -1).sum(1))
+        rows = self.tbe(pool_ids, pool_offsets)
         assert unbucketize is not None
         pooled = F.embedding_bag(unbucketize, rows, offsets.long(), mode="sum", per_sample_weights=weights,
                                  include_last_offset=True)
