@@ -71,6 +71,7 @@ def test_wrong_type_in_structured_merge():
         (["trainer.init_from=/no/such/run"], "trainer.init_from"),
         (["trainer.embedding_lr=-0.1"], "trainer.embedding_lr=-0.1 must be positive"),
         (["trainer.dense_lr=0"], "trainer.dense_lr=0.0 must be positive"),
+        (["trainer.max_steps=0"], "trainer.max_steps=0 must be positive, or 0 with trainer.init_from"),
         (["data=tabular", f"data.path={CONF}", "data.dense_transform=sqrt"], "data.dense_transform='sqrt'"),
         (["data=tabular", f"data.path={CONF}", "+data.dense_transforms.price=log1p"],
          "data.dense_transforms.price: 'price' is not a data.dense column"),

@@ -158,6 +158,8 @@ class PlannerConfig:
 class TrainerConfig:
     """Training loop (``trainer=`` group)."""
 
+    # 0 with init_from: no step, the warm-started state is evaluated and saved as step 0 (e.g. a run
+    # resharded to another world size)
     max_steps: int = 1500
     batch_size: int = 2048  # global: split evenly across ranks
     eval_every: int = 500
@@ -263,8 +265,10 @@ def validate(cfg: TrainConfig, world_size: int = 1) -> None:
     _check_choice("trainer.embedding_optimizer", t.embedding_optimizer, OPTIMIZERS)
     _check_choice("trainer.dense_optimizer", t.dense_optimizer, ("sgd", "adagrad", "adam"))
     _check_choice("trainer.device", t.device, ("auto", "cpu", "cuda"))
-    for key in ("max_steps", "batch_size", "eval_every", "eval_batches", "checkpoint_every",
-                "embedding_lr", "dense_lr"):
+    if t.max_steps < 0 or (t.max_steps == 0 and t.init_from is None):
+        raise ConfigError(f"trainer.max_steps={t.max_steps} must be positive, or 0 with trainer.init_from "
+                          "(the warm-started state saved as step 0)")
+    for key in ("batch_size", "eval_every", "eval_batches", "checkpoint_every", "embedding_lr", "dense_lr"):
         if not getattr(t, key) > 0:
             raise ConfigError(f"trainer.{key}={getattr(t, key)} must be positive")
     if t.device == "cuda":

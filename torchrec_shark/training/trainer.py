@@ -464,6 +464,15 @@ class Trainer:
             return {"history": history, "speed_history": speed_history, "tier_history": tier_history,
                     "train_time_s": train_time, "timed_samples": timed_samples, "loss_ema": loss_ema}
 
+        if step == last_step == 0:
+            # trainer.max_steps=0 (validated: a warm start only): the loaded state is the model, kept as step 0
+            # under this run's world size and sharding, so exports and scores of a resharded model need no step.
+            m = self.evaluate()
+            best = {"step": 0, "epoch": epoch_of(0), "val_auc": m["auc"], "val_logloss": m["logloss"]}
+            history.append({**best, "train_loss": None})
+            self._log(f"step 0 (warm start, no training step): val_auc={m['auc']:.4f} val_logloss={m['logloss']:.4f}")
+            self._save(0, 0, best if t.keep_best else None, 0, current_record(), health)
+
         self.model.train()
         with StopRequest() as stop_request:
             while step < last_step:
