@@ -91,16 +91,19 @@ class FusedMixedPrecisionStore(FusedRowStore):
         self.check_ids(ids, members)
         batch = labels.numel()
         bag = bag_of_ids(offsets.long(), n)  # feature f's bags follow feature f - 1's: sample = bag mod batch
+        # (row, sample) keys row-major: the distinct pairs come out with each row's samples ascending and the
+        # rows ascending, so step_end finds the distinct rows without another sort
         if numpy_path(ids):
             g = ids.numpy().astype(np.int64, copy=False) + self.row_base[members]
-            key = _sorted_unique((bag.numpy() % batch) * self.total_rows + g)
-            rows, sample = torch.from_numpy(key % self.total_rows), torch.from_numpy(key // self.total_rows)
-            owner = np.searchsorted(self.row_base, key % self.total_rows, side="right") - 1
+            key = _sorted_unique(g * batch + bag.numpy() % batch)
+            rows_np = key // batch
+            rows, sample = torch.from_numpy(rows_np), torch.from_numpy(key - rows_np * batch)
+            owner = np.searchsorted(self.row_base, rows_np, side="right") - 1
         else:
             base = self._on("row_base", ids.device)
             g = ids.long() + base.index_select(0, members)
-            key = torch.unique((bag % batch) * self.total_rows + g)
-            rows, sample = key % self.total_rows, key // self.total_rows
+            key = torch.unique(g * batch + bag % batch)
+            rows, sample = key // batch, key % batch
             owner = torch.searchsorted(base, rows, right=True) - 1
         per_sample = labels.index_select(0, sample)
         if _same(self.pos) and _same(self.neg):  # scalars: the same arithmetic as a member's own count
@@ -124,11 +127,11 @@ class FusedMixedPrecisionStore(FusedRowStore):
         return torch.searchsorted(self._on("row_base", rows.device), rows, right=True) - 1
 
     # ------------------------------------------------------------------ step end
-    def _add_priority(self, rows: torch.Tensor, contrib: torch.Tensor) -> None:
+    def _add_priority(self, rows: torch.Tensor, contrib: torch.Tensor, rows_sorted: bool = False) -> None:
         """``priority[rows] += contrib`` over every member (rows may repeat), each touched row rounded once,
         stochastically, with its own table's bits (seed, step, global row id)."""
         priority = self.buffers["priority"]
-        uniq, total = added_by_row(priority, rows, contrib)
+        uniq, total = added_by_row(priority, rows, contrib, rows_sorted)
         owner = self._owners(uniq)
         owner = torch.from_numpy(owner) if isinstance(owner, np.ndarray) else owner
         noise = self._noise(CounterNoise.keys(self.priority_seeds, self.steps), owner, uniq)
@@ -150,6 +153,7 @@ class FusedMixedPrecisionStore(FusedRowStore):
     def step_end(self) -> None:
         """Close a training step of every member: fold in its label counts, decay, re-tier those that are due."""
         pending = self._pending
+        recorded_once = len(pending) == 1
         self._pending = []
         for t in self.members:  # labels a member recorded itself
             if t._pending:
@@ -161,7 +165,8 @@ class FusedMixedPrecisionStore(FusedRowStore):
         if pending:
             rows = pending[0][0] if len(pending) == 1 else torch.cat([r for r, _ in pending])
             contrib = pending[0][1] if len(pending) == 1 else torch.cat([c for _, c in pending])
-            self._add_priority(rows, self._scaled(rows, contrib))
+            # one step's labels recorded here once: rows ascending (record_labels), no sort needed
+            self._add_priority(rows, self._scaled(rows, contrib), rows_sorted=len(pending) == 1 and recorded_once)
         self.age[self.lazy] += 1
         self.buffers["priority_age"].copy_(torch.from_numpy(self.age))
         limit = MixedPrecisionTable._RESCALE_LIMIT

@@ -119,9 +119,15 @@ PRIORITY_DTYPE = torch.bfloat16
 _PRIORITY_NOISE_SALT = 0x5851F42D4C957F2D
 
 
-def added_by_row(priority: torch.Tensor, rows: torch.Tensor, contrib: torch.Tensor):
-    """``(uniq, total)``: the distinct ``rows`` and ``priority[uniq]`` plus the sum of each one's ``contrib``, in fp32."""
-    if numpy_path(rows):
+def added_by_row(priority: torch.Tensor, rows: torch.Tensor, contrib: torch.Tensor, rows_sorted: bool = False):
+    """``(uniq, total)``: the distinct ``rows`` and ``priority[uniq]`` plus the sum of each one's ``contrib``, in fp32.
+    ``rows_sorted``: ``rows`` are ascending already (repeats next to each other), so the distinct rows are
+    found without a sort. Each row's contributions are added in their order in ``rows`` either way."""
+    if rows_sorted:
+        new = torch.ones(rows.numel(), dtype=torch.bool, device=rows.device)
+        torch.ne(rows[1:], rows[:-1], out=new[1:])
+        uniq, inverse = rows[new], torch.cumsum(new, 0) - 1
+    elif numpy_path(rows):
         uniq, inverse = np.unique(rows.numpy(), return_inverse=True)
         uniq, inverse = torch.from_numpy(uniq), torch.from_numpy(inverse.reshape(-1))
     else:
