@@ -21,7 +21,7 @@ Example::
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import List, Optional, Tuple
+from typing import List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -97,20 +97,55 @@ class MixedPrecision:
     def precisions(self) -> Tuple[str, ...]:
         return tuple(t.precision for t in self.tiers)
 
-    def sizes(self, rows: int, table_rows: Optional[int] = None) -> List[int]:
-        """Rows per tier of a table (or of a shard of ``rows`` of its ``table_rows`` rows): the fractions, with at
-        least ``hot_rows`` (a shard: its share of them) in the first tier; the other tiers share the rest in
-        proportion to their fractions. The shards of a table add up to about the table's sizes."""
+    def sizes(self, rows: int, table_rows: Optional[int] = None, row_start: int = 0) -> List[int]:
+        """Rows per tier of a table (or of the shard of ``rows`` rows from ``row_start`` of a table of
+        ``table_rows`` rows): the fractions, with at least ``hot_rows`` in the first tier (all of a smaller
+        table); the other tiers share the rest in proportion to their fractions. A shard holds its part of the
+        table's sizes (:func:`shard_tier_sizes`): the shards of a table add up to the table's sizes exactly,
+        however it is split, so a checkpoint resharded to any world size keeps every row's tier."""
+        table_rows = rows if table_rows is None else table_rows
+        whole = self._table_sizes(table_rows)
+        if row_start == 0 and rows == table_rows:
+            return whole
+        return shard_tier_sizes(whole, row_start, rows)
+
+    def _table_sizes(self, rows: int) -> List[int]:
         fractions = [t.fraction for t in self.tiers]
         sizes = tier_sizes(fractions, rows)
-        table_rows = rows if table_rows is None else table_rows
-        first = min(rows, int(round(self.hot_rows * rows / table_rows)) if table_rows > 0 else 0)
+        first = min(rows, self.hot_rows)
         if sizes[0] >= first:
             return sizes
         rest = fractions[1:]
         total = sum(rest)
         rest = [f / total for f in rest] if total > 0 else [1.0 / len(rest)] * len(rest)
         return [first, *tier_sizes(rest, rows - first)]
+
+
+def _leading_tier_sizes(sizes: Sequence[int], rows: int) -> List[int]:
+    """Tier sizes of the first ``rows`` rows of a table of tier ``sizes``: tier 0 takes its share of them,
+    tier 1 its share of the tiers after tier 0 of what is left, and so on (integer floors). Every count is
+    non-decreasing in ``rows`` (a floor of a fraction <= 1 of a non-decreasing count) and the whole table
+    gives ``sizes`` back."""
+    out, left_rows, left = [], sum(sizes), rows
+    for size in sizes[:-1]:
+        count = left * size // left_rows if left_rows else 0
+        out.append(count)
+        left -= count
+        left_rows -= size
+    return out + [left]
+
+
+def shard_tier_sizes(sizes: Sequence[int], row_start: int, rows: int) -> List[int]:
+    """Tier sizes of rows ``[row_start, row_start + rows)`` of a table of tier ``sizes``: the difference of
+    the leading counts at its two ends, so the shards of any split add up to ``sizes`` exactly and each
+    shard's sizes add up to its rows.
+
+    Example::
+
+        shard_tier_sizes([3, 9, 18], 0, 15), shard_tier_sizes([3, 9, 18], 15, 15)   # [1, 4, 10], [2, 5, 8]
+    """
+    a, b = _leading_tier_sizes(sizes, row_start), _leading_tier_sizes(sizes, row_start + rows)
+    return [y - x for x, y in zip(a, b)]
 
 
 # Priorities are kept in bfloat16 (2 bytes a row: only their order matters) and every update is rounded
@@ -167,7 +202,7 @@ class MixedPrecisionTable(RowStoreTable):
                  pooling: Optional[PoolingType] = None) -> None:
         spec: MixedPrecision = config.compression
         n = int(config.num_embeddings) if rows is None else int(rows)
-        super().__init__(config, optimizer, device, list(zip(spec.precisions, spec.sizes(n, config.num_embeddings))),
+        super().__init__(config, optimizer, device, list(zip(spec.precisions, spec.sizes(n, config.num_embeddings, row_start))),
                          spec.rounding,
                          row_start, seed_or_default(config, seed), pooling)
         device = self._pool(0).device
@@ -310,9 +345,9 @@ class MixedPrecisionKind(RowStoreKind):
     row_buffers = {"priority": ((), PRIORITY_DTYPE)}
     scalar_buffers = ("priority_age", "step", "update_count")
 
-    def tier_list(self, config, rows: int) -> List[Tuple[str, int]]:
+    def tier_list(self, config, rows: int, row_start: int = 0) -> List[Tuple[str, int]]:
         spec: MixedPrecision = config.compression
-        return list(zip(spec.precisions, spec.sizes(rows, config.num_embeddings)))
+        return list(zip(spec.precisions, spec.sizes(rows, config.num_embeddings, row_start)))
 
     def example_spec(self):
         every = tuple(Tier(p, 1.0 / len(PRECISIONS)) for p in PRECISIONS[:-1])

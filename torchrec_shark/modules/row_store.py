@@ -613,7 +613,9 @@ class RowStoreKind(TableKind):
     row_buffers: Dict[str, Tuple[Tuple[int, ...], torch.dtype]] = {}  # per-row extras: (trailing shape, dtype)
     scalar_buffers: Tuple[str, ...] = ("update_count",)
 
-    def tier_list(self, config, rows: int) -> List[Tuple[str, int]]:
+    def tier_list(self, config, rows: int, row_start: int = 0) -> List[Tuple[str, int]]:
+        """``(precision, rows)`` per tier of the shard of ``rows`` rows from ``row_start`` (the shards of a
+        table add up to the whole table's tiers)."""
         raise NotImplementedError
 
     def tiers(self, config) -> Tuple[str, ...]:
@@ -632,7 +634,7 @@ class RowStoreKind(TableKind):
     def storage_bytes(self, config, optimizer, row_start, rows) -> Dict[str, int]:
         dim = int(config.embedding_dim)
         parts: Dict[str, int] = {}
-        for precision, n in self.tier_list(config, rows):
+        for precision, n in self.tier_list(config, rows, row_start):
             sb = scale_bias_bytes(precision)
             if sb:
                 parts[f"{precision}_codes"] = n * (_row_bytes(precision, dim) - sb)
@@ -654,7 +656,7 @@ class RowStoreKind(TableKind):
         n_rows, dim = int(config.num_embeddings), int(config.embedding_dim)
         names = self.pool_names(config)
         slotted = self.slotted(config)
-        per_range = [self.tier_list(config, n) for _, n in ranges]
+        per_range = [self.tier_list(config, n, r0) for r0, n in ranges]
         totals = [sum(t[k][1] for t in per_range) for k in range(len(names))]
         offsets = [0] * len(names)
         out = []

@@ -87,7 +87,7 @@ class StockKind(RowStoreKind):
     def example_spec(self):
         return None if self.precision == "fp32" else StockWeights(self.precision)
 
-    def tier_list(self, config, rows: int) -> List[Tuple[str, int]]:
+    def tier_list(self, config, rows: int, row_start: int = 0) -> List[Tuple[str, int]]:
         return [(self.precision, rows)]
 
     def cost_factor(self, config) -> float:

@@ -67,7 +67,7 @@ class UniformKind(RowStoreKind):
     def owns(self, spec) -> bool:
         return isinstance(spec, Uniform) and spec.dtype == self.precision
 
-    def tier_list(self, config, rows: int) -> List[Tuple[str, int]]:
+    def tier_list(self, config, rows: int, row_start: int = 0) -> List[Tuple[str, int]]:
         return [(self.precision, rows)]
 
     def spec_from_config(self, section, num_embeddings: int):
