@@ -124,19 +124,19 @@ class QuantEBCModel(nn.Module):
 
 
 class Lookups(nn.Module):
-    """The embedding lookups of a served model alone (every feature's pooled row, concatenated): timed next to
-    the whole model so that the tables' share of a forward is seen."""
+    """The embedding lookups of a served model alone (every feature's pooled rows, as the model reads them, no
+    copy into one tensor): timed next to the whole model so that the tables' share of a forward is seen."""
 
     def __init__(self, model: nn.Module) -> None:
         super().__init__()
         self.model = model
 
-    def forward(self, dense: torch.Tensor, features: KeyedJaggedTensor) -> torch.Tensor:
-        return torch.cat(self.model.pooled(features), dim=1)
+    def forward(self, dense: torch.Tensor, features: KeyedJaggedTensor) -> List[torch.Tensor]:
+        return self.model.pooled(features)
 
 
 class QuantEBCLookups(nn.Module):
-    """TorchRec's quantised collection alone (its pooled ``KeyedTensor`` values)."""
+    """TorchRec's quantised collection alone (its pooled ``KeyedTensor``'s values, as its model reads them)."""
 
     def __init__(self, model: QuantEBCModel) -> None:
         super().__init__()
