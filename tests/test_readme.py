@@ -56,12 +56,14 @@ SMALL: Dict[str, List[str]] = {
     "torchrec_shark.score": [],
     "torchrec_shark.bench.presets": ["--dims", "16", "--seeds", "0", "--steps", "2", "--eval-batches", "1",
                                      "--presets", "baseline,shark", "--train", *TRAIN_SMALL],
+    "torchrec_shark.bench.serve": ["--presets", "baseline,int8,shark", "--steps", "2", "--batch-sizes", "64",
+                                   "--rounds", "1", "--iters", "1", "--train", *TRAIN_SMALL],
     "make data": [],
     "make train": [],  # ARGS gets TRAIN_SMALL
 }
 # Entry points that start many jobs of their own: minutes even at small sizes.
 SLOW = {"torchrec_shark.pipeline", "torchrec_shark.passes.prune_loop", "torchrec_shark.bench.tabular_transforms",
-        "torchrec_shark.bench.presets"}
+        "torchrec_shark.bench.presets", "torchrec_shark.bench.serve"}
 # Links that make the scratch directory look like a checkout.
 CHECKOUT = ("train.py", "conf", "torchrec_shark", "Makefile", "pyproject.toml", "requirements")
 
