@@ -61,3 +61,31 @@ def test_a_finished_training_stage_with_checkpoints_is_not_run_again():
     with_resume = base[:3] + [stages.RESUME] + base[3:]
     assert stages.stage_fingerprint(with_resume, "/out", {}) == stages.stage_fingerprint(base, "/out", {})
     assert stages.stage_fingerprint(base + ["tables=shark"], "/out", {}) != stages.stage_fingerprint(base, "/out", {})
+
+
+def test_an_edited_preset_file_changes_the_fingerprint_of_the_stages_that_read_it(tmp_path):
+    # A preset edited in conf/ between two pipeline runs must not let a stage built with the old one be reused.
+    conf = tmp_path / "conf"
+    for group, option in [("tables", "shark"), ("tables", "int8"), ("tables", "baseline"), ("data", "synthetic"),
+                          ("passes", "prune_fields")]:
+        (conf / group).mkdir(parents=True, exist_ok=True)
+        (conf / group / f"{option}.yaml").write_text(f"# {option}\n")
+    (conf / "config.yaml").write_text("defaults:\n  - data: synthetic\n  - tables: baseline\n  - _self_\n")
+    shark = ["torchrun", "train.py", "tables=shark", "hydra.run.dir=/out/runs/s"]
+    base = ["torchrun", "train.py", "hydra.run.dir=/out/runs/b"]
+    prune = ["torchrun", "-m", "torchrec_shark.passes.prune_fields", "run_dir=/out/runs/b"]
+
+    def prints():
+        return [stages.stage_fingerprint(c, "/out", {}, conf_dir=str(conf)) for c in (shark, base, prune)]
+
+    before = prints()
+    (conf / "tables" / "int8.yaml").write_text("# int8, edited: read by none of them\n")
+    assert prints() == before
+    (conf / "tables" / "shark.yaml").write_text("# shark, edited\n")
+    after_shark = prints()
+    assert after_shark[0] != before[0] and after_shark[1:] == before[1:]
+    (conf / "data" / "synthetic.yaml").write_text("# the default data, edited\n")
+    after_data = prints()
+    assert after_data[0] != after_shark[0] and after_data[1] != after_shark[1] and after_data[2] == before[2]
+    (conf / "passes" / "prune_fields.yaml").write_text("# edited\n")
+    assert prints()[2] != before[2]

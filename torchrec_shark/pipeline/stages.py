@@ -5,8 +5,8 @@ with the ``torchrun train.py`` command that trains its rewritten config warm-sta
 its source run; the next stage runs that command with its own run dir and step count.
 A stage whose output already exists is skipped (``resume``), so a crashed pipeline
 continues where it stopped, but only when it was built with the same settings: each stage
-records in ``stage.json`` a fingerprint of its command and of the fingerprints of the stages
-it reads from. A stage whose fingerprint differs (other steps, budget, data...) or that has
+records in ``stage.json`` a fingerprint of its command, of the config files it reads (a preset
+edited in ``conf/`` changes it) and of the fingerprints of the stages it reads from. A stage whose fingerprint differs (other steps, budget, data...) or that has
 none is run again; what its dir held is moved aside to ``<dir>.replaced-<n>``.
 """
 
@@ -25,6 +25,7 @@ from typing import Dict, List, Optional, Sequence
 from torchrec_shark.passes.command_line import hydra_quote
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+CONF_DIR = os.path.join(ROOT, "conf")
 
 
 def _bin(name: str) -> str:
@@ -75,13 +76,51 @@ STAGE_FILE = "stage.json"
 RESUME = "trainer.resume=true"
 
 
-def stage_fingerprint(command: Sequence[str], root: str, upstream: Dict[str, str]) -> str:
+def config_files(command: Sequence[str], conf_dir: str = CONF_DIR) -> List[str]:
+    """The files under ``conf_dir`` a command's Hydra config is made of, as far as its arguments say: for
+    ``train.py`` the root config and the option of every group it picks (its defaults, or ``group=option``
+    given); for ``-m <module>`` the config named after the module (``conf/*/<name>.yaml``); and any other
+    ``group=option`` argument that names a file (``tables=shark``: ``conf/tables/shark.yaml``)."""
+    args = list(command)
+    chosen: Dict[str, str] = {}
+    files: List[str] = []
+    if "train.py" in args:
+        root = os.path.join(conf_dir, "config.yaml")
+        if os.path.exists(root):
+            files.append(root)
+            from omegaconf import OmegaConf
+
+            for entry in OmegaConf.to_container(OmegaConf.load(root)).get("defaults", []):
+                if isinstance(entry, dict):
+                    chosen.update({k: v for k, v in entry.items() if isinstance(v, str) and "/" not in k
+                                   and not k.startswith("override")})
+    if "-m" in args and args.index("-m") + 1 < len(args):
+        name = args[args.index("-m") + 1].rsplit(".", 1)[-1]
+        for group in sorted(os.listdir(conf_dir)) if os.path.isdir(conf_dir) else []:
+            path = os.path.join(conf_dir, group, f"{name}.yaml")
+            if os.path.isfile(path):
+                files.append(path)
+    for a in args:
+        if "=" in a and not a.startswith("-"):
+            key, value = a.split("=", 1)
+            chosen[key.lstrip("+~")] = value
+    for group, option in sorted(chosen.items()):
+        path = os.path.join(conf_dir, group, f"{option}.yaml")
+        if "." not in group and os.path.isfile(path):
+            files.append(path)
+    return files
+
+
+def stage_fingerprint(command: Sequence[str], root: str, upstream: Dict[str, str], conf_dir: str = CONF_DIR) -> str:
     """What a stage's output depends on: its command (the pipeline dir and the launcher's own path
     left out, so a moved pipeline or venv still matches; and ``trainer.resume=true``, which a stage that has
-    checkpoints gets and which does not change what it computes) and its upstream stages' fingerprints."""
+    checkpoints gets and which does not change what it computes), the content of the config files it reads
+    (:func:`config_files`) and its upstream stages' fingerprints."""
     args = [os.path.basename(command[0]), *(a.replace(root, "<OUT>") for a in command[1:] if a != RESUME)] \
         if command else []
-    text = json.dumps({"command": args, "upstream": upstream}, sort_keys=True)
+    configs = {os.path.relpath(path, conf_dir): hashlib.sha256(open(path, "rb").read()).hexdigest()
+               for path in config_files(command, conf_dir)}
+    text = json.dumps({"command": args, "upstream": upstream, "configs": configs}, sort_keys=True)
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
