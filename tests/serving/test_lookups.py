@@ -4,9 +4,9 @@ features) in one lookup pool what each table pools on its own."""
 import pytest
 import torch
 
+from tests.modules.test_kind_contract import _serving_entry
 from torchrec_shark.modules import CompressedEmbeddingBagConfig, SparseOptimizerSpec, build_table, kind_of
 from torchrec_shark.modules.mixed_precision import MixedPrecision
-from torchrec_shark.modules.table_kind import DictStateReader, MemorySink, ServingOptions
 from torchrec_shark.serving.build import MemorySource, build_lookups
 from torchrec_shark.serving.format import ExportError
 from torchrec_shark.serving.lookups import TieredRows
@@ -38,12 +38,7 @@ def _trained(name):
 
 
 def _entry(cfg, table):
-    sink = MemorySink()
-    kind = kind_of(cfg)
-    description = kind.export_serving(cfg, DictStateReader(kind.local_state(table)), sink, ServingOptions())
-    entry = {"name": cfg.name, "features": list(cfg.feature_names), "num_embeddings": cfg.num_embeddings,
-             "embedding_dim": cfg.embedding_dim, "pooling": "sum", **description}
-    return entry, sink.tensors
+    return _serving_entry(kind_of(cfg), table, cfg)
 
 
 @pytest.fixture(scope="module")

@@ -246,7 +246,8 @@ def _spread(values: Sequence[float]) -> Dict:
     return {"median": statistics.median(values), "min": min(values), "max": max(values)}
 
 
-def speed_rows(prepared: Dict[str, Dict], batch_sizes: Sequence[int], rounds: int, iters: int, eager: bool) -> List[Dict]:
+def speed_rows(prepared: Dict[str, Dict], batch_sizes: Sequence[int], rounds: int, iters: int,
+               eager: bool) -> List[Dict]:
     from torchrec_shark import serving
 
     if REFERENCE not in prepared:
@@ -311,7 +312,8 @@ def write_report(out: str, command: str, auc: List[Dict], sizes: List[Dict], spe
         for r in speed:
             s, v = r["samples_per_s"], r["vs_stock_fp32"]
             tr = r.get("vs_torchrec")
-            lines.append(f"| {r['batch_size']} | {r['part']} | {r['model']} | {s['median']:,.0f} ({s['min']:,.0f}-{s['max']:,.0f}) | "
+            lines.append(f"| {r['batch_size']} | {r['part']} | {r['model']} | "
+                         f"{s['median']:,.0f} ({s['min']:,.0f}-{s['max']:,.0f}) | "
                          f"{v['median']:.2f}x ({v['min']:.2f}-{v['max']:.2f}) | "
                          + (f"{tr['median']:.2f}x ({tr['min']:.2f}-{tr['max']:.2f}) vs {tr['model']}" if tr else "-")
                          + " |")

@@ -153,20 +153,21 @@ class FusedMixedPrecisionStore(FusedRowStore):
     def step_end(self) -> None:
         """Close a training step of every member: fold in its label counts, decay, re-tier those that are due."""
         pending = self._pending
-        recorded_once = len(pending) == 1
+        # one record_labels call and no member's own labels: its rows come ascending, no sort needed
+        rows_sorted = len(pending) == 1
         self._pending = []
         for t in self.members:  # labels a member recorded itself
             if t._pending:
                 base = int(self.row_base[t._member])
                 pending += [(r + base, c) for r, c in t._pending]
                 t._pending = []
+                rows_sorted = False
         for i in np.flatnonzero(~self.lazy):  # eager decay (a decay outside the lazy range): before the counts
             self.members[i].priority.mul_(float(self.decay[i]))
         if pending:
             rows = pending[0][0] if len(pending) == 1 else torch.cat([r for r, _ in pending])
             contrib = pending[0][1] if len(pending) == 1 else torch.cat([c for _, c in pending])
-            # one step's labels recorded here once: rows ascending (record_labels), no sort needed
-            self._add_priority(rows, self._scaled(rows, contrib), rows_sorted=len(pending) == 1 and recorded_once)
+            self._add_priority(rows, self._scaled(rows, contrib), rows_sorted)
         self.age[self.lazy] += 1
         self.buffers["priority_age"].copy_(torch.from_numpy(self.age))
         limit = MixedPrecisionTable._RESCALE_LIMIT

@@ -202,9 +202,9 @@ class MixedPrecisionTable(RowStoreTable):
                  pooling: Optional[PoolingType] = None) -> None:
         spec: MixedPrecision = config.compression
         n = int(config.num_embeddings) if rows is None else int(rows)
-        super().__init__(config, optimizer, device, list(zip(spec.precisions, spec.sizes(n, config.num_embeddings, row_start))),
-                         spec.rounding,
-                         row_start, seed_or_default(config, seed), pooling)
+        tiers = list(zip(spec.precisions, spec.sizes(n, config.num_embeddings, row_start)))
+        super().__init__(config, optimizer, device, tiers, spec.rounding, row_start, seed_or_default(config, seed),
+                         pooling)
         device = self._pool(0).device
         self.spec = spec
         self.register_buffer("priority", allocate("priority", (n,), PRIORITY_DTYPE, device, ("rows",)))

@@ -114,10 +114,9 @@ def compressed_tables_config(source_yaml: str, out_dir: str, name: str, preset: 
     doc.init_columns = {}
     for table in doc.tables.values():
         rows, dim = int(table.num_embeddings), int(table.get("embedding_dim") or doc.embedding_dim)
-        if table.get("compression") is not None or (
-                preset != narrow and _table_bytes(narrow, rows, dim) < _table_bytes(preset, rows, dim)):
-            table.compression = compression if _table_bytes(preset, rows, dim) <= _table_bytes(narrow, rows, dim) \
-                else fallback
+        narrower = preset != narrow and _table_bytes(narrow, rows, dim) < _table_bytes(preset, rows, dim)
+        if table.get("compression") is not None or narrower:
+            table.compression = fallback if narrower else compression
     os.makedirs(os.path.join(out_dir, "tables"), exist_ok=True)
     OmegaConf.save(doc, os.path.join(out_dir, "tables", f"{name}.yaml"))
     return out_dir

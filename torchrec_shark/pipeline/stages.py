@@ -6,8 +6,9 @@ its source run; the next stage runs that command with its own run dir and step c
 A stage whose output already exists is skipped (``resume``), so a crashed pipeline
 continues where it stopped, but only when it was built with the same settings: each stage
 records in ``stage.json`` a fingerprint of its command, of the config files it reads (a preset
-edited in ``conf/`` changes it) and of the fingerprints of the stages it reads from. A stage whose fingerprint differs (other steps, budget, data...) or that has
-none is run again; what its dir held is moved aside to ``<dir>.replaced-<n>``.
+edited in ``conf/`` changes it) and of the fingerprints of the stages it reads from. A stage whose
+fingerprint differs (other steps, budget, data...) or that has none is run again; what its dir held is
+moved aside to ``<dir>.replaced-<n>``.
 """
 
 from __future__ import annotations

@@ -12,8 +12,9 @@ returns one pooled ``[B, D]`` tensor per feature (sums; the model divides MEAN t
   of every feature as one feature: the pools' slot ranges are the bucket boundaries), the TBE reads each
   id's row from its pool, dequantised to fp32 (``PoolingMode.NONE``: a precision split of a bag would
   otherwise cost a pooled output per precision), and ``embedding_bag`` pools the rows back into the
-  original bags. The TBE's work per feature is paid once per precision, not once per table and tier. FBGEMM's own ``index_remapping`` is not
-  used: it keeps a full-size array per tier (12 bytes a row for three tiers) where the slot map keeps 4.
+  original bags. The TBE's work per feature is paid once per precision, not once per table and tier.
+  FBGEMM's own ``index_remapping`` is not used: it keeps a full-size array per tier (12 bytes a row for three
+  tiers) where the slot map keeps 4.
 * :class:`TensorTrainRows`: one tensor-train table: the distinct ids of a batch are reconstructed from the
   cores (each core's slices applied a slice at a time to the rows that use it), LFU-cached rows taken as
   stored, then pooled.
@@ -135,8 +136,8 @@ class TieredRows(nn.Module):
         self.num_features: int = sum(t.features for t in tables)
         # One TBE table (and one TBE feature) per precision, so that the TBE's per-feature work does not grow
         # with tables x tiers; a table's tier of that precision is a run of its rows.
-        order = [p for p in SPARSE_TYPES if any(p == precision for t in tables for precision, _ in t.tiers)]
-        order += sorted({precision for t in tables for precision, _ in t.tiers} - set(order))
+        used = {precision for t in tables for precision, _ in t.tiers}
+        order = [p for p in SPARSE_TYPES if p in used] + sorted(used - set(SPARSE_TYPES))  # unknown: _tbe says so
         pool_rows = {p: 0 for p in order}
         # (table, tier) -> its first row in its precision's pool
         self._tier_rows: List[List[int]] = []
