@@ -20,6 +20,7 @@ from torchrec.optim.keyed import CombinedOptimizer
 from tests.dist_utils import run_ranks
 from tests.distributed import compressed_common as C
 from torchrec_shark.modules import MixedPrecisionTable, TensorTrainTable
+from torchrec_shark.modules.tensor_train import DeferredRowOptimizer
 
 KINDS = ["fp32", "mp", "tt"]
 STEPS = 3
@@ -132,6 +133,14 @@ def _checkpoint(rank, ws, ref4, path):
         opt1 = C.train_sharded(dmp1, KINDS, 2, 0, 1, start=2)
         types = {t: ps.sharding_type for t, ps in plan1.plan["model.embedding_bag_collection"].items()}
         out["two_to_one"] = (types, _compare(dmp1, opt1, ref4, 0, 1, KINDS))
+        # row-wise on one rank: the TT replicas have no other rank to sum with and update in the backward
+        dmp1, plan1, _ = C.load_sharded(path, KINDS, 1, "row_wise", pg=pg1, batch_size=C.GLOBAL_BATCH, seed=9)
+        tt = C.sharded_collection(dmp1).table_shards["t_tt"]
+        deferred = tt.replicated_group is not None or any(
+            isinstance(o, DeferredRowOptimizer) for o in tt.table.core_optimizers)
+        opt1 = C.train_sharded(dmp1, KINDS, 2, 0, 1, start=2)
+        types = {t: ps.sharding_type for t, ps in plan1.plan["model.embedding_bag_collection"].items()}
+        out["two_to_one_rw"] = (types, _compare(dmp1, opt1, ref4, 0, 1, KINDS), deferred)
     dist.barrier()
     return out
 
@@ -252,6 +261,14 @@ def test_checkpoint_row_wise_to_table_wise_then_continue(scenarios):
 def test_checkpoint_two_ranks_to_one_then_continue(scenarios):
     seen = _assert_close([scenarios[0]["two_to_one"]], "table_wise", "after 2 -> 1 rank reload")
     assert {"t_mp.weight", "t_tt.core_0", "t_tt.core_2", "opt.t_mp.momentum1", "t_mp.priority"} <= seen
+
+
+def test_one_rank_row_wise_tt_updates_its_cores_in_the_backward(scenarios):
+    """A row-wise TT shard alone in its group keeps no deferred gradients and trains as the unsharded table."""
+    types, errs, deferred = scenarios[0]["two_to_one_rw"]
+    seen = _assert_close([(types, errs)], "row_wise", "one rank, row-wise")
+    assert {"t_tt.core_0", "t_tt.core_1", "t_tt.core_2", "opt.t_tt.core_1.momentum1"} <= seen
+    assert not deferred
 
 
 def test_stock_and_compressed_tables_train_together(scenarios):

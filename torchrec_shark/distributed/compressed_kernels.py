@@ -138,9 +138,12 @@ def build_table_shard(
 
 def table_shard(name: str, config, table: CompressedTable, sharding_type: str, row_start: int, rows: int,
                 pg: Optional[dist.ProcessGroup]) -> TableShard:
-    row_wise = sharding_type == ShardingType.ROW_WISE.value
-    return TableShard(name, config, table, sharding_type, row_start, rows, pg if row_wise else None,
-                      kind_of(config).label_aware)
+    kind = kind_of(config)
+    group = pg if sharding_type == ShardingType.ROW_WISE.value else None
+    if group is not None and kind.replicated_state and dist.get_world_size(group) == 1:
+        table.update_replicas_in_backward()  # no other rank holds a replica: nothing to sum
+        group = None
+    return TableShard(name, config, table, sharding_type, row_start, rows, group, kind.label_aware)
 
 
 def _is_meta(table: nn.Module) -> bool:

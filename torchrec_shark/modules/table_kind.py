@@ -260,7 +260,8 @@ class TableKind(abc.ABC):
     #: a narrower table of this kind can start from the kept columns of a trained one (dimension search)
     keeps_columns: bool = True
     #: row-wise shards hold replicas whose gradients are summed over the sharding group every step
-    #: (``pending_flat`` / ``apply_flat`` on the table)
+    #: (``pending_flat`` / ``apply_flat`` on the table; ``update_replicas_in_backward`` where the group is
+    #: one rank)
     replicated_state: bool = False
     #: the family of saved state it loads: kinds of one family load each other's checkpoints
     state_family: str = ""

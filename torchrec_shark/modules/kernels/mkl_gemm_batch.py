@@ -74,17 +74,20 @@ def gemm_batch(dtype, trans_a, trans_b, m, n, k, a_ptr, lda, b_ptr, ldb, c_ptr, 
     uniform = all(np.ndim(v) == 0 for v in (m, n, k, lda, ldb, ldc))
     g = 1 if uniform else count
     np_dtype = _SYMBOLS[dtype][1]
-    i32 = lambda v: np.ascontiguousarray(np.broadcast_to(np.asarray(v, dtype=np.int32), (g,)))  # noqa: E731
-    arrays = dict(
-        ta=i32(trans_a), tb=i32(trans_b), m=i32(m), n=i32(n), k=i32(k), lda=i32(lda), ldb=i32(ldb), ldc=i32(ldc),
-        alpha=np.ones(g, np_dtype), beta=np.zeros(g, np_dtype),
-        size=np.array([count], np.int32) if uniform else np.ones(g, np.int32),
-        a=np.ascontiguousarray(a_ptr, dtype=np.uint64), b=np.ascontiguousarray(b_ptr, dtype=np.uint64),
-        c=np.ascontiguousarray(c_ptr, dtype=np.uint64),
-    )
-    ptr = {key: arr.ctypes.data for key, arr in arrays.items()}  # ``arrays`` keeps them alive through the call
-    _function(dtype)(_ROW_MAJOR, ptr["ta"], ptr["tb"], ptr["m"], ptr["n"], ptr["k"], ptr["alpha"], ptr["a"],
-                     ptr["lda"], ptr["b"], ptr["ldb"], ptr["beta"], ptr["c"], ptr["ldc"], g, ptr["size"])
+    # every integer argument a row of one array (one allocation, not one per argument: this runs a few
+    # dozen times a step); the last row is the group sizes
+    ints = np.empty((9, g), np.int32)
+    for row, v in enumerate((trans_a, trans_b, m, n, k, lda, ldb, ldc, count if uniform else 1)):
+        ints[row] = v
+    scalars = np.empty((2, g), np_dtype)
+    scalars[0], scalars[1] = 1, 0  # alpha, beta
+    ptrs = np.empty((3, count), np.uint64)
+    ptrs[0], ptrs[1], ptrs[2] = a_ptr, b_ptr, c_ptr
+    i, f, p = ints.ctypes.data, scalars.ctypes.data, ptrs.ctypes.data  # the arrays live through the call
+    row_i, row_f, row_p = 4 * g, scalars.itemsize * g, 8 * count
+    _function(dtype)(_ROW_MAJOR, i, i + row_i, i + 2 * row_i, i + 3 * row_i, i + 4 * row_i, f, p,
+                     i + 5 * row_i, p + row_p, i + 6 * row_i, f + row_f, p + 2 * row_p, i + 7 * row_i, g,
+                     i + 8 * row_i)
 
 
 def usable(*tensors: torch.Tensor) -> bool:
