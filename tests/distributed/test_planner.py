@@ -40,3 +40,37 @@ def test_tables_that_do_not_fit_fail_with_planning_error():
     # 1e6 x 16 fp32 = 64 MB; a 1 MB budget cannot hold it.
     with pytest.raises(PlanningError, match="sharding planner failed"):
         plan_model(_model([1_000_000]), 1, "cpu", 64, ["t0"], ddr_cap_gb=0.001, hbm_cap_gb=0.001)
+
+
+def test_one_rank_puts_every_compressed_table_in_one_sharding_type():
+    """On one rank row_wise and table_wise place the same rows; left free, the planner's estimates split
+    a collection between them (two lookups and an output concatenation every step). Constraints given
+    by the user still apply."""
+    import torch
+
+    from torchrec_shark.distributed.compressed_sharder import compressed_constraints
+    from torchrec_shark.distributed.model_parallel import compressed_sharders, plan_model
+    from torchrec_shark.models.dlrm import DLRM, DLRMTrain
+    from torchrec_shark.modules import CompressedEmbeddingBagCollection, CompressedEmbeddingBagConfig, MixedPrecision
+
+    # the default data's tables as tables=shark stores them, which a free planner splits between the two
+    rows = [1_000_000, 300_000, 100_000, 100_000, 30_000, 10_000, 10_000, 3_000, 3_000, 1_000, 1_000, 300, 300,
+            100, 100, 30, 30, 10, 300_000, 100_000, 10_000, 1_000, 100, 10]
+    spec = MixedPrecision(tiers=(("fp32", 0.02), ("int8", 0.08), ("int4", 0.90)), hot_rows=2048)
+    configs = [CompressedEmbeddingBagConfig(name=f"t_{i}", num_embeddings=n, embedding_dim=32,
+                                            feature_names=[f"f_{i}"], compression=spec)
+               for i, n in enumerate(rows)]
+    ebc = CompressedEmbeddingBagCollection(configs, device=torch.device("meta"))
+    model = DLRMTrain(DLRM(ebc, 13, [32], [16, 1], dense_device=torch.device("cpu")))
+    names = [c.name for c in configs]
+
+    def types(**kw):
+        plan = plan_model(model, 1, "cpu", 2048, names, sharders=compressed_sharders(), compressed_configs=configs, **kw)
+        return {ps.sharding_type for ps in plan.plan["model.embedding_bag_collection"].values()}
+
+    assert types() == {"table_wise"}
+    assert types(sharding_types=["row_wise"]) == {"row_wise"}
+    per_table = types(per_table={"t_0": ["row_wise"]})
+    assert per_table == {"table_wise", "row_wise"}
+    # two ranks: left to the planner as before
+    assert "t_0" not in compressed_constraints(configs, 2)

@@ -108,8 +108,18 @@ def compressed_constraints(
 ) -> Dict[str, ParameterConstraints]:
     """``constraints`` with TT tables whose row-wise shards would split first-core slices limited to
     table_wise, with the reason logged (also when the table had been restricted to row_wise only:
-    a row-wise shard of such a table could not be exact)."""
+    a row-wise shard of such a table could not be exact). On one rank every table not constrained
+    otherwise is table_wise: there row_wise and table_wise place the same rows, and the planner's
+    estimates would otherwise split the tables over both, which costs a second lookup, input dist and
+    output concatenation every step."""
     out = dict(constraints or {})
+    if world_size == 1:
+        for c in configs:
+            if c.name not in out or not out[c.name].sharding_types:
+                current = out.get(c.name)
+                single = [ShardingType.TABLE_WISE.value]
+                out[c.name] = (ParameterConstraints(sharding_types=single) if current is None
+                               else dataclasses.replace(current, sharding_types=single))
     for c in configs:
         rows_per_shard = math.ceil(c.num_embeddings / world_size)
         problem = rw_alignment_problem(c, rows_per_shard) if world_size > 1 else None
