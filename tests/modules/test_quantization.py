@@ -252,3 +252,16 @@ def test_fp16_codec_roundtrip_and_clamp():
 def test_rounding_mode_is_checked():
     with pytest.raises(ValueError, match="rounding"):
         round_to_fp16(torch.zeros(2), "up")
+
+
+@pytest.mark.parametrize("up", [True, False])
+def test_fp16_step_is_numpys_nextafter_for_every_finite_value(up):
+    import numpy as np
+
+    from torchrec_shark.modules.quantization import _fp16_toward
+
+    values = np.arange(1 << 16, dtype=np.uint32).astype(np.uint16).view(np.float16)
+    values = values[np.isfinite(values)]
+    with np.errstate(over="ignore"):  # the largest values step to infinity
+        want = np.nextafter(values, np.float16(np.inf if up else -np.inf))
+    assert np.array_equal(_fp16_toward(values, up).view(np.uint16), want.view(np.uint16))

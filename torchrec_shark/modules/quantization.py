@@ -244,6 +244,18 @@ def round_to_fp16(x: torch.Tensor, rounding: str = "nearest", noise: Optional[Ro
     return y.half()
 
 
+def _fp16_toward(values: np.ndarray, up: bool) -> np.ndarray:
+    """``np.nextafter(values, +inf if up else -inf)`` for finite fp16 ``values``, on their bit patterns.
+
+    Why: numpy's float16 ``nextafter`` is emulated per element, a fifth of the whole encode of a few thousand
+    rows; one step of the bit pattern is the next value (away from zero where the sign points the way)."""
+    bits = values.view(np.uint16)
+    away = ((bits & 0x8000) != 0) != up  # magnitude grows: positive going up, negative going down
+    out = np.where(away, bits + np.uint16(1), bits - np.uint16(1)).astype(np.uint16)
+    out[(bits & 0x7FFF) == 0] = 0x0001 if up else 0x8001  # from either zero: the smallest subnormal
+    return out.view(np.float16)
+
+
 def _scale_bias(x: torch.Tensor, levels: int = 255) -> tuple:
     """Per-row fp16 ``(scale, bias)`` with ``[bias, bias + levels * scale]`` covering the row:
     the bias is the row minimum rounded down, the scale ``(max - bias) / levels`` rounded up."""
@@ -252,12 +264,10 @@ def _scale_bias(x: torch.Tensor, levels: int = 255) -> tuple:
     if numpy_path(x):  # [n]-sized work: numpy's per-call cost is a fraction of torch's
         lo_np, hi_np = lo.numpy(), hi.numpy()
         bias = lo_np.astype(np.float16)
-        down = bias.astype(np.float32) > lo_np
-        bias[down] = np.nextafter(bias[down], np.float16(-np.inf))
+        bias = np.where(bias.astype(np.float32) > lo_np, _fp16_toward(bias, up=False), bias)
         step = (hi_np - bias.astype(np.float32)) / np.float32(levels)
         scale = step.astype(np.float16)
-        up = scale.astype(np.float32) < step
-        scale[up] = np.nextafter(scale[up], np.float16(np.inf))
+        scale = np.where(scale.astype(np.float32) < step, _fp16_toward(scale, up=True), scale)
         scale[scale <= 0] = np.float16(_FP16_SUBNORMAL_STEP)  # constant row: any positive scale
         return torch.from_numpy(scale), torch.from_numpy(bias)
     bias = lo.half()
