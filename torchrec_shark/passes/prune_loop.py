@@ -179,7 +179,7 @@ def run_loop(cfg: PruneLoopConfig, out_dir: str, runner: Runner = subprocess_run
         argv += list(cfg.pass_extra)
         _log(f"round {rnd}: pruning {current} ({n} fields)")
         log = os.path.join(rdir, "prune.log")
-        if runner(argv, ROOT, log) != 0:
+        if runner(argv, os.getcwd(), log) != 0:
             raise LoopError(f"round {rnd}: the pruning pass failed (log {log}):\n{_tail(log)}")
         report = _read_json(os.path.join(prune_dir, "prune_report.json"))
         dropped = list(report["dropped"])
@@ -197,7 +197,7 @@ def run_loop(cfg: PruneLoopConfig, out_dir: str, runner: Runner = subprocess_run
             train_argv[0] = torchrun
         _log(f"round {rnd}: dropped {dropped}; fine-tuning: {command}")
         log = os.path.join(rdir, "train.log")
-        if runner(train_argv, ROOT, log) != 0:
+        if runner(train_argv, os.getcwd(), log) != 0:
             raise LoopError(f"round {rnd}: fine-tuning failed (log {log}):\n{_tail(log)}")
         metrics = _read_json(os.path.join(train_dir, "metrics.json"))
         accepted = float(metrics["val_auc"]) >= base_auc - cfg.auc_tolerance

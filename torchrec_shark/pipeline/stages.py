@@ -165,7 +165,9 @@ class StageRunner:
             print(f"[pipeline] {name}: {' '.join(shlex.quote(c) for c in command)}", flush=True)
             t0 = time.perf_counter()
             with open(os.path.join(out_dir, "stage.log"), "w") as log:
-                proc = subprocess.run(command, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT,
+                # in the directory the pipeline was started from (the repository root, where train.py is),
+                # so that relative paths in its overrides (data.path=...) mean what they meant there
+                proc = subprocess.run(command, cwd=os.getcwd(), stdout=log, stderr=subprocess.STDOUT,
                                       env=dict(os.environ, PYTHONUNBUFFERED="1"))
             seconds = time.perf_counter() - t0
             if proc.returncode != 0 or not os.path.isfile(os.path.join(out_dir, done_file)):
