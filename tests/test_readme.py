@@ -186,13 +186,14 @@ def _param(c: ReadmeCommand):
     return pytest.param(c, id=c.id, marks=[pytest.mark.slow] if entry_point(argv) in SLOW else [])
 
 
-def _run(command: ReadmeCommand, work, base_env, launcher, log: str) -> int:
+def _run(command: ReadmeCommand, work, base_env, launcher, log: str):
+    """``(exit code, argv)`` of the command run at small sizes in the scratch checkout."""
     env, argv = shrink(command)
     if argv[0] in ("python", "torchrun"):
-        return launcher.run(argv, str(work), {**base_env, **env}, log)
+        return launcher.run(argv, str(work), {**base_env, **env}, log), argv
     with open(log, "w") as f:
         return subprocess.run(argv, cwd=work, env={**base_env, **env}, stdout=f, stderr=subprocess.STDOUT,
-                              timeout=600).returncode
+                              timeout=600).returncode, argv
 
 
 def _prerequisites(command: ReadmeCommand, work) -> List[ReadmeCommand]:
@@ -209,11 +210,10 @@ def _prerequisites(command: ReadmeCommand, work) -> List[ReadmeCommand]:
 def test_readme_command_runs(command, checkout, tmp_path):
     work, base_env, launcher = checkout
     for before in _prerequisites(command, work):
-        assert _run(before, work, base_env, launcher, str(tmp_path / "before.txt")) == before.exit_code
+        assert _run(before, work, base_env, launcher, str(tmp_path / "before.txt"))[0] == before.exit_code
     log = str(tmp_path / "out.txt")
     t0 = time.perf_counter()
-    code = _run(command, work, base_env, launcher, log)
-    argv = shrink(command)[1]
+    code, argv = _run(command, work, base_env, launcher, log)
     print(f"README line {command.line}: {time.perf_counter() - t0:.1f} s")
     out = open(log).read()
     assert code == command.exit_code, f"README line {command.line}: {shlex.join(argv)}\n{out[-4000:]}"

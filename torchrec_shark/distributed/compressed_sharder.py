@@ -115,11 +115,9 @@ def compressed_constraints(
     out = dict(constraints or {})
     if world_size == 1:
         for c in configs:
-            if c.name not in out or not out[c.name].sharding_types:
-                current = out.get(c.name)
-                single = [ShardingType.TABLE_WISE.value]
-                out[c.name] = (ParameterConstraints(sharding_types=single) if current is None
-                               else dataclasses.replace(current, sharding_types=single))
+            current = out.get(c.name) or ParameterConstraints()
+            if not current.sharding_types:
+                out[c.name] = dataclasses.replace(current, sharding_types=[ShardingType.TABLE_WISE.value])
     for c in configs:
         rows_per_shard = math.ceil(c.num_embeddings / world_size)
         problem = rw_alignment_problem(c, rows_per_shard) if world_size > 1 else None
