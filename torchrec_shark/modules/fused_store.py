@@ -50,6 +50,7 @@ from torchrec_shark.modules.base import TableInputError, all_finite
 from torchrec_shark.modules.buffer_source import buffers_from
 from torchrec_shark.modules.kernels.host import numpy_path
 from torchrec_shark.modules.kernels.lookup import pooled_lookup, unique_index
+from torchrec_shark.modules.kernels.row_copy import put_rows_, take_rows
 from torchrec_shark.modules.kernels.sparse_optimizer import RowOptimizer
 from torchrec_shark.modules.quantization import CODECS, CounterNoise, Fp32Codec
 from torchrec_shark.modules.row_store import PRECISIONS, RowStoreTable
@@ -341,8 +342,10 @@ class FusedRowStore:
             codec = CODECS[q.name]
             if codec is Fp32Codec:
                 torch.index_select(q.pool, 0, local, out=out[a:b])
+            elif b - a == len(out):  # one precision holds every row: its decoded rows are the result
+                return codec.decode(take_rows(q.pool, local))
             else:
-                out[a:b] = codec.decode(q.pool.index_select(0, local))
+                out[a:b] = codec.decode(take_rows(q.pool, local))
         return out
 
     def _scatter(self, index: FusedIndex, values: torch.Tensor, rounding: str) -> None:
@@ -356,7 +359,7 @@ class FusedRowStore:
                 if keys is None:
                     keys = CounterNoise.keys(self.seeds, self.updates)
                 noise = self._noise(keys, index.members[a:b], index.rows[a:b])
-            q.pool.index_copy_(0, local, codec.encode(values[a:b], rounding, noise))
+            put_rows_(q.pool, local, codec.encode(values[a:b], rounding, noise))
         self.version += 1
 
     def _noise(self, keys: np.ndarray, members: torch.Tensor, rows: torch.Tensor) -> CounterNoise:

@@ -36,6 +36,7 @@ from torchrec.modules.embedding_configs import PoolingType
 from torchrec_shark.modules.base import CompressedTable, SparseOptimizerSpec, TableInputError, all_finite
 from torchrec_shark.modules.buffer_source import allocate
 from torchrec_shark.modules.kernels.lookup import RowIndex, mean_divisor, pooled_lookup, row_index
+from torchrec_shark.modules.kernels.row_copy import put_rows_, take_rows
 from torchrec_shark.modules.kernels.sparse_optimizer import RowOptimizer
 from torchrec_shark.modules.quantization import CODECS, ROUNDING_MODES, CounterNoise, Fp32Codec
 from torchrec_shark.modules.table_kind import (
@@ -249,8 +250,10 @@ class RowStoreTable(CompressedTable):
         for _, codec, pool, a, b, seg in self._runs(index):
             if codec is Fp32Codec:
                 torch.index_select(pool, 0, seg, out=out[a:b])
+            elif b - a == len(out):  # one precision holds every row: its decoded rows are the result
+                return codec.decode(take_rows(pool, seg))
             else:
-                out[a:b] = codec.decode(pool.index_select(0, seg))
+                out[a:b] = codec.decode(take_rows(pool, seg))
         return out
 
     def _scatter(self, index: RowIndex, values: torch.Tensor, rounding: str) -> None:
@@ -259,7 +262,7 @@ class RowStoreTable(CompressedTable):
             if rounding == "stochastic" and codec is not Fp32Codec:
                 rows = index.rows[a:b]
                 noise = CounterNoise(self.seed, self.updates, rows + self.row_start if self.row_start else rows)
-            pool.index_copy_(0, seg, codec.encode(values[a:b], rounding, noise))
+            put_rows_(pool, seg, codec.encode(values[a:b], rounding, noise))
         self.version += 1
 
     def index_rows(self, rows: torch.Tensor) -> RowIndex:
@@ -476,7 +479,7 @@ class RowStoreTable(CompressedTable):
             slots, to = new_slots[a : a + CHUNK_ROWS], dst[a : a + CHUNK_ROWS]
             for k, (_, start, _) in enumerate(self._tiers):
                 if encoded[i][k].shape[0]:
-                    self._pool(k).index_copy_(0, slots[to == k] - start, encoded[i][k])
+                    put_rows_(self._pool(k), slots[to == k] - start, encoded[i][k])
         self.version += 1
         self._moves += int(movers.numel())
         return int(movers.numel())
