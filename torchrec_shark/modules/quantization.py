@@ -381,9 +381,12 @@ class NBitCodec:
         if rounding == "stochastic":  # floor((x - bias) / scale + u), u ~ U(0, 1) at 15-bit resolution
             y = torch.addcmul(shift.add_(2.0**-16).unsqueeze(1), x, inv.unsqueeze(1))
             r = (noise or RoundingNoise()).int16(y.shape, y.device).bitwise_and_(0x7FFF)
-            y.add_(r, alpha=2.0**-15).floor_()
+            y.add_(r, alpha=2.0**-15)
+            if self.per_byte > 1:  # packing adds codes, so they must be whole; 8-bit codes are floored below
+                y.floor_()
         else:
             y = torch.addcmul(shift.unsqueeze(1), x, inv.unsqueeze(1)).round_()
+        # clamped to [0, levels], the conversion to uint8 truncates, which for values >= 0 is the floor
         y.clamp_(0, self.levels)
         if self.per_byte > 1:  # pack in fp32 (exact: every byte is below 256), one conversion to uint8
             packed = y[:, 0 :: self.per_byte].clone()
