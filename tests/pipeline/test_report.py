@@ -1,6 +1,6 @@
 import pytest
 
-from torchrec_shark.pipeline.plots import pareto_front
+from torchrec_shark.pipeline.plots import label_offsets, pareto_front
 from torchrec_shark.pipeline.report import add_ratios, compressed_table_bytes, variant_row
 from torchrec_shark.pipeline.stages import command_from_pass, with_overrides
 
@@ -36,6 +36,18 @@ def test_pareto_front():
     rows = [{"name": n, "embedding_bytes": b, "val_auc": a}
             for n, b, a in [("big", 100, 0.80), ("mid", 50, 0.79), ("bad", 60, 0.78), ("small", 10, 0.70)]]
     assert [r["name"] for r in pareto_front(rows)] == ["small", "mid", "big"]
+
+
+def test_labels_of_two_nearly_equal_variants_do_not_overlap():
+    rows = [{"name": "shark", "embedding_bytes": 11_369_368, "val_auc": 0.8793},
+            {"name": "ending_int8", "embedding_bytes": 11_465_288, "val_auc": 0.8796},
+            {"name": "pruned_dims", "embedding_bytes": 30_829_760, "val_auc": 0.8735},
+            {"name": "baseline", "embedding_bytes": 252_157_440, "val_auc": 0.8618},
+            {"name": "baseline_continued", "embedding_bytes": 252_157_440, "val_auc": 0.8790}]
+    off = label_offsets(rows)
+    assert off["shark"] != off["ending_int8"]
+    # points apart from every other keep the usual place, above right
+    assert off["pruned_dims"] == off["baseline"] == off["baseline_continued"] == off["ending_int8"]
 
 
 def test_overrides_replace_by_key():

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import math
 from typing import Dict, List, Optional, Sequence
 
 import matplotlib
@@ -21,12 +22,28 @@ def pareto_front(rows: Sequence[Dict]) -> List[Dict]:
     return sorted(front, key=lambda r: r["embedding_bytes"])
 
 
+def label_offsets(rows: Sequence[Dict]) -> Dict[str, tuple]:
+    """Offset (points) of each variant's label: above right, or below right for a point next to one already
+    labelled (e.g. two endings of nearly the same size and AUC), so the two names do not print over each other."""
+    aucs = [r["val_auc"] for r in rows]
+    span = (max(aucs) - min(aucs)) or 1.0
+    placed: List[tuple] = []
+    out = {}
+    for r in sorted(rows, key=lambda r: -r["val_auc"]):
+        x, y = r["embedding_bytes"], r["val_auc"]
+        near = any(abs(math.log(x / px)) < 0.25 and abs(y - py) < 0.06 * span for px, py in placed)
+        out[r["name"]] = (5, -11) if near else (5, 4)
+        placed.append((x, y))
+    return out
+
+
 def auc_vs_bytes(path: str, rows: Sequence[Dict]) -> None:
     fig, ax = plt.subplots(figsize=(7, 4.5))
+    offsets = label_offsets(rows)
     for r in rows:
         ax.scatter(r["embedding_bytes"], r["val_auc"], s=40, zorder=3)
-        ax.annotate(r["name"], (r["embedding_bytes"], r["val_auc"]), textcoords="offset points", xytext=(5, 4),
-                    fontsize=8)
+        ax.annotate(r["name"], (r["embedding_bytes"], r["val_auc"]), textcoords="offset points",
+                    xytext=offsets[r["name"]], fontsize=8)
     front = pareto_front(rows)
     ax.plot([r["embedding_bytes"] for r in front], [r["val_auc"] for r in front], "--", color="gray",
             label="Pareto front", zorder=2)
@@ -35,7 +52,7 @@ def auc_vs_bytes(path: str, rows: Sequence[Dict]) -> None:
     ax.set_ylabel("validation AUC")
     ax.set_title("AUC vs embedding memory")
     ax.grid(True, which="both", alpha=0.3)
-    ax.legend(loc="lower right")
+    ax.legend(loc="best")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
