@@ -40,22 +40,38 @@ def test_fp16_nearest_within_half_ulp():
     assert bool((err <= 0.5 * _fp16_ulp(x) * (1 + 1e-6)).all())
 
 
-def test_fp16_stochastic_rounds_to_a_neighbour():
-    x = _values(4096, 1)
-    q = round_to_fp16(x, "stochastic", RoundingNoise(1)).float()
+# fp16 rounding draws its bits as 32-bit words for a flat tensor and as 16-bit draws for rows ([n, D], what the
+# tables encode, with their counter-based noise): both must be unbiased
+NOISE_LAYOUTS = ["stream-flat", "counter-rows"]
+
+
+def _fp16_noise(layout: str, x: torch.Tensor, seed: int):
+    """``(x as rounded, noise for draw i)``: flat with a stream, or as 11 rows with a step's counter noise."""
+    if layout == "stream-flat":
+        stream = RoundingNoise(seed)
+        return x, lambda i: stream
+    rows = x.view(11, -1)
+    return rows, lambda i: CounterNoise(seed, i, torch.arange(11) * 1000 + 7)
+
+
+@pytest.mark.parametrize("layout", NOISE_LAYOUTS)
+def test_fp16_stochastic_rounds_to_a_neighbour(layout):
+    x, noise = _fp16_noise(layout, _values(4092, 1), 1)
+    q = round_to_fp16(x, "stochastic", noise(0)).float()
     ulp = _fp16_ulp(x)
     assert bool(((q - x).abs() < ulp).all())
 
 
-def test_fp16_stochastic_is_unbiased():
+@pytest.mark.parametrize("layout", NOISE_LAYOUTS)
+def test_fp16_stochastic_is_unbiased(layout):
     """Per element: mean of M roundings vs x, z-test with the Bernoulli variance p(1-p) ulp^2."""
     x = _values(512, 2)
     x = torch.cat([x, torch.tensor([1e-7, -3e-6, 5e-5, 1.0 + 2.0**-12, -0.3])])  # subnormal and tie-ish cases
-    noise = RoundingNoise(2)
+    x, noise = _fp16_noise(layout, x, 2)
     m = 4000
     total = torch.zeros_like(x, dtype=torch.float64)
-    for _ in range(m):
-        total += round_to_fp16(x, "stochastic", noise).double()
+    for i in range(m):
+        total += round_to_fp16(x, "stochastic", noise(i)).double()
     mean = total / m
     lo = round_to_fp16(x, "nearest").double()
     ulp = _fp16_ulp(x).double()

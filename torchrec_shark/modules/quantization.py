@@ -230,7 +230,10 @@ def round_to_fp16(x: torch.Tensor, rounding: str = "nearest", noise: Optional[Ro
         return y.half()
     noise = noise or RoundingNoise()
     flat = y.view(-1)
-    r = noise.int32(flat.numel(), y.device).bitwise_and_(_DROPPED_MASK)
+    if y.dim() == 2:  # rows: 16-bit draws carry the 13 dropped bits, for half the hashing of 32-bit ones
+        r = noise.int16(y.shape, y.device).bitwise_and_(_DROPPED_MASK).view(-1).to(torch.int32)
+    else:
+        r = noise.int32(flat.numel(), y.device).bitwise_and_(_DROPPED_MASK)
     if numpy_path(y):
         tiny = torch.from_numpy(np.flatnonzero(np.abs(flat.numpy()) < _FP16_MIN_NORMAL))
     else:
