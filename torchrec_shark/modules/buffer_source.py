@@ -25,6 +25,8 @@ from typing import Iterator, Optional, Protocol, Tuple
 
 import torch
 
+from torchrec_shark.modules.kernels.huge_pages import zeros_on_huge_pages
+
 
 class BufferSource(Protocol):
     def take(self, name: str, shape: Tuple[int, ...], dtype: torch.dtype, device: torch.device,
@@ -39,7 +41,7 @@ def allocate(name: str, shape, dtype: torch.dtype, device, role: Tuple[str, ...]
     shape = tuple(int(s) for s in shape)
     if _source is not None:
         return _source.take(name, shape, dtype, torch.device(device), role)
-    return torch.zeros(shape, dtype=dtype, device=device)
+    return zeros_on_huge_pages(shape, dtype, device)
 
 
 @contextlib.contextmanager

@@ -49,6 +49,7 @@ from torchrec.modules.embedding_configs import PoolingType
 from torchrec_shark.modules.base import TableInputError, all_finite
 from torchrec_shark.modules.buffer_source import buffers_from
 from torchrec_shark.modules.kernels.host import numpy_path
+from torchrec_shark.modules.kernels.huge_pages import zeros_on_huge_pages
 from torchrec_shark.modules.kernels.lookup import pooled_lookup, unique_index
 from torchrec_shark.modules.kernels.row_copy import put_rows_, take_rows
 from torchrec_shark.modules.kernels.sparse_optimizer import RowOptimizer
@@ -167,7 +168,7 @@ class FusedRowStore:
                 member_base[(i, p)] = start + base
                 base += counts[p][i]
             codec = CODECS[p]
-            pool = torch.zeros(base, codec.width(self.dim), dtype=codec.dtype, device=self.device)
+            pool = zeros_on_huge_pages((base, codec.width(self.dim)), codec.dtype, self.device)
             self.precisions.append(_Precision(p, start, base, pool))
             start += base
         self.total_slots = start
@@ -197,7 +198,7 @@ class FusedRowStore:
                 if r.name not in self.buffers:
                     shape = {"rows": (self.total_rows, *r.shape[1:]), "scalar": (m,),
                              "hits": (m, self.max_tiers)}[kind]
-                    self.buffers[r.name] = torch.zeros(shape, dtype=r.dtype, device=self.device)
+                    self.buffers[r.name] = zeros_on_huge_pages(shape, r.dtype, self.device)
                 if kind == "rows":
                     span = (int(self.row_base[i]), int(self.row_base[i + 1]))
                 else:  # a member's counter (-1: the element itself), or its row of tier hits
