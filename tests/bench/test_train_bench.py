@@ -19,21 +19,33 @@ def test_commands_take_turns_and_shard_as_asked():
     assert rw[-1] == "planner.sharding_types=[row_wise]" and "--other" in rw and rw[rw.index("--other") + 1] == "kind"
 
 
+def test_reference_env_is_set_for_the_reference_job_alone(tmp_path):
+    ref = train.command("/r", "int8", "1", "ref", "/g", True, 40, 10, [], ["TORCHREC_SHARK_HUGE_PAGES=0", "B=2"])
+    assert ref[:3] == ["env", "TORCHREC_SHARK_HUGE_PAGES=0", "B=2"] and "tables=int8" in ref
+    assert train.command("/r", "int8", "1", "kind", "/g", False, 40, 10, [])[0] != "env"
+    with pytest.raises(SystemExit):
+        train.main(["--reference-env", "NOVALUE"])
+
+
 def test_ratio_is_the_median_over_pairs_with_its_spread(monkeypatch):
     # the kind runs at 0.8x, 0.9x and 1.1x of the reference in three pairs; the warm-up interval is left out
     runs = iter([0.8, 0.9, 1.1])
     firsts = []
 
-    def fake_pair(kind, reference, layout, steps, log_every, extra, reference_first, timeout):
+    envs = []
+
+    def fake_pair(kind, reference, layout, steps, log_every, extra, reference_first, timeout, reference_env=()):
         firsts.append(reference_first)
+        envs.append(reference_env)
         r = next(runs)
         kind_h, ref_h = _history([1.0] + [100.0 * r] * 5), _history([5.0] + [100.0] * 5)
         speeds = train.interval_speed(kind_h, 10), train.interval_speed(ref_h, 10)
         return {"samples_per_s": speeds[0], "reference_samples_per_s": speeds[1], "ratio": speeds[0] / speeds[1]}
 
     monkeypatch.setattr(train, "measure_pair", fake_pair)
-    row = train.measure("shark", "baseline", "1", 60, 10, [], 3, 60)
+    row = train.measure("shark", "baseline", "1", 60, 10, [], 3, 60, ["A=1"])
     assert firsts == [False, True, False]  # the reference goes first in every other pair
+    assert envs == [["A=1"]] * 3
     assert row["ratio"] == pytest.approx(0.9)
     assert (row["ratio_min"], row["ratio_max"]) == (pytest.approx(0.8), pytest.approx(1.1))
     assert row["reference_samples_per_s"] == pytest.approx(100.0)

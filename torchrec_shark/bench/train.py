@@ -19,6 +19,7 @@ Run::
     python -m torchrec_shark.bench.train --layouts 1,2tw,2rw --repeats 3 --json train_speed.json
     python -m torchrec_shark.bench.train --kinds shark --layouts 2rw --steps 400
     python -m torchrec_shark.bench.train --small --steps 60 --log-every 10   # small tables, a quick look
+    python -m torchrec_shark.bench.train --kinds int8 --reference int8 --reference-env TORCHREC_SHARK_HUGE_PAGES=0
 
 Ratios are only comparable within one run: the machine's load changes over minutes.
 """
@@ -31,7 +32,7 @@ import os
 import statistics
 import sys
 import tempfile
-from typing import Dict, List, Optional
+from typing import Dict, List, Optional, Sequence
 
 from torchrec_shark.bench import lockstep, steady
 
@@ -41,8 +42,9 @@ ROLES = ("kind", "ref")
 
 
 def command(run_dir: str, tables: str, layout: str, role: str, gate: Optional[str], first: bool, steps: int,
-            log_every: int, extra: List[str]) -> List[str]:
-    """The ``train.py`` command of one job (through the lockstep runner when ``gate`` is given)."""
+            log_every: int, extra: List[str], env: Sequence[str] = ()) -> List[str]:
+    """The ``train.py`` command of one job (through the lockstep runner when ``gate`` is given), with the
+    environment variables ``env`` (``NAME=VALUE``) set for it alone."""
     nproc, sharding = LAYOUTS[layout]
     overrides = [f"hydra.run.dir={run_dir}", f"tables={tables}", "trainer.progress=false",
                  f"trainer.max_steps={steps}", f"trainer.eval_every={steps}", f"trainer.checkpoint_every={steps}",
@@ -56,7 +58,7 @@ def command(run_dir: str, tables: str, layout: str, role: str, gate: Optional[st
                   *(["--first"] if first else []), "--"]
     launcher = ([os.path.join(os.path.dirname(sys.executable), "torchrun"), "--standalone",
                  f"--nproc_per_node={nproc}"] if nproc > 1 else [sys.executable])
-    return [*launcher, *script, *overrides]
+    return [*(["env", *env] if env else []), *launcher, *script, *overrides]
 
 
 def interval_speed(history: List[Dict], log_every: int) -> Optional[float]:
@@ -66,8 +68,9 @@ def interval_speed(history: List[Dict], log_every: int) -> Optional[float]:
 
 
 def measure_pair(kind: str, reference: str, layout: str, steps: int, log_every: int, extra: List[str],
-                 reference_first: bool, timeout: int) -> Dict:
-    """One ``kind`` job and one ``reference`` job taking turns; their speeds and the ratio."""
+                 reference_first: bool, timeout: int, reference_env: Sequence[str] = ()) -> Dict:
+    """One ``kind`` job and one ``reference`` job (with ``reference_env`` set) taking turns; their speeds and
+    the ratio."""
     order = ("ref", "kind") if reference_first else ("kind", "ref")
     tables = {"kind": kind, "ref": reference}
     with tempfile.TemporaryDirectory() as tmp:
@@ -75,7 +78,8 @@ def measure_pair(kind: str, reference: str, layout: str, steps: int, log_every: 
         os.mkdir(gate)
         lockstep.make_gate(gate, list(ROLES), LAYOUTS[layout][0])
         commands = {role: command(os.path.join(tmp, role), tables[role], layout, role, gate, role == order[0],
-                                  steps, log_every, extra) for role in order}
+                                  steps, log_every, extra, reference_env if role == "ref" else ())
+                    for role in order}
         steady._run(commands, True, timeout, f"{kind} vs {reference} ({layout})")
         histories = {}
         for role in ROLES:
@@ -89,9 +93,9 @@ def measure_pair(kind: str, reference: str, layout: str, steps: int, log_every: 
 
 
 def measure(kind: str, reference: str, layout: str, steps: int, log_every: int, extra: List[str], repeats: int,
-            timeout: int) -> Dict:
+            timeout: int, reference_env: Sequence[str] = ()) -> Dict:
     """``repeats`` pairs, the reference first in every other one: the median ratio and its spread."""
-    pairs = [measure_pair(kind, reference, layout, steps, log_every, extra, i % 2 == 1, timeout)
+    pairs = [measure_pair(kind, reference, layout, steps, log_every, extra, i % 2 == 1, timeout, reference_env)
              for i in range(repeats)]
     ratios = [p["ratio"] for p in pairs if p["ratio"] is not None]
     return {"kind": kind, "reference": reference, "layout": layout, "pairs": pairs,
@@ -112,20 +116,27 @@ def main(argv: Optional[List[str]] = None) -> List[Dict]:
     p.add_argument("--small", action="store_true", help="small synthetic tables (rows / 100 of the default data)")
     p.add_argument("--timeout", type=int, default=3600, help="seconds per pair")
     p.add_argument("--json", help="write every row (with each pair's histories) here")
+    p.add_argument("--reference-env", action="append", default=[], metavar="NAME=VALUE",
+                   help="an environment variable for the reference jobs only (repeatable): e.g. the same preset "
+                        "with a switch off, against itself with it on")
     p.add_argument("overrides", nargs="*", help="more train.py overrides for both jobs (after --)")
     a = p.parse_args(argv)
     layouts = a.layouts.split(",")
+    bad_env = [e for e in a.reference_env if "=" not in e or e.startswith("=")]
+    if bad_env:
+        p.error(f"--reference-env: expected NAME=VALUE, got {bad_env}")
     unknown = [x for x in layouts if x not in LAYOUTS]
     if unknown:
         p.error(f"--layouts: unknown {unknown}; choose from {list(LAYOUTS)}")
     extra = (list(steady.SMALL_DATA) if a.small else []) + list(a.overrides)
     rows = []
-    print(f"samples/s against tables={a.reference}, jobs taking turns step by step; {a.steps} steps, median of "
+    with_env = f" ({' '.join(a.reference_env)})" if a.reference_env else ""
+    print(f"samples/s against tables={a.reference}{with_env}, jobs taking turns step by step; {a.steps} steps, median of "
           f"{a.log_every}-step intervals; ratio: median over {a.repeats} pair(s) [lowest, highest]", flush=True)
     print(f"{'kind':12} {'layout':6} {'samples/s':>10} {'reference':>10} {'ratio':>7}  spread", flush=True)
     for kind in a.kinds.split(","):
         for layout in layouts:
-            r = measure(kind, a.reference, layout, a.steps, a.log_every, extra, a.repeats, a.timeout)
+            r = measure(kind, a.reference, layout, a.steps, a.log_every, extra, a.repeats, a.timeout, a.reference_env)
             rows.append(r)
             f = lambda x, spec: format(x, spec) if x is not None else "-"
             print(f"{kind:12} {layout:6} {f(r['samples_per_s'], '>10,.0f')} {f(r['reference_samples_per_s'], '>10,.0f')} "
