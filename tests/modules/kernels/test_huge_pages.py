@@ -5,6 +5,7 @@ import pytest
 import torch
 
 from torchrec_shark.modules import CompressedEmbeddingBagCollection, CompressedEmbeddingBagConfig, kind_of
+from torchrec_shark.modules.kernels import huge_pages
 from torchrec_shark.modules.kernels.huge_pages import HUGE_PAGE_BYTES, MIN_BYTES, zeros_on_huge_pages
 from torchrec_shark.modules.kinds import KINDS
 
@@ -46,12 +47,21 @@ def test_zeros_on_huge_pages_are_zeros_of_the_asked_shape(shape, dtype):
 
 
 @needs_thp
-def test_a_large_buffer_is_advised_and_a_small_one_or_a_switched_off_one_is_not(monkeypatch):
+def test_a_large_buffer_is_advised():
     big = zeros_on_huge_pages((MIN_BYTES + 3 * HUGE_PAGE_BYTES,), torch.uint8, "cpu")
     assert "hg" in _vm_flags(_inside_page(big))
-    monkeypatch.setenv("TORCHREC_SHARK_HUGE_PAGES", "0")
-    off = zeros_on_huge_pages((MIN_BYTES + 3 * HUGE_PAGE_BYTES,), torch.uint8, "cpu")
-    assert "hg" not in _vm_flags(_inside_page(off))
+
+
+@pytest.mark.parametrize("env,numel,advised", [("1", MIN_BYTES, True), ("0", MIN_BYTES, False),
+                                               ("1", MIN_BYTES - 1, False)])
+def test_only_a_large_host_buffer_is_advised_and_the_switch_turns_it_off(monkeypatch, env, numel, advised):
+    # (the memory's own flags cannot show "not advised": the allocator may hand out memory advised before)
+    calls = []
+    monkeypatch.setattr(huge_pages, "advise_huge_pages", lambda t, advice=14: calls.append(advice) or True)
+    monkeypatch.setenv("TORCHREC_SHARK_HUGE_PAGES", env)
+    t = zeros_on_huge_pages((numel,), torch.uint8, "cpu")
+    assert not t.any() and t.numel() == numel
+    assert bool(calls) == (advised and sys.platform.startswith("linux"))
 
 
 @needs_thp
