@@ -68,7 +68,7 @@ def test_only_a_large_host_buffer_is_advised_and_the_switch_turns_it_off(monkeyp
 @pytest.mark.parametrize("fused", [True, False])
 def test_a_large_tables_rows_are_on_advised_memory(fused):
     kind = next(k for k in KINDS if k.name == "int8")
-    rows = 2 * MIN_BYTES // 8  # int8 rows of 8 columns: 12 bytes each, about 24 MB
+    rows = 1 << 20  # int8 rows of 8 columns: 12 bytes each, 12 MB
     cfg = CompressedEmbeddingBagConfig(name="t", num_embeddings=rows, embedding_dim=8, feature_names=["f"],
                                        compression=kind.example_spec())
     assert kind_of(cfg) is kind

@@ -28,7 +28,7 @@ from typing import Optional, Sequence
 import torch
 
 HUGE_PAGE_BYTES = 2 << 20
-MIN_BYTES = 8 << 20  # smaller buffers' rows are covered by the TLB's 4 KB entries anyway
+MIN_BYTES = HUGE_PAGE_BYTES  # a smaller buffer holds no whole huge page
 _MADV_HUGEPAGE, _MADV_COLLAPSE = 14, 25  # linux/mman.h
 _madvise = None
 
@@ -69,7 +69,7 @@ def advise_huge_pages(t: torch.Tensor, advice: int = _MADV_HUGEPAGE) -> bool:
 
 
 def zeros_on_huge_pages(shape: Sequence[int], dtype: torch.dtype, device) -> torch.Tensor:
-    """``torch.zeros(shape, dtype, device)``; on the host, a buffer of at least 8 MB is advised onto
+    """``torch.zeros(shape, dtype, device)``; on the host, the whole 2 MB pages inside a buffer are advised onto
     transparent huge pages before it is zeroed (see the module doc)."""
     device = torch.get_default_device() if device is None else torch.device(device)
     shape = tuple(int(s) for s in shape)
