@@ -338,13 +338,15 @@ class FusedRowStore:
     # ------------------------------------------------------------------ what pooled_lookup calls
     def gather(self, index: FusedIndex) -> torch.Tensor:
         """fp32 values of the rows of ``index``, ``[U, D]``: one gather (and decode) per precision."""
+        runs = list(self._runs(index))
+        if len(runs) == 1 and CODECS[runs[0][0].name] is not Fp32Codec:  # one precision holds every row:
+            q, _, _, local = runs[0]  # its decoded rows are the result
+            return CODECS[q.name].decode(take_rows(q.pool, local))
         out = torch.empty(index.slots.numel(), self.dim, device=self.device)
-        for q, a, b, local in self._runs(index):
+        for q, a, b, local in runs:
             codec = CODECS[q.name]
             if codec is Fp32Codec:
                 torch.index_select(q.pool, 0, local, out=out[a:b])
-            elif b - a == len(out):  # one precision holds every row: its decoded rows are the result
-                return codec.decode(take_rows(q.pool, local))
             else:
                 out[a:b] = codec.decode(take_rows(q.pool, local))
         return out

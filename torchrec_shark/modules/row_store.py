@@ -246,12 +246,14 @@ class RowStoreTable(CompressedTable):
 
     def gather(self, index: RowIndex) -> torch.Tensor:
         """fp32 values of ``index.slots``, ``[U, D]`` (only these rows are decoded)."""
+        runs = list(self._runs(index))
+        if len(runs) == 1 and runs[0][1] is not Fp32Codec:  # one precision holds every row: its decoded rows
+            _, codec, pool, _, _, seg = runs[0]  # are the result
+            return codec.decode(take_rows(pool, seg))
         out = torch.empty(index.slots.numel(), self.embedding_dim, device=self._pool(0).device)
-        for _, codec, pool, a, b, seg in self._runs(index):
+        for _, codec, pool, a, b, seg in runs:
             if codec is Fp32Codec:
                 torch.index_select(pool, 0, seg, out=out[a:b])
-            elif b - a == len(out):  # one precision holds every row: its decoded rows are the result
-                return codec.decode(take_rows(pool, seg))
             else:
                 out[a:b] = codec.decode(take_rows(pool, seg))
         return out

@@ -21,6 +21,7 @@ Example::
 from __future__ import annotations
 
 import ctypes
+import math
 import os
 import sys
 from typing import Optional, Sequence
@@ -73,10 +74,7 @@ def zeros_on_huge_pages(shape: Sequence[int], dtype: torch.dtype, device) -> tor
     transparent huge pages before it is zeroed (see the module doc)."""
     device = torch.get_default_device() if device is None else torch.device(device)
     shape = tuple(int(s) for s in shape)
-    numel = 1
-    for s in shape:
-        numel *= s
-    if device.type != "cpu" or numel * dtype.itemsize < MIN_BYTES or not huge_pages_enabled():
+    if device.type != "cpu" or math.prod(shape) * dtype.itemsize < MIN_BYTES or not huge_pages_enabled():
         return torch.zeros(shape, dtype=dtype, device=device)
     t = torch.empty(shape, dtype=dtype, device=device)
     advised = advise_huge_pages(t)
