@@ -27,6 +27,19 @@ def test_reference_env_is_set_for_the_reference_job_alone(tmp_path):
         train.main(["--reference-env", "NOVALUE"])
 
 
+def test_reference_checkout_runs_the_reference_jobs_from_there(tmp_path, monkeypatch):
+    seen = []
+    monkeypatch.setattr(train, "measure", lambda *args: seen.append(args[-1]) or {
+        "samples_per_s": 1.0, "reference_samples_per_s": 1.0, "ratio": 1.0, "ratio_min": 1.0, "ratio_max": 1.0})
+    with pytest.raises(SystemExit):  # not a checkout
+        train.main(["--kinds", "shark", "--reference-checkout", str(tmp_path)])
+    (tmp_path / "train.py").write_text("")
+    train.main(["--kinds", "shark", "--reference-checkout", str(tmp_path), "--reference-env", "A=1"])
+    assert seen == [["-C", str(tmp_path), f"PYTHONPATH={tmp_path}", "A=1"]]
+    ref = train.command("/r", "shark", "1", "ref", "/g", True, 40, 10, [], seen[0])
+    assert ref[:5] == ["env", "-C", str(tmp_path), f"PYTHONPATH={tmp_path}", "A=1"]
+
+
 def test_ratio_is_the_median_over_pairs_with_its_spread(monkeypatch):
     # the kind runs at 0.8x, 0.9x and 1.1x of the reference in three pairs; the warm-up interval is left out
     runs = iter([0.8, 0.9, 1.1])

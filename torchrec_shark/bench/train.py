@@ -20,6 +20,10 @@ Run::
     python -m torchrec_shark.bench.train --kinds shark --layouts 2rw --steps 400
     python -m torchrec_shark.bench.train --small --steps 60 --log-every 10   # small tables, a quick look
     python -m torchrec_shark.bench.train --kinds int8 --reference int8 --reference-env TORCHREC_SHARK_HUGE_PAGES=0
+    python -m torchrec_shark.bench.train --kinds shark --reference shark --reference-checkout ../before
+
+``--reference-checkout DIR`` runs the reference jobs from another checkout of this project (e.g. a ``git
+worktree`` of an earlier commit): a change against the code before it, taking turns.
 
 Ratios are only comparable within one run: the machine's load changes over minutes.
 """
@@ -119,24 +123,33 @@ def main(argv: Optional[List[str]] = None) -> List[Dict]:
     p.add_argument("--reference-env", action="append", default=[], metavar="NAME=VALUE",
                    help="an environment variable for the reference jobs only (repeatable): e.g. the same preset "
                         "with a switch off, against itself with it on")
+    p.add_argument("--reference-checkout", metavar="DIR",
+                   help="run the reference jobs from this checkout of the project (its train.py and package)")
     p.add_argument("overrides", nargs="*", help="more train.py overrides for both jobs (after --)")
     a = p.parse_args(argv)
     layouts = a.layouts.split(",")
     bad_env = [e for e in a.reference_env if "=" not in e or e.startswith("=")]
     if bad_env:
         p.error(f"--reference-env: expected NAME=VALUE, got {bad_env}")
+    reference_env = list(a.reference_env)
+    if a.reference_checkout:
+        checkout = os.path.abspath(a.reference_checkout)
+        if not os.path.isfile(os.path.join(checkout, "train.py")):
+            p.error(f"--reference-checkout: no train.py in {checkout}")
+        # env's --chdir: the job starts there, and its package comes first on the path
+        reference_env = ["-C", checkout, f"PYTHONPATH={checkout}", *reference_env]
     unknown = [x for x in layouts if x not in LAYOUTS]
     if unknown:
         p.error(f"--layouts: unknown {unknown}; choose from {list(LAYOUTS)}")
     extra = (list(steady.SMALL_DATA) if a.small else []) + list(a.overrides)
     rows = []
-    with_env = f" ({' '.join(a.reference_env)})" if a.reference_env else ""
+    with_env = f" ({' '.join(reference_env)})" if reference_env else ""
     print(f"samples/s against tables={a.reference}{with_env}, jobs taking turns step by step; {a.steps} steps, median of "
           f"{a.log_every}-step intervals; ratio: median over {a.repeats} pair(s) [lowest, highest]", flush=True)
     print(f"{'kind':12} {'layout':6} {'samples/s':>10} {'reference':>10} {'ratio':>7}  spread", flush=True)
     for kind in a.kinds.split(","):
         for layout in layouts:
-            r = measure(kind, a.reference, layout, a.steps, a.log_every, extra, a.repeats, a.timeout, a.reference_env)
+            r = measure(kind, a.reference, layout, a.steps, a.log_every, extra, a.repeats, a.timeout, reference_env)
             rows.append(r)
             f = lambda x, spec: format(x, spec) if x is not None else "-"
             print(f"{kind:12} {layout:6} {f(r['samples_per_s'], '>10,.0f')} {f(r['reference_samples_per_s'], '>10,.0f')} "
