@@ -73,6 +73,7 @@ from torchrec_shark.distributed.compressed_kernels import (
 from torchrec_shark.modules.fused_store import FusedRowStore, build_fused
 from torchrec_shark.modules.kinds import kind_of
 from torchrec_shark.distributed.fused_params import optimizer_spec_from_fused_params
+from torchrec_shark.distributed.label_gather import LabelGather
 from torchrec_shark.distributed.state_readers import DictStateReader
 from torchrec_shark.modules.base import SparseOptimizerSpec
 from torchrec_shark.modules.table_kind import CHUNK_ROWS, PieceSpec, StateReader, table_seed
@@ -275,6 +276,7 @@ class ShardedCompressedEmbeddingBagCollection(ShardedEmbeddingBagCollection):
         }
         self._shark_optim = ShardedCompressedOptimizer(ctx, self._table_states, self._shark_pg)
         self._label_aware = any(kind_of(c).label_aware for c in ctx.configs.values())
+        self._label_gather = LabelGather()
         self._warned_no_labels = False
         ctx.sources = {}  # the unsharded tables are no longer needed: keep only the local shards alive
         self._register_state_dict_hook(ShardedCompressedEmbeddingBagCollection._shark_post_state_dict_hook)
@@ -350,23 +352,7 @@ class ShardedCompressedEmbeddingBagCollection(ShardedEmbeddingBagCollection):
             return
         if isinstance(labels, torch.fx.Proxy):  # TrainPipelineSparseDist traces the model to find module inputs
             return
-        labels = labels.reshape(-1).float()
-        pg = self._shark_pg
-        world = dist.get_world_size(pg)
-        if world == 1:
-            gathered = labels
-        else:
-            n = torch.tensor([labels.numel()], device=labels.device)
-            sizes = [torch.zeros_like(n) for _ in range(world)]
-            dist.all_gather(sizes, n, group=pg)
-            sizes_l = [int(s) for s in sizes]
-            m = max(sizes_l)
-            padded = torch.zeros(m, device=labels.device)
-            padded[: labels.numel()] = labels
-            parts = [torch.zeros_like(padded) for _ in range(world)]
-            dist.all_gather(parts, padded, group=pg)
-            gathered = torch.cat([p[:s] for p, s in zip(parts, sizes_l)])
-        self.__dict__["_shark"].labels.push(gathered)
+        self.__dict__["_shark"].labels.push(self._label_gather(labels, self._shark_pg))
 
     def _labelled(self, run, *args):
         """Run a lookup with the oldest recorded labels (training only; taken once even if nested)."""
