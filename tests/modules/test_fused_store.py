@@ -7,6 +7,8 @@ read by two features, a feature read by two tables, and tables of other kinds (n
 
 from __future__ import annotations
 
+import contextlib
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -235,3 +237,56 @@ def test_one_store_of_every_feature_pools_sample_major_as_per_table(kind, weight
     for a, b in zip(out_f + grad_f, out_s + grad_s):
         assert torch.equal(a, b)
     assert_same_state(fused, single)
+
+
+@pytest.mark.parametrize("host", [True, False], ids=["numpy", "torch_ops"])
+def test_labels_of_a_sample_major_lookup_count_as_record_labels(host):
+    """A lookup handed the labels with sample-major pooling (what a sharded table's kernel does) counts them
+    from its own distinct rows: the same priorities, bit for bit, as recording them first and looking up after,
+    with a row repeated in a bag and a table read by two features (each row counted once per sample)."""
+    kind = next(k for k in KINDS if k.label_aware)
+    nf = len(KEYS)
+    members = [0, 1, 2, 1]  # f3 reads t1 as f1 does
+    states = []
+    for mode in ("record_first", "in_lookup"):
+        ebc = collection(configs(kind), "rowwise_adagrad", True)
+        store: FusedRowStore = ebc._stores[0]
+        with (contextlib.nullcontext() if host else torch_ops_only()):
+            for step in range(3):
+                g = torch.Generator().manual_seed(50 + step)
+                lengths = torch.randint(0, 4, (nf * BATCH,), generator=g)
+                values = torch.randint(0, 23, (int(lengths.sum()),), generator=g)
+                values[1] = values[0]  # both in feature f0's first non-empty bags or one of them: a repeat
+                labels = torch.rand(BATCH, generator=g)
+                offsets = torch.cat([torch.zeros(1, dtype=torch.long), lengths.cumsum(0)])
+                counts = lengths.view(nf, BATCH).sum(1).tolist()
+                if mode == "record_first":
+                    store.record_labels(values, offsets, members, counts, [BATCH] * nf, labels)
+                    out = store.lookup(values, offsets, members, counts, [BATCH] * nf, sample_major=True)
+                else:
+                    out = store.lookup(values, offsets, members, counts, [BATCH] * nf, labels=labels,
+                                       sample_major=True)
+                out.backward(torch.randn(out.shape, generator=g))
+                store.step_end()
+        states.append({k: v.clone() for k, v in ebc.state_dict().items()})
+    assert any(torch.count_nonzero(v.float()) for k, v in states[0].items() if k.endswith("priority"))
+    for k in states[0]:
+        assert torch.equal(states[0][k], states[1][k]), k
+
+
+@pytest.mark.parametrize("host", [True, False], ids=["numpy", "torch_ops"])
+def test_sample_major_order_moves_every_bag_to_its_sample(host):
+    from torchrec_shark.modules.fused_store import _sample_major
+
+    features, b = 3, 5
+    g = torch.Generator().manual_seed(4)
+    lengths = torch.randint(0, 4, (features * b,), generator=g)
+    offsets = torch.cat([torch.zeros(1, dtype=torch.long), lengths.cumsum(0)])
+    ids = torch.arange(int(offsets[-1]))
+    # the reference: bag f * B + s of feature-major order goes to s * F + f
+    want = torch.cat([ids[offsets[f * b + s] : offsets[f * b + s + 1]] for s in range(b) for f in range(features)])
+    want_lengths = lengths.view(features, b).t().reshape(-1)
+    with (contextlib.nullcontext() if host else torch_ops_only()):
+        order, new_offsets = _sample_major(offsets, features, b)
+    assert torch.equal(ids[order], want)
+    assert torch.equal(new_offsets[1:] - new_offsets[:-1], want_lengths)

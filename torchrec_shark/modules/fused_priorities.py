@@ -18,13 +18,13 @@ Example::
 
 from __future__ import annotations
 
-from typing import List, Optional, Sequence, Tuple
+from typing import Callable, List, Sequence, Tuple
 
 import numpy as np
 import torch
 
 from torchrec_shark.modules.base import TableInputError, all_finite
-from torchrec_shark.modules.fused_store import FusedRowStore
+from torchrec_shark.modules.fused_store import FusedIndex, FusedRowStore
 from torchrec_shark.modules.kernels.host import numpy_path
 from torchrec_shark.modules.kernels.lookup import bag_of_ids
 from torchrec_shark.modules.mixed_precision import (
@@ -66,7 +66,10 @@ class FusedMixedPrecisionStore(FusedRowStore):
         self.retier_every = np.array([s.retier_every for s in specs], dtype=np.int64)
         self.lazy = np.array([t._lazy for t in tables])
         self.priority_seeds = np.array([t.seed ^ _PRIORITY_NOISE_SALT for t in tables], dtype=np.uint64)
+        # counts of (row, sample) pairs: rows that may repeat, and the pairs against a lookup's distinct
+        # rows (those rows, their members, each pair's position among them)
         self._pending: List[Tuple[torch.Tensor, torch.Tensor]] = []
+        self._pending_index: List[Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]] = []
 
     # ------------------------------------------------------------------ labels
     def record_labels(self, ids: torch.Tensor, offsets: torch.Tensor, feature_members: Sequence[int],
@@ -78,12 +81,7 @@ class FusedMixedPrecisionStore(FusedRowStore):
         bags (of one feature or of several feeding the same table) hold it: what each member's
         ``record_labels`` counts given the sample's ids from all its features."""
         ids = ids.reshape(-1)
-        labels = labels.reshape(-1).float()
-        bad = [b for b in feature_bags if b != labels.numel()]
-        if bad:
-            raise TableInputError(f"tables {self.names}: {labels.numel()} labels for {bad[0]} bags per feature")
-        if not all_finite(labels):
-            raise TableInputError(f"tables {self.names}: labels contain NaN or inf")
+        labels = self._checked_labels(labels, feature_bags)
         n = ids.numel()
         if n == 0:
             return
@@ -105,13 +103,65 @@ class FusedMixedPrecisionStore(FusedRowStore):
             key = torch.unique(g * batch + bag % batch)
             rows, sample = key // batch, key % batch
             owner = torch.searchsorted(base, rows, right=True) - 1
-        per_sample = labels.index_select(0, sample)
-        if _same(self.pos) and _same(self.neg):  # scalars: the same arithmetic as a member's own count
-            contrib = per_sample * (float(self.pos[0]) - float(self.neg[0])) + float(self.neg[0])
+        self._pending.append((rows, self._contributions(labels.index_select(0, sample), owner)))
+
+    def record_sample_labels(self, index: FusedIndex, offsets: torch.Tensor, features: int,
+                             labels: torch.Tensor) -> None:
+        """:meth:`record_labels` of a sample-major lookup, from the distinct rows its ``index`` found.
+
+        The ids of a sample-major lookup come sample after sample, and ``index`` lists each distinct row's
+        ids in their order (``perm``), so its ``(row, sample)`` pairs come out sorted, row by row with each
+        row's samples ascending: the distinct pairs are found by comparing neighbours, with no sort, and
+        the counts are kept against ``index``'s rows (summed at :meth:`step_end`), the same counts added
+        in the same order as :meth:`record_labels` adds them."""
+        batch = (offsets.numel() - 1) // max(features, 1)
+        labels = self._checked_labels(labels, [batch] * features)
+        n = index.inverse.numel()
+        if n == 0:
+            return
+        starts = offsets[:: max(features, 1)]  # sample b's ids: starts[b] .. starts[b + 1]
+        if numpy_path(index.perm):
+            s = starts.numpy()
+            sample = np.repeat(np.arange(batch, dtype=np.int64), np.diff(s))[index.perm.numpy()]
+            new = np.empty(n, dtype=bool)
+            new[:1] = True
+            np.not_equal(sample[1:], sample[:-1], out=new[1:])
+            first = index.offsets.numpy()[:-1]
+            new[first] = True  # a row's first id
+            keep = np.flatnonzero(new)
+            row = np.repeat(np.arange(first.size, dtype=np.int64), np.diff(index.offsets.numpy()))[keep]
+            row_t, sample_t = torch.from_numpy(row), torch.from_numpy(sample[keep])
+            owner = index.members.numpy()[row]
         else:
-            slope = self._per_member(self.pos - self.neg, owner, labels.device)
-            contrib = per_sample * slope + self._per_member(self.neg, owner, labels.device)
-        self._pending.append((rows, contrib))
+            dev = index.perm.device
+            lengths = starts[1:] - starts[:-1]
+            per_id = torch.repeat_interleave(torch.arange(batch, device=dev), lengths, output_size=n)
+            sample = per_id.index_select(0, index.perm)
+            new = torch.ones(n, dtype=torch.bool, device=dev)
+            torch.ne(sample[1:], sample[:-1], out=new[1:])
+            new[index.offsets[:-1]] = True
+            counts = index.offsets[1:] - index.offsets[:-1]
+            row_of_id = torch.repeat_interleave(torch.arange(counts.numel(), device=dev), counts, output_size=n)
+            row_t, sample_t = row_of_id[new], sample[new]
+            owner = index.members.index_select(0, row_t)
+        self._pending_index.append((index.rows, index.members, row_t,
+                                    self._contributions(labels.index_select(0, sample_t), owner)))
+
+    def _checked_labels(self, labels: torch.Tensor, feature_bags: Sequence[int]) -> torch.Tensor:
+        labels = labels.reshape(-1).float()
+        bad = [b for b in feature_bags if b != labels.numel()]
+        if bad:
+            raise TableInputError(f"tables {self.names}: {labels.numel()} labels for {bad[0]} bags per feature")
+        if not all_finite(labels):
+            raise TableInputError(f"tables {self.names}: labels contain NaN or inf")
+        return labels
+
+    def _contributions(self, per_sample: torch.Tensor, owner) -> torch.Tensor:
+        """``pos_weight * label + neg_weight * (1 - label)`` of each pair, with its owner's weights."""
+        if _same(self.pos) and _same(self.neg):  # scalars: the same arithmetic as a member's own count
+            return per_sample * (float(self.pos[0]) - float(self.neg[0])) + float(self.neg[0])
+        slope = self._per_member(self.pos - self.neg, owner, per_sample.device)
+        return per_sample * slope + self._per_member(self.neg, owner, per_sample.device)
 
     @staticmethod
     def _per_member(values: np.ndarray, owner, device) -> torch.Tensor:
@@ -133,16 +183,21 @@ class FusedMixedPrecisionStore(FusedRowStore):
         priority = self.buffers["priority"]
         uniq, total = added_by_row(priority, rows, contrib, rows_sorted)
         owner = self._owners(uniq)
-        owner = torch.from_numpy(owner) if isinstance(owner, np.ndarray) else owner
+        self._write_priority(uniq, torch.from_numpy(owner) if isinstance(owner, np.ndarray) else owner, total)
+
+    def _write_priority(self, uniq: torch.Tensor, owner: torch.Tensor, total: torch.Tensor) -> None:
+        """``priority[uniq] = total`` (distinct rows of members ``owner``), stochastically rounded."""
+        priority = self.buffers["priority"]
         noise = self._noise(CounterNoise.keys(self.priority_seeds, self.steps), owner, uniq)
         priority.index_copy_(0, uniq, _round_to_bf16(total, noise.int16((uniq.numel(), 1)).reshape(-1)))
 
-    def _scaled(self, rows: torch.Tensor, contrib: torch.Tensor) -> torch.Tensor:
-        """Lazy members' counts scaled by ``decay ** -(age + 1)`` (see ``MixedPrecisionTable``); eager ones as they are."""
+    def _scaled(self, contrib: torch.Tensor, owners: Callable[[], object]) -> torch.Tensor:
+        """Lazy members' counts scaled by ``decay ** -(age + 1)`` (see ``MixedPrecisionTable``); eager ones as
+        they are. ``owners()``: each count's member, asked for only when the members' factors differ."""
         factor = np.where(self.lazy, self._growth(), 1.0)
         if _same(factor):
             return contrib * float(factor[0])
-        return contrib * self._per_member(factor, self._owners(rows), rows.device)
+        return contrib * self._per_member(factor, owners(), contrib.device)
 
     def _growth(self) -> np.ndarray:
         """``decay ** -(age + 1)`` per member (inf where the decay is 0: those members are not lazy)."""
@@ -152,10 +207,15 @@ class FusedMixedPrecisionStore(FusedRowStore):
     @torch.no_grad()
     def step_end(self) -> None:
         """Close a training step of every member: fold in its label counts, decay, re-tier those that are due."""
-        pending = self._pending
+        pending, by_index = self._pending, self._pending_index
+        self._pending, self._pending_index = [], []
+        if len(by_index) == 1 and not pending and not any(t._pending for t in self.members):
+            by_index, summed = [], by_index[0]  # one lookup's counts alone: summed against its distinct rows
+        else:
+            summed = None
+            pending += [(rows.index_select(0, pair_row), c) for rows, _, pair_row, c in by_index]
         # one record_labels call and no member's own labels: its rows come ascending, no sort needed
-        rows_sorted = len(pending) == 1
-        self._pending = []
+        rows_sorted = len(pending) == 1 and not by_index
         for t in self.members:  # labels a member recorded itself
             if t._pending:
                 base = int(self.row_base[t._member])
@@ -167,7 +227,13 @@ class FusedMixedPrecisionStore(FusedRowStore):
         if pending:
             rows = pending[0][0] if len(pending) == 1 else torch.cat([r for r, _ in pending])
             contrib = pending[0][1] if len(pending) == 1 else torch.cat([c for _, c in pending])
-            self._add_priority(rows, self._scaled(rows, contrib), rows_sorted)
+            self._add_priority(rows, self._scaled(contrib, lambda: self._owners(rows)), rows_sorted)
+        if summed is not None:
+            rows, members, pair_row, contrib = summed
+            priority = self.buffers["priority"]
+            total = torch.zeros(rows.numel(), device=rows.device).index_add_(
+                0, pair_row, self._scaled(contrib, lambda: members.index_select(0, pair_row)).float())
+            self._write_priority(rows, members, total + priority.index_select(0, rows).float())
         self.age[self.lazy] += 1
         self.buffers["priority_age"].copy_(torch.from_numpy(self.age))
         limit = MixedPrecisionTable._RESCALE_LIMIT

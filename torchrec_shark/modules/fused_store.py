@@ -467,7 +467,8 @@ class FusedRowStore:
                                       f"{ids.numel()} ids")
             if not all_finite(per_sample_weights):
                 raise TableInputError(f"tables {self.names}: per-id weights contain NaN or inf")
-        if labels is not None and self.label_aware:
+        record = labels is not None and self.label_aware
+        if record and not sample_major:
             self.record_labels(ids, offsets, feature_members, feature_ids, feature_bags, labels)
         if sample_major and nf > 1:
             order, offsets = _sample_major(offsets.long(), nf, feature_bags[0])
@@ -476,6 +477,8 @@ class FusedRowStore:
             if per_sample_weights is not None:
                 per_sample_weights = per_sample_weights.index_select(0, order)
         index = self.index(ids, members)
+        if record and sample_major:
+            self.record_sample_labels(index, offsets, nf, labels)
         divisor = self._divisor(offsets, feature_members, feature_bags, sample_major)
         anchor = self._anchor if torch.is_grad_enabled() else self._anchor.detach()
         out = pooled_lookup(self, index, offsets, per_sample_weights, divisor, anchor)
@@ -504,6 +507,11 @@ class FusedRowStore:
                       feature_ids: Sequence[int], feature_bags: Sequence[int], labels: torch.Tensor) -> None:
         """Record a step's labels (label-aware stores override; the others read none)."""
 
+    def record_sample_labels(self, index: FusedIndex, offsets: torch.Tensor, features: int,
+                             labels: torch.Tensor) -> None:
+        """As :meth:`record_labels`, for a sample-major lookup's ``index`` (bag ``b * features + f``: sample
+        ``b``) and its ``offsets`` (label-aware stores override; the others read none)."""
+
     def step_end(self) -> None:
         """Close a training step of every member (label-aware stores override)."""
 
@@ -513,22 +521,24 @@ def _sample_major(offsets: torch.Tensor, features: int, batch: int) -> Tuple[tor
     sample ``b``) from feature-major ``offsets`` (bag ``f * B + b``): ``order[j]`` is the old position of the id
     at new position ``j``."""
     n = int(offsets[-1]) if offsets.numel() else 0
+    # each id moves by its bag's shift (where the bag starts in sample-major order less where it starts now),
+    # found per bag and repeated over the bag's ids
     if numpy_path(offsets):
         o = offsets.numpy()
         lengths = np.diff(o)
         new_offsets = np.zeros(lengths.size + 1, dtype=np.int64)
         np.cumsum(lengths.reshape(features, batch).T.reshape(-1), out=new_offsets[1:])
-        bag = np.repeat(np.arange(lengths.size, dtype=np.int64), lengths)
-        new_bag = (bag % batch) * features + bag // batch
+        start = new_offsets[:-1].reshape(batch, features).T.reshape(-1)  # bag f * B + b's new start
+        position = np.repeat(start - o[:-1], lengths) + np.arange(n, dtype=np.int64)
         order = np.empty(n, dtype=np.int64)
-        order[new_offsets[new_bag] + np.arange(n, dtype=np.int64) - o[bag]] = np.arange(n, dtype=np.int64)
+        order[position] = np.arange(n, dtype=np.int64)
         return torch.from_numpy(order), torch.from_numpy(new_offsets)
     lengths = offsets[1:] - offsets[:-1]
     new_offsets = torch.zeros_like(offsets)
     torch.cumsum(lengths.view(features, batch).t().reshape(-1), 0, out=new_offsets[1:])
-    bag = torch.repeat_interleave(torch.arange(lengths.numel(), device=offsets.device), lengths, output_size=n)
-    new_bag = (bag % batch) * features + torch.div(bag, batch, rounding_mode="floor")
-    position = new_offsets.index_select(0, new_bag) + torch.arange(n, device=offsets.device) - offsets.index_select(0, bag)
+    start = new_offsets[:-1].view(batch, features).t().reshape(-1)
+    position = torch.repeat_interleave(start - offsets[:-1], lengths, output_size=n) + torch.arange(
+        n, device=offsets.device)
     order = torch.empty(n, dtype=torch.int64, device=offsets.device)
     order[position] = torch.arange(n, device=offsets.device)
     return order, new_offsets
