@@ -505,3 +505,16 @@ def test_any_row_wise_split_of_a_table_adds_up_to_its_tier_sizes_exactly(tiers):
             shards = [spec.sizes(b - a, rows, a) for a, b in zip(bounds, bounds[1:])]
             assert all(min(s) >= 0 and sum(s) == b - a for s, (a, b) in zip(shards, zip(bounds, bounds[1:])))
             assert [sum(t) for t in zip(*shards)] == whole, (rows, bounds, shards)
+
+
+def test_priority_order_is_a_stable_descending_sort_of_bf16_values():
+    from torchrec_shark.modules.mixed_precision import descending_bf16_order
+
+    g = torch.Generator().manual_seed(3)
+    values = (torch.randn(5000, generator=g) * 10).to(torch.bfloat16)
+    values[::7] = 0.0
+    values[1::11] = -0.0  # ties with +0
+    values[2::13] = values[3]  # more ties
+    values[5], values[6] = float("inf"), float("-inf")
+    want = torch.sort(values.float(), descending=True, stable=True).indices
+    assert torch.equal(descending_bf16_order(values), want)

@@ -171,6 +171,18 @@ def added_by_row(priority: torch.Tensor, rows: torch.Tensor, contrib: torch.Tens
     return uniq, total + priority.index_select(0, uniq).float()
 
 
+def descending_bf16_order(values: torch.Tensor) -> torch.Tensor:
+    """Indices of bfloat16 ``values`` (CPU), largest first, ties in index order: what a stable descending
+    ``torch.sort`` gives. A bf16 value has 16 bits, so the sort is numpy's stable sort of 16-bit keys, a radix
+    sort: several times faster than a comparison sort of 10^6 values, which re-tiering runs on every table."""
+    bits = values.reshape(-1).view(torch.int16).numpy().view(np.uint16)
+    # keys in the values' ascending order: negatives' bits flipped, positives' sign bit set, -0 as +0
+    key = np.where(bits & 0x8000, ~bits, bits | 0x8000).astype(np.uint16)
+    key[bits == 0x8000] = 0x8000
+    np.invert(key, out=key)
+    return torch.from_numpy(np.argsort(key, kind="stable"))
+
+
 def _round_to_bf16(x: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
     """fp32 -> bf16, stochastically: 16 uniform bits added to the fp32 pattern, the low 16 bits dropped."""
     bits = x.float().contiguous().view(torch.int32) + noise.to(torch.int32).bitwise_and_(0xFFFF)
@@ -321,6 +333,8 @@ class MixedPrecisionTable(RowStoreTable):
     # ------------------------------------------------------------------ re-tiering
     def priority_order(self) -> torch.Tensor:
         """Every row, highest priority first (ties by row id)."""
+        if numpy_path(self.priority) and self.priority.dtype == torch.bfloat16:
+            return descending_bf16_order(self.priority)
         return torch.sort(self.priority.float(), descending=True, stable=True).indices
 
     @torch.no_grad()
