@@ -290,3 +290,27 @@ def test_sample_major_order_moves_every_bag_to_its_sample(host):
         order, new_offsets = _sample_major(offsets, features, b)
     assert torch.equal(ids[order], want)
     assert torch.equal(new_offsets[1:] - new_offsets[:-1], want_lengths)
+
+
+def test_labels_wait_for_their_own_batch_lookup_and_are_counted_without_one():
+    """One store of every feature counts a batch's labels in that batch's lookup; labels recorded for
+    another batch, or with no lookup before ``step_end``, count as they were recorded, as per table."""
+    kind = next(k for k in KINDS if k.label_aware)
+    cfgs = [CompressedEmbeddingBagConfig(name=f"t{i}", num_embeddings=23 + 7 * i, embedding_dim=DIM,
+                                         feature_names=[KEYS[i]], compression=kind.example_spec())
+            for i in range(len(KEYS))]
+    fused, single = (collection(cfgs, "adagrad", f) for f in (True, False))
+    assert fused._plan(tuple(KEYS)).whole
+    for ebc in (fused, single):
+        for step in range(4):
+            labels = torch.randint(0, 2, (BATCH,), generator=torch.Generator().manual_seed(step)).float()
+            recorded, looked_up = batch(step), batch(step + 10)
+            ebc.record_labels(recorded, labels)
+            if step == 1:  # no lookup this step
+                ebc.step_end()
+                continue
+            out = ebc(recorded if step % 2 == 0 else looked_up).values()
+            out.backward(torch.randn(out.shape, generator=torch.Generator().manual_seed(7 + step)))
+            ebc.step_end()
+    assert_same_state(fused, single)
+    assert any(torch.count_nonzero(v.float()) for k, v in fused.state_dict().items() if k.endswith("priority"))

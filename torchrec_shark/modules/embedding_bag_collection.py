@@ -37,7 +37,7 @@ from torchrec.modules.embedding_modules import EmbeddingBagCollectionInterface, 
 from torchrec.optim.fused import FusedOptimizer, FusedOptimizerModule
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor, KeyedTensor
 
-from torchrec_shark.modules.base import CompressedTable, SparseOptimizerSpec, TableInputError
+from torchrec_shark.modules.base import CompressedTable, SparseOptimizerSpec, TableInputError, all_finite
 from torchrec_shark.modules.fused_store import FusedRowStore, build_fused
 from torchrec_shark.modules.kernels.lookup import bag_of_ids
 from torchrec_shark.modules.kinds import build_table, kind_of
@@ -153,6 +153,8 @@ class CompressedEmbeddingBagCollection(EmbeddingBagCollectionInterface, FusedOpt
         self._slice_cache: Dict[Tuple[str, ...], List[List[Tuple[int, int]]]] = {}
         self._plan_cache: Dict[Tuple[str, ...], _LookupPlan] = {}
         self._fused_optimizer: Optional[CompressedTablesOptimizer] = None
+        # labels recorded for a batch whose lookup (one store, sample-major) counts them itself: (features, labels)
+        self._labels_for_lookup: Optional[Tuple[KeyedJaggedTensor, torch.Tensor]] = None
         self._register_load_state_dict_pre_hook(self._load_other_layouts, with_module=True)
 
     @staticmethod
@@ -293,11 +295,12 @@ class CompressedEmbeddingBagCollection(EmbeddingBagCollectionInterface, FusedOpt
                 return tracer.create_proxy("call_module", path, (features,), {})
             return self._traced_forward(features, tracer)  # the root of the trace
         plan = self._plan(tuple(features.keys()))
+        labels = self._take_labels(features)
         pooled: List[Optional[torch.Tensor]] = [None] * len(self._feature_order)
         for seg in plan.segments:
             ids, offs, weights, bags, counts = self._inputs(features, seg.runs)
             if plan.whole and not features.variable_stride_per_key():  # every feature from one store, in order
-                out = seg.source.lookup(ids, offs, seg.members, counts, bags, weights, sample_major=True)
+                out = seg.source.lookup(ids, offs, seg.members, counts, bags, weights, labels, sample_major=True)
                 return KeyedTensor(keys=self._embedding_names, length_per_key=self._length_per_key, values=out,
                                    key_dim=1)
             if isinstance(seg.source, FusedRowStore):
@@ -375,7 +378,35 @@ class CompressedEmbeddingBagCollection(EmbeddingBagCollectionInterface, FusedOpt
         labels = labels.reshape(-1)
         if labels.numel() != batch:
             raise TableInputError(f"record_labels: {labels.numel()} labels for a batch of {batch}")
-        for seg in self._plan(tuple(features.keys())).segments:
+        self._flush_labels()
+        plan = self._plan(tuple(features.keys()))
+        if plan.whole and plan.segments[0].source.label_aware:
+            if not all_finite(labels):
+                raise TableInputError("record_labels: labels contain NaN or inf")
+            # one store reads every feature: its lookup of this batch counts the labels from the distinct rows
+            # it finds anyway (FusedRowStore.lookup), so they wait for it (or for step_end, if no lookup comes)
+            self._labels_for_lookup = (features, labels)
+            return
+        self._record_now(features, labels, plan)
+
+    def _take_labels(self, features: KeyedJaggedTensor) -> Optional[torch.Tensor]:
+        """The labels recorded for ``features`` (this very batch), for its lookup to count; labels recorded
+        for another batch are counted now, as they were recorded."""
+        pending = self._labels_for_lookup
+        if pending is None or pending[0] is features:
+            self._labels_for_lookup = None
+            return None if pending is None else pending[1]
+        self._flush_labels()
+        return None
+
+    def _flush_labels(self) -> None:
+        pending, self._labels_for_lookup = self._labels_for_lookup, None
+        if pending is not None:
+            self._record_now(pending[0], pending[1], self._plan(tuple(pending[0].keys())))
+
+    def _record_now(self, features: KeyedJaggedTensor, labels: torch.Tensor, plan: "_LookupPlan") -> None:
+        batch = features.stride()
+        for seg in plan.segments:
             if isinstance(seg.source, FusedRowStore):
                 if seg.source.label_aware:
                     ids, offs, _, bags, counts = self._inputs(features, seg.runs)
@@ -401,6 +432,7 @@ class CompressedEmbeddingBagCollection(EmbeddingBagCollectionInterface, FusedOpt
     def step_end(self) -> None:
         """Close a training step (after ``optimizer.step()``): every fused store's and every other table's
         :meth:`step_end`."""
+        self._flush_labels()
         for store in self._stores:
             store.step_end()
         for table in self.embedding_bags.values():
