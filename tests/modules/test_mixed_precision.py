@@ -518,3 +518,18 @@ def test_priority_order_is_a_stable_descending_sort_of_bf16_values():
     values[5], values[6] = float("inf"), float("-inf")
     want = torch.sort(values.float(), descending=True, stable=True).indices
     assert torch.equal(descending_bf16_order(values), want)
+
+
+@pytest.mark.parametrize("ends", [[1, 5], [0, 40, 40, 1999], [100, 3000], [2000]], ids=str)
+def test_tiers_by_priority_rank_without_sorting_match_the_sorted_order(ends):
+    from torchrec_shark.modules.mixed_precision import descending_bf16_ranks_past
+
+    g = torch.Generator().manual_seed(len(ends))
+    values = (torch.rand(2000, generator=g) ** 6 * 50).round().to(torch.bfloat16)  # many ties, zeros
+    values[::9] = -0.0
+    values[3::17] = -1.5
+    order = torch.sort(values.float(), descending=True, stable=True).indices
+    rank = torch.empty_like(order)
+    rank[order] = torch.arange(order.numel())
+    want = sum((rank >= e).to(torch.int8) for e in ends)
+    assert torch.equal(descending_bf16_ranks_past(values, ends), want)

@@ -171,16 +171,38 @@ def added_by_row(priority: torch.Tensor, rows: torch.Tensor, contrib: torch.Tens
     return uniq, total + priority.index_select(0, uniq).float()
 
 
-def descending_bf16_order(values: torch.Tensor) -> torch.Tensor:
-    """Indices of bfloat16 ``values`` (CPU), largest first, ties in index order: what a stable descending
-    ``torch.sort`` gives. A bf16 value has 16 bits, so the sort is numpy's stable sort of 16-bit keys, a radix
-    sort: several times faster than a comparison sort of 10^6 values, which re-tiering runs on every table."""
+def _descending_bf16_keys(values: torch.Tensor) -> np.ndarray:
+    """uint16 keys of bfloat16 ``values`` (CPU) in the values' descending order (-0 as +0)."""
     bits = values.reshape(-1).view(torch.int16).numpy().view(np.uint16)
     # keys in the values' ascending order: negatives' bits flipped, positives' sign bit set, -0 as +0
     key = np.where(bits & 0x8000, ~bits, bits | 0x8000).astype(np.uint16)
     key[bits == 0x8000] = 0x8000
-    np.invert(key, out=key)
-    return torch.from_numpy(np.argsort(key, kind="stable"))
+    return np.invert(key, out=key)
+
+
+def descending_bf16_order(values: torch.Tensor) -> torch.Tensor:
+    """Indices of bfloat16 ``values`` (CPU), largest first, ties in index order: what a stable descending
+    ``torch.sort`` gives. A bf16 value has 16 bits, so the sort is numpy's stable sort of 16-bit keys, a radix
+    sort: several times faster than a comparison sort of 10^6 values."""
+    return torch.from_numpy(np.argsort(_descending_bf16_keys(values), kind="stable"))
+
+
+def descending_bf16_ranks_past(values: torch.Tensor, ends: Sequence[int]) -> torch.Tensor:
+    """Per bfloat16 value (CPU): how many of ``ends`` (ascending) its rank is at or past, ranking the values
+    largest first with ties in index order (as :func:`descending_bf16_order` orders them). Re-tiering needs
+    only which tier each row falls in, not an order: a histogram of the 16-bit keys finds the key at each
+    tier end, and only the rows holding that very key are ranked among themselves (by index)."""
+    key = _descending_bf16_keys(values)
+    before = np.concatenate([[0], np.cumsum(np.bincount(key, minlength=1 << 16))])  # rows with a smaller key
+    out = np.zeros(key.size, dtype=np.int8)
+    for end in ends:
+        if end >= key.size:
+            continue
+        v = int(np.searchsorted(before, end, side="right")) - 1  # the key of the row ranked ``end``
+        out += key > v
+        tied = np.flatnonzero(key == v)
+        out[tied[end - int(before[v]):]] += 1
+    return torch.from_numpy(out)
 
 
 def _round_to_bf16(x: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
@@ -343,6 +365,9 @@ class MixedPrecisionTable(RowStoreTable):
         if not self.slotted:
             return 0
         self._rescale()
+        if numpy_path(self.priority) and self.priority.dtype == torch.bfloat16:
+            ends = [start + count for _, start, count in self._tiers[:-1]]
+            return self.move_rows(descending_bf16_ranks_past(self.priority, ends))
         return self.move_rows(self.target_tiers(self.priority_order()))
 
 
