@@ -8,6 +8,7 @@ read by two features, a feature read by two tables, and tables of other kinds (n
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 
 import pytest
 import torch
@@ -240,7 +241,8 @@ def test_one_store_of_every_feature_pools_sample_major_as_per_table(kind, weight
 
 
 @pytest.mark.parametrize("host", [True, False], ids=["numpy", "torch_ops"])
-def test_labels_of_a_sample_major_lookup_count_as_record_labels(host):
+@pytest.mark.parametrize("weights", ["same", "per_table"])
+def test_labels_of_a_sample_major_lookup_count_as_record_labels(host, weights):
     """A lookup handed the labels with sample-major pooling (what a sharded table's kernel does) counts them
     from its own distinct rows: the same priorities, bit for bit, as recording them first and looking up after,
     with a row repeated in a bag and a table read by two features (each row counted once per sample)."""
@@ -248,8 +250,13 @@ def test_labels_of_a_sample_major_lookup_count_as_record_labels(host):
     nf = len(KEYS)
     members = [0, 1, 2, 1]  # f3 reads t1 as f1 does
     states = []
+    cfgs = configs(kind)
+    if weights == "per_table":  # members count labels with their own weights (and decays)
+        for i, c in enumerate(cfgs):
+            c.compression = dataclasses.replace(c.compression, pos_weight=1.0 + i, neg_weight=0.5 / (1 + i),
+                                                decay=0.9 + 0.02 * i)
     for mode in ("record_first", "in_lookup"):
-        ebc = collection(configs(kind), "rowwise_adagrad", True)
+        ebc = collection(cfgs, "rowwise_adagrad", True)
         store: FusedRowStore = ebc._stores[0]
         with (contextlib.nullcontext() if host else torch_ops_only()):
             for step in range(3):

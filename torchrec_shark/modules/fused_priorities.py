@@ -103,7 +103,7 @@ class FusedMixedPrecisionStore(FusedRowStore):
             key = torch.unique(g * batch + bag % batch)
             rows, sample = key // batch, key % batch
             owner = torch.searchsorted(base, rows, right=True) - 1
-        self._pending.append((rows, self._contributions(labels.index_select(0, sample), owner)))
+        self._pending.append((rows, self._contributions(labels.index_select(0, sample), lambda: owner)))
 
     def record_sample_labels(self, index: FusedIndex, offsets: torch.Tensor, features: int,
                              labels: torch.Tensor) -> None:
@@ -131,7 +131,7 @@ class FusedMixedPrecisionStore(FusedRowStore):
             keep = np.flatnonzero(new)
             row = np.repeat(np.arange(first.size, dtype=np.int64), np.diff(index.offsets.numpy()))[keep]
             row_t, sample_t = torch.from_numpy(row), torch.from_numpy(sample[keep])
-            owner = index.members.numpy()[row]
+            owners = lambda: index.members.numpy()[row]  # noqa: E731
         else:
             dev = index.perm.device
             lengths = starts[1:] - starts[:-1]
@@ -143,9 +143,9 @@ class FusedMixedPrecisionStore(FusedRowStore):
             counts = index.offsets[1:] - index.offsets[:-1]
             row_of_id = torch.repeat_interleave(torch.arange(counts.numel(), device=dev), counts, output_size=n)
             row_t, sample_t = row_of_id[new], sample[new]
-            owner = index.members.index_select(0, row_t)
+            owners = lambda: index.members.index_select(0, row_t)  # noqa: E731
         self._pending_index.append((index.rows, index.members, row_t,
-                                    self._contributions(labels.index_select(0, sample_t), owner)))
+                                    self._contributions(labels.index_select(0, sample_t), owners)))
 
     def _checked_labels(self, labels: torch.Tensor, feature_bags: Sequence[int]) -> torch.Tensor:
         labels = labels.reshape(-1).float()
@@ -156,10 +156,12 @@ class FusedMixedPrecisionStore(FusedRowStore):
             raise TableInputError(f"tables {self.names}: labels contain NaN or inf")
         return labels
 
-    def _contributions(self, per_sample: torch.Tensor, owner) -> torch.Tensor:
-        """``pos_weight * label + neg_weight * (1 - label)`` of each pair, with its owner's weights."""
+    def _contributions(self, per_sample: torch.Tensor, owners: Callable[[], object]) -> torch.Tensor:
+        """``pos_weight * label + neg_weight * (1 - label)`` of each pair, with its member's weights (``owners()``:
+        each pair's member, asked for only when the members' weights differ)."""
         if _same(self.pos) and _same(self.neg):  # scalars: the same arithmetic as a member's own count
             return per_sample * (float(self.pos[0]) - float(self.neg[0])) + float(self.neg[0])
+        owner = owners()
         slope = self._per_member(self.pos - self.neg, owner, per_sample.device)
         return per_sample * slope + self._per_member(self.neg, owner, per_sample.device)
 

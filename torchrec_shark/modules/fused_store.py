@@ -184,6 +184,7 @@ class FusedRowStore:
         self._delta = delta.reshape(-1)
         self._tier_starts = starts
         self._tier_start_columns = [np.ascontiguousarray(starts[:, k]) for k in range(starts.shape[1])]
+        self._tier_start_cache: Dict[np.dtype, List[np.ndarray]] = {}
         # the other roles: one tensor each, member views by rows, by member, or a member's row of hits
         self.buffers: Dict[str, torch.Tensor] = {}
         self._view_specs: List[Dict[str, Tuple[str, int, int]]] = [{} for _ in range(m)]  # name -> (tensor, a, b)
@@ -285,13 +286,23 @@ class FusedRowStore:
         g = local + self.row_base[members]
         if not self.slotted:
             return g, local + self._delta[members * self.max_tiers], None
-        s = self._row_slot_np[g].astype(np.int64, copy=False)
-        # one gather and compare per tier boundary: a third of the time of an [ids, tiers] broadcast
+        s = self._row_slot_np[g]
+        # one gather and compare per tier boundary (a third of the time of an [ids, tiers] broadcast), in the
+        # slot map's own width: int32 compares, no int64 copy of the slots
         key = members * self.max_tiers
         if self.max_tiers > 1:
-            for column in self._tier_start_columns:
+            for column in self._tier_start_columns_like(s.dtype):
                 key += s >= column[members]
         return g, s + self._delta[key], key
+
+    def _tier_start_columns_like(self, dtype) -> List[np.ndarray]:
+        """The members' tier starts per boundary in ``dtype`` (a slot map's): starts no slot of that width
+        reaches (``_NO_TIER``) become its largest value, which no slot reaches either."""
+        cached = self._tier_start_cache.get(dtype)
+        if cached is None:
+            top = np.iinfo(dtype).max
+            cached = self._tier_start_cache[dtype] = [np.minimum(c, top).astype(dtype) for c in self._tier_start_columns]
+        return cached
 
     def _ids_torch(self, ids: torch.Tensor, members: torch.Tensor):
         """As :meth:`_ids_np`, in torch ops on ``ids``' device."""
