@@ -2,7 +2,9 @@
 
 :class:`FusedMixedPrecisionStore` is the :class:`~torchrec_shark.modules.fused_store.FusedRowStore` of
 mixed-precision tables. A step's labels are recorded once for all members (one dedupe of the
-``(sample, row)`` pairs over the store's rows), and :meth:`FusedMixedPrecisionStore.step_end` folds them
+``(sample, row)`` pairs over the store's rows; a sample-major lookup handed the labels finds the pairs among the
+distinct rows it resolves anyway, :meth:`FusedMixedPrecisionStore.record_sample_labels`), and
+:meth:`FusedMixedPrecisionStore.step_end` folds them
 into the fused ``priority`` tensor with one stochastically rounded update, steps every member's counters
 at once, and re-tiers the members that are due (each as its own
 :meth:`~torchrec_shark.modules.mixed_precision.MixedPrecisionTable.step_end` would: the same priorities,
@@ -13,6 +15,7 @@ Only label-aware stores do any of this: other stores' ``record_labels`` and ``st
 Example::
 
     store.record_labels(ids, offsets, feature_members, feature_ids, feature_bags, labels)  # before backward
+    # or: store.lookup(ids, offsets, ..., labels=labels, sample_major=True) counts them itself
     store.step_end()                                          # after the step: priorities, re-tiering
 """
 
