@@ -540,18 +540,19 @@ def _sample_major(offsets: torch.Tensor, features: int, batch: int) -> Tuple[tor
         new_offsets = np.zeros(lengths.size + 1, dtype=np.int64)
         np.cumsum(lengths.reshape(features, batch).T.reshape(-1), out=new_offsets[1:])
         start = new_offsets[:-1].reshape(batch, features).T.reshape(-1)  # bag f * B + b's new start
-        position = np.repeat(start - o[:-1], lengths) + np.arange(n, dtype=np.int64)
+        every = np.arange(n, dtype=np.int64)
+        position = np.repeat(start - o[:-1], lengths) + every
         order = np.empty(n, dtype=np.int64)
-        order[position] = np.arange(n, dtype=np.int64)
+        order[position] = every
         return torch.from_numpy(order), torch.from_numpy(new_offsets)
     lengths = offsets[1:] - offsets[:-1]
     new_offsets = torch.zeros_like(offsets)
     torch.cumsum(lengths.view(features, batch).t().reshape(-1), 0, out=new_offsets[1:])
     start = new_offsets[:-1].view(batch, features).t().reshape(-1)
-    position = torch.repeat_interleave(start - offsets[:-1], lengths, output_size=n) + torch.arange(
-        n, device=offsets.device)
+    every = torch.arange(n, device=offsets.device)
+    position = torch.repeat_interleave(start - offsets[:-1], lengths, output_size=n) + every
     order = torch.empty(n, dtype=torch.int64, device=offsets.device)
-    order[position] = torch.arange(n, device=offsets.device)
+    order[position] = every
     return order, new_offsets
 
 
